@@ -1,0 +1,1 @@
+"""Scheduling: the pure policy core and its vLLM V1 adapter."""

@@ -1,0 +1,243 @@
+"""Pure scheduling policy core, shared by the vLLM scheduler adapter and the simulator.
+
+Nothing here imports vLLM or Ray. A policy turns per-request state into a sort key (lower is served
+first), keeps starvation/aging state up to date once per engine iteration, and picks which running
+requests to evict when better-ranked waiting requests cannot get a seat.
+
+Score convention (the whole project): higher score = longer predicted output; requests are served in
+ascending score order, ties broken by arrival. A request without a usable score is ordered by arrival
+ahead of ranked work, so a predictor outage degrades to FCFS instead of starving anyone.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+PolicyName = Literal["fcfs", "priority", "mlfq", "ltr"]
+
+SortKey = tuple[float, ...]
+
+
+def usable_score(score: float | None) -> float | None:
+    """A finite float score, or None when the score is missing, NaN or infinite."""
+    if score is None:
+        return None
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class RankState:
+    """What the policy knows about one request; owned by the adapter or the simulator."""
+
+    request_id: str
+    arrival: float
+    score: float | None = None
+    prompt_len: int = 0
+    served_tokens: int = 0
+    waited_iters: int = 0
+    promoted_left: int = 0
+
+    @property
+    def promoted(self) -> bool:
+        return self.promoted_left > 0
+
+
+@dataclass(frozen=True)
+class StarvationConfig:
+    """Aging rule: `threshold` unscheduled iterations in a row earn `quantum` promoted iterations."""
+
+    threshold: int = 200
+    quantum: int = 10
+
+    def __post_init__(self) -> None:
+        if self.threshold < 1:
+            raise ValueError(f"starvation threshold must be >= 1, got {self.threshold}")
+        if self.quantum < 1:
+            raise ValueError(f"starvation quantum must be >= 1, got {self.quantum}")
+
+
+@dataclass
+class PolicyStats:
+    """Counters a policy accumulates; the adapter exposes them as metrics."""
+
+    promotions: int = 0
+    rank_preemptions: int = 0
+    steps: int = 0
+
+
+class SchedulingPolicy(ABC):
+    """Orders requests and keeps per-iteration state; subclasses differ only in the key."""
+
+    name: PolicyName
+    #: Whether a better-ranked waiting request may evict a running one.
+    preempts_running: bool = False
+
+    def __init__(self, starvation: StarvationConfig | None = None) -> None:
+        self.starvation = starvation
+        self.stats = PolicyStats()
+
+    @abstractmethod
+    def rank_key(self, state: RankState) -> SortKey:
+        """The policy's own order, before starvation promotion."""
+
+    def sort_key(self, state: RankState) -> SortKey:
+        promoted = 0.0 if state.promoted else 1.0
+        return (promoted, *self.rank_key(state), state.arrival)
+
+    def order(self, states: Iterable[RankState]) -> list[RankState]:
+        return sorted(states, key=self.sort_key)
+
+    def observe_step(self, states: Iterable[RankState], scheduled: dict[str, int]) -> None:
+        """Account one iteration. `scheduled` maps request id -> tokens scheduled for it this step."""
+        self.stats.steps += 1
+        for state in states:
+            tokens = scheduled.get(state.request_id, 0)
+            if tokens > 0:
+                state.served_tokens += tokens
+                state.waited_iters = 0
+                if state.promoted_left > 0:
+                    state.promoted_left -= 1
+                continue
+            state.waited_iters += 1
+            if self.starvation and not state.promoted and state.waited_iters >= self.starvation.threshold:
+                state.promoted_left = self.starvation.quantum
+                state.waited_iters = 0
+                self.stats.promotions += 1
+
+    def preemption_victims(
+        self,
+        waiting: Sequence[RankState],
+        running: Sequence[RankState],
+        free_seats: int,
+        max_victims: int,
+    ) -> list[RankState]:
+        """Running requests to evict so better-ranked waiting ones can run this step.
+
+        `free_seats` is how many waiting requests fit without evicting anyone (batch slots and KV
+        blocks, as the caller measures them). The worst running request is evicted for each waiting
+        request beyond that which strictly outranks it, at most `max_victims` per step.
+        """
+        if not self.preempts_running or max_victims <= 0:
+            return []
+        blocked = self.order(waiting)[max(free_seats, 0):]
+        worst_first = sorted(running, key=self.sort_key, reverse=True)
+        victims: list[RankState] = []
+        for candidate, victim in zip(blocked, worst_first):
+            if len(victims) >= max_victims or self.sort_key(candidate) >= self.sort_key(victim):
+                break
+            victims.append(victim)
+        self.stats.rank_preemptions += len(victims)
+        return victims
+
+
+class FCFSPolicy(SchedulingPolicy):
+    """Arrival order: vLLM's default."""
+
+    name: PolicyName = "fcfs"
+
+    def rank_key(self, state: RankState) -> SortKey:
+        return ()
+
+
+class PriorityPolicy(SchedulingPolicy):
+    """vLLM's `policy="priority"` fed the predicted score quantized to an integer; no rank preemption."""
+
+    name: PolicyName = "priority"
+
+    def __init__(self, levels_per_unit: float = 1.0) -> None:
+        super().__init__(starvation=None)
+        self.levels_per_unit = levels_per_unit
+
+    def priority_of(self, score: float | None) -> int:
+        """The integer priority vLLM gets for a score (lower runs first; missing score -> 0)."""
+        value = usable_score(score)
+        return 0 if value is None else int(math.floor(value * self.levels_per_unit))
+
+    def rank_key(self, state: RankState) -> SortKey:
+        return (float(self.priority_of(state.score)),)
+
+
+class MLFQPolicy(SchedulingPolicy):
+    """FastServe-like multi-level feedback queue over served tokens, with optional skip-join.
+
+    Level i holds a request for `base_quantum * 2**i` tokens before demoting it. Skip-join starts a
+    request at the first level whose quantum covers its prompt, so long prefills don't block level 0.
+    """
+
+    name: PolicyName = "mlfq"
+    preempts_running = True
+
+    def __init__(self, base_quantum: int = 32, num_levels: int = 8, skip_join: bool = True,
+                 starvation: StarvationConfig | None = None) -> None:
+        super().__init__(starvation=starvation)
+        if base_quantum < 1 or num_levels < 1:
+            raise ValueError("MLFQ needs base_quantum >= 1 and num_levels >= 1")
+        self.base_quantum = base_quantum
+        self.num_levels = num_levels
+        self.skip_join = skip_join
+
+    def level(self, state: RankState) -> int:
+        start = 0
+        if self.skip_join:
+            while start < self.num_levels - 1 and self.base_quantum * 2**start < state.prompt_len:
+                start += 1
+        level, budget = start, self.base_quantum * 2**start
+        served = state.served_tokens
+        while level < self.num_levels - 1 and served >= budget:
+            served -= budget
+            level += 1
+            budget *= 2
+        return level
+
+    def rank_key(self, state: RankState) -> SortKey:
+        return (float(self.level(state)),)
+
+
+class RankPolicy(SchedulingPolicy):
+    """Learning-to-rank order: ascending predicted score, unscored requests first in arrival order.
+
+    With oracle scores (true output lengths) this is shortest-job-first.
+    """
+
+    name: PolicyName = "ltr"
+    preempts_running = True
+
+    def rank_key(self, state: RankState) -> SortKey:
+        value = usable_score(state.score)
+        return (0.0, 0.0) if value is None else (1.0, value)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Typed, validated choice of policy; built once at the edge (CLI, vLLM additional_config)."""
+
+    name: PolicyName = "ltr"
+    starvation: StarvationConfig | None = field(default_factory=StarvationConfig)
+    max_preemptions_per_step: int = 4
+    mlfq_base_quantum: int = 32
+    mlfq_skip_join: bool = True
+    priority_levels_per_unit: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("fcfs", "priority", "mlfq", "ltr"):
+            raise ValueError(f"unknown scheduling policy {self.name!r}; choose fcfs, priority, mlfq or ltr")
+        if self.max_preemptions_per_step < 0:
+            raise ValueError("max_preemptions_per_step must be >= 0")
+
+    def build(self) -> SchedulingPolicy:
+        if self.name == "fcfs":
+            return FCFSPolicy()
+        if self.name == "priority":
+            return PriorityPolicy(self.priority_levels_per_unit)
+        if self.name == "mlfq":
+            return MLFQPolicy(self.mlfq_base_quantum, skip_join=self.mlfq_skip_join,
+                              starvation=self.starvation)
+        return RankPolicy(starvation=self.starvation)
