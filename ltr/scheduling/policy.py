@@ -15,7 +15,8 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 PolicyName = Literal["fcfs", "priority", "mlfq", "ltr"]
 
@@ -231,6 +232,57 @@ class PolicyConfig:
             raise ValueError(f"unknown scheduling policy {self.name!r}; choose fcfs, priority, mlfq or ltr")
         if self.max_preemptions_per_step < 0:
             raise ValueError("max_preemptions_per_step must be >= 0")
+        if self.mlfq_base_quantum < 1:
+            raise ValueError("mlfq_base_quantum must be >= 1")
+
+    _FIELDS = ("name", "starvation", "max_preemptions_per_step", "mlfq_base_quantum", "mlfq_skip_join",
+               "priority_levels_per_unit")
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what travels in vLLM's `additional_config`)."""
+        starvation = None if self.starvation is None else {
+            "threshold": self.starvation.threshold, "quantum": self.starvation.quantum}
+        return {"name": self.name, "starvation": starvation,
+                "max_preemptions_per_step": self.max_preemptions_per_step,
+                "mlfq_base_quantum": self.mlfq_base_quantum, "mlfq_skip_join": self.mlfq_skip_join,
+                "priority_levels_per_unit": self.priority_levels_per_unit}
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PolicyConfig:
+        """Validate a plain dict (inverse of `to_mapping`); unknown keys or wrong types raise ValueError."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"policy config must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls._FIELDS))
+        if unknown:
+            raise ValueError(f"unknown policy config key(s) {unknown}; allowed: {list(cls._FIELDS)}")
+        kwargs: dict[str, Any] = {}
+        if "name" in data:
+            kwargs["name"] = data["name"]
+        if "starvation" in data:
+            raw = data["starvation"]
+            if raw is None or raw is False:
+                kwargs["starvation"] = None
+            elif isinstance(raw, Mapping):
+                extra = sorted(set(raw) - {"threshold", "quantum"})
+                if extra:
+                    raise ValueError(f"unknown starvation key(s) {extra}; allowed: ['threshold', 'quantum']")
+                kwargs["starvation"] = StarvationConfig(
+                    **{k: _strict_int(f"starvation.{k}", v) for k, v in raw.items()})
+            else:
+                raise ValueError("starvation must be null or {'threshold': int, 'quantum': int}")
+        for key in ("max_preemptions_per_step", "mlfq_base_quantum"):
+            if key in data:
+                kwargs[key] = _strict_int(key, data[key])
+        if "mlfq_skip_join" in data:
+            if not isinstance(data["mlfq_skip_join"], bool):
+                raise ValueError("mlfq_skip_join must be a bool")
+            kwargs["mlfq_skip_join"] = data["mlfq_skip_join"]
+        if "priority_levels_per_unit" in data:
+            value = data["priority_levels_per_unit"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError("priority_levels_per_unit must be a positive number")
+            kwargs["priority_levels_per_unit"] = float(value)
+        return cls(**kwargs)
 
     def build(self) -> SchedulingPolicy:
         if self.name == "fcfs":
@@ -241,3 +293,9 @@ class PolicyConfig:
             return MLFQPolicy(self.mlfq_base_quantum, skip_join=self.mlfq_skip_join,
                               starvation=self.starvation)
         return RankPolicy(starvation=self.starvation)
+
+
+def _strict_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return value
