@@ -65,15 +65,13 @@ def additional_config_for(policy: PolicyConfig, stats_path: str | None = None,
     return {ADDITIONAL_CONFIG_KEY: section}
 
 
-def engine_args(model: str, policy: PolicyConfig, *, stats_path: str | None = None,
-                **overrides: Any) -> AsyncEngineArgs:
-    """AsyncEngineArgs serving `model` under `policy` (works for `LLM(**vars(args))` too).
+def engine_kwargs(model: str, policy: PolicyConfig, *, stats_path: str | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments serving `model` under `policy`; valid for `vllm.LLM(**kw)` and `AsyncEngineArgs`.
 
     `stats_path`: where the adapter dumps its counters as JSON (the engine core may run in another
     process, so a file is the simplest channel); ignored for the fcfs/priority baselines.
     """
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
     kwargs: dict[str, Any] = {"model": str(model), **CPU_DEFAULTS, **overrides}
     if policy.name == "fcfs":
         kwargs.setdefault("scheduling_policy", "fcfs")
@@ -86,4 +84,12 @@ def engine_args(model: str, policy: PolicyConfig, *, stats_path: str | None = No
         extra = dict(kwargs.get("additional_config") or {})
         extra.update(additional_config_for(policy, stats_path))
         kwargs["additional_config"] = extra
-    return AsyncEngineArgs(**kwargs)
+    return kwargs
+
+
+def engine_args(model: str, policy: PolicyConfig, *, stats_path: str | None = None,
+                **overrides: Any) -> AsyncEngineArgs:
+    """AsyncEngineArgs (for `AsyncLLM.from_engine_args`) serving `model` under `policy`."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(**engine_kwargs(model, policy, stats_path=stats_path, **overrides))

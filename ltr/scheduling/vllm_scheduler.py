@@ -1,0 +1,337 @@
+"""vLLM V1 scheduler adapter: rank-ordered iteration-level scheduling over the pure policy core.
+
+Plugged in with ``scheduler_cls`` (see ``ltr.scheduling.engine.engine_args``). Rather than copying
+vLLM's ``schedule()``, the subclass changes only *order* and *eviction* and lets upstream do the rest
+(token budget, chunked prefill, prefix caching, KV allocation, output construction):
+
+1. the waiting queues are ``RankedRequestQueue`` s ordered by the policy's sort key, so upstream admits
+   the best-ranked waiting request first (and a request preempted by upstream goes back to its rank,
+   not to the front);
+2. before each step ``self.running`` is sorted best-first, so upstream serves the best-ranked running
+   requests first and its own out-of-KV preemption (``self.running.pop()``) evicts the worst-ranked;
+3. when better-ranked waiting requests cannot get a seat (batch slots or KV blocks), the worst-ranked
+   running ones are preempted first (``policy.preemption_victims``, capped per step); victims are held
+   out of the waiting queue for that step so a request is never preempted and resumed in one step;
+4. after the step, ``policy.observe_step`` gets the tokens scheduled per request (starvation aging,
+   MLFQ demotion).
+
+The score comes from ``SamplingParams.extra_args["ltr_score"]``; a missing/NaN/inf score means "order
+by arrival" (logged once per engine, counted in ``stats()``), never an error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy as VllmQueuePolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+
+from ltr.scheduling.engine import ADDITIONAL_CONFIG_KEY, SCORE_KEY
+from ltr.scheduling.policy import PolicyConfig, RankState, SchedulingPolicy, SortKey, usable_score
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The ``additional_config["ltr"]`` section: policy plus where/how often to dump counters."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    stats_path: str | None = None
+    stats_every: int = 50
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> AdapterConfig:
+        """Parse and validate; every problem is a ValueError naming the offending key."""
+        section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if section is None:
+            return cls()
+        where = f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]"
+        if not isinstance(section, Mapping):
+            raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
+        unknown = sorted(set(section) - {"policy", "stats_path", "stats_every"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: policy, stats_path, stats_every")
+        try:
+            policy = PolicyConfig.from_mapping(section.get("policy") or {})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}['policy']: {exc}") from exc
+        stats_path = section.get("stats_path")
+        if stats_path is not None and not isinstance(stats_path, str | os.PathLike):
+            raise ValueError(f"{where}['stats_path'] must be a path string")
+        stats_every = section.get("stats_every", 50)
+        if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
+            raise ValueError(f"{where}['stats_every'] must be an integer >= 1, got {stats_every!r}")
+        return cls(policy=policy, stats_path=None if stats_path is None else str(stats_path),
+                   stats_every=stats_every)
+
+
+class RankedRequestQueue(RequestQueue):
+    """Waiting queue kept in the policy's order (lowest sort key first).
+
+    Keys change between steps (aging, MLFQ demotion), so the owner calls ``resort()`` once per step;
+    insertions in between go to their current rank. "Prepend" also inserts by rank: a preempted
+    request resumes where its rank puts it, not ahead of better-ranked work.
+    """
+
+    def __init__(self, key: Callable[[Request], SortKey]) -> None:
+        self._key = key
+        self._items: list[Request] = []
+        self._keys: list[SortKey] = []
+
+    def resort(self) -> None:
+        pairs = sorted(((self._key(r), r) for r in self._items), key=lambda p: p[0])
+        self._keys = [k for k, _ in pairs]
+        self._items = [r for _, r in pairs]
+
+    def add_request(self, request: Request) -> None:
+        key = self._key(request)
+        index = bisect.bisect_right(self._keys, key)
+        self._keys.insert(index, key)
+        self._items.insert(index, request)
+
+    def pop_request(self) -> Request:
+        if not self._items:
+            raise IndexError("pop from an empty queue")
+        self._keys.pop(0)
+        return self._items.pop(0)
+
+    def peek_request(self) -> Request:
+        if not self._items:
+            raise IndexError("peek from an empty queue")
+        return self._items[0]
+
+    def prepend_request(self, request: Request) -> None:
+        self.add_request(request)
+
+    def prepend_requests(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.add_request(request)
+
+    def remove_request(self, request: Request) -> None:
+        index = self._items.index(request)
+        del self._items[index]
+        del self._keys[index]
+
+    def remove_requests(self, requests: Iterable[Request]) -> None:
+        drop = set(requests)
+        kept = [(k, r) for k, r in zip(self._keys, self._items) if r not in drop]
+        self._keys = [k for k, _ in kept]
+        self._items = [r for _, r in kept]
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._items))
+
+
+@dataclass
+class AdapterCounters:
+    """What the adapter measures on top of the policy's own counters."""
+
+    kv_preemptions: int = 0
+    unscored_requests: int = 0
+    scored_requests: int = 0
+    max_waiting: int = 0
+    max_running: int = 0
+    schedule_s: float = 0.0
+    adapter_s: float = 0.0
+    model_s: float = 0.0
+    model_steps: int = 0
+
+
+class RankScheduler(Scheduler):
+    """vLLM ``Scheduler`` that orders, admits and evicts by a ``SchedulingPolicy``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.policy != VllmQueuePolicy.FCFS:
+            raise ValueError(
+                f"{type(self).__name__} orders requests itself; start the engine with "
+                f"scheduling_policy='fcfs' (got {self.policy.value!r}). Use vLLM's own scheduler for "
+                "the 'priority' baseline (ltr.scheduling.engine.engine_args does this).")
+        self.adapter_config = AdapterConfig.from_additional_config(self.vllm_config.additional_config)
+        self.rank_policy: SchedulingPolicy = self.adapter_config.policy.build()
+        self.max_preemptions_per_step = self.adapter_config.policy.max_preemptions_per_step
+        self.rank_states: dict[str, RankState] = {}
+        self.counters = AdapterCounters()
+        self._warned_unscored = False
+        self._last_schedule_end: float | None = None
+        self.waiting = RankedRequestQueue(self._sort_key)
+        self.kv_holding_waiting = RankedRequestQueue(self._sort_key)
+        logger.info("rank scheduler: policy %s", self.adapter_config.policy)
+
+    # -- per-request state -------------------------------------------------------------------
+
+    def _state(self, request: Request) -> RankState:
+        state = self.rank_states.get(request.request_id)
+        if state is None:
+            state = RankState(request_id=request.request_id, arrival=request.arrival_time,
+                              score=self._score_of(request), prompt_len=request.num_prompt_tokens)
+            self.rank_states[request.request_id] = state
+        return state
+
+    def _score_of(self, request: Request) -> float | None:
+        params = request.sampling_params
+        raw = (params.extra_args or {}).get(SCORE_KEY) if params is not None else None
+        score = usable_score(raw)
+        if score is None:
+            self.counters.unscored_requests += 1
+            if not self._warned_unscored and self.rank_policy.name in ("ltr", "priority"):
+                self._warned_unscored = True
+                logger.warning(
+                    "request %s has no usable %r in SamplingParams.extra_args (got %r); it is ordered "
+                    "by arrival (FCFS fallback). Further unscored requests are only counted in "
+                    "stats()['unscored_requests'].", request.request_id, SCORE_KEY, raw)
+        else:
+            self.counters.scored_requests += 1
+        return score
+
+    def _sort_key(self, request: Request) -> SortKey:
+        return self.rank_policy.sort_key(self._state(request))
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.requests:
+            self._state(request)
+        super().add_request(request)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        start = time.perf_counter()
+        self._prune_states()
+        self.waiting.resort()
+        self.kv_holding_waiting.resort()
+        self.running.sort(key=self._sort_key)
+        victims = self._rank_preempt()
+        # Victims sit out this step so no request is preempted and resumed in the same output.
+        if victims:
+            self.waiting.remove_requests(victims)
+        before_upstream = time.perf_counter()
+        output = super().schedule(throttle_prefills)
+        after_upstream = time.perf_counter()
+        for victim in victims:
+            self.waiting.add_request(victim)
+        preempted = len(output.preempted_req_ids or ())
+        self.counters.kv_preemptions += max(preempted - len(victims), 0)
+        self.rank_policy.observe_step(
+            [self.rank_states[r] for r in self.requests if r in self.rank_states],
+            output.num_scheduled_tokens)
+        self.counters.max_waiting = max(self.counters.max_waiting, len(self.waiting))
+        self.counters.max_running = max(self.counters.max_running, len(self.running))
+        end = time.perf_counter()
+        self.counters.adapter_s += (before_upstream - start) + (end - after_upstream)
+        self.counters.schedule_s += end - start
+        self._last_schedule_end = end
+        if self.adapter_config.stats_path and self.rank_policy.stats.steps % self.adapter_config.stats_every == 0:
+            self.dump_stats()
+        return output
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_runner_output: ModelRunnerOutput) -> dict:
+        if self._last_schedule_end is not None:
+            # Sync engine: schedule() -> execute_model() -> update_from_output(), so this gap is the
+            # model step. (Under async scheduling it is only an approximation.)
+            self.counters.model_s += time.perf_counter() - self._last_schedule_end
+            self.counters.model_steps += 1
+            self._last_schedule_end = None
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _prune_states(self) -> None:
+        if len(self.rank_states) > len(self.requests):
+            for request_id in [r for r in self.rank_states if r not in self.requests]:
+                del self.rank_states[request_id]
+
+    def _free_seats(self) -> int:
+        """How many best-ranked waiting requests fit now without evicting anyone (slots and KV)."""
+        seats = self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        fits = 0
+        for request in self.waiting:
+            if fits >= seats:
+                break
+            need = -(-(request.num_tokens + 1) // self.block_size)
+            if need > free_blocks:
+                break
+            free_blocks -= need
+            fits += 1
+        return fits
+
+    def _rank_preempt(self) -> list[Request]:
+        """Evict the worst-ranked running requests that better-ranked waiting ones are blocked by."""
+        if (not self.rank_policy.preempts_running or self.max_preemptions_per_step <= 0
+                or not self.waiting or not self.running):
+            return []
+        by_id = {r.request_id: r for r in self.running}
+        preemptible = [self.rank_states[r.request_id] for r in self.running
+                       if self._request_blocks_can_be_freed(r)]
+        victims = self.rank_policy.preemption_victims(
+            [self._state(r) for r in self.waiting], preemptible, self._free_seats(),
+            self.max_preemptions_per_step)
+        if not victims:
+            return []
+        now = time.monotonic()
+        evicted = [by_id[v.request_id] for v in victims]
+        for request in evicted:
+            self.running.remove(request)
+            self._preempt_request(request, now, drop_stale_output=self.requires_kv_delivery)
+        return evicted
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics and benchmarks (plain JSON-able dict)."""
+        c, p = self.counters, self.rank_policy.stats
+        steps = max(p.steps, 1)
+        return {
+            "policy": self.adapter_config.policy.to_mapping(),
+            "steps": p.steps,
+            "promotions": p.promotions,
+            "rank_preemptions": p.rank_preemptions,
+            "kv_preemptions": c.kv_preemptions,
+            "scored_requests": c.scored_requests,
+            "unscored_requests": c.unscored_requests,
+            "waiting": len(self.waiting) + len(self.kv_holding_waiting),
+            "running": len(self.running),
+            "max_waiting": c.max_waiting,
+            "max_running": c.max_running,
+            "schedule_s_total": c.schedule_s,
+            "adapter_s_total": c.adapter_s,
+            "model_s_total": c.model_s,
+            "schedule_ms_per_step": 1e3 * c.schedule_s / steps,
+            "adapter_ms_per_step": 1e3 * c.adapter_s / steps,
+            "model_ms_per_step": 1e3 * c.model_s / max(c.model_steps, 1),
+        }
+
+    def dump_stats(self) -> None:
+        """Write stats() to ``stats_path`` atomically (the engine core may live in another process)."""
+        path = self.adapter_config.stats_path
+        if not path:
+            return
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as handle:
+            json.dump(self.stats(), handle)
+        os.replace(tmp, path)
+
+    def shutdown(self) -> None:
+        self.dump_stats()
+        super().shutdown()
+
+
+class AsyncRankScheduler(RankScheduler, AsyncScheduler):
+    """The same ordering for engines with async scheduling (GPU default)."""
