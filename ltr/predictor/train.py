@@ -1,0 +1,245 @@
+"""Training loop shared by `ltr train-predictor` and the quality benchmark.
+
+One step = one (or more) lists of `list_size` random training prompts; the objective picks the loss:
+ListMLE on the list (ours), MSE on standardised log length (pointwise baseline) or cross-entropy over
+10 length buckets (S3-style baseline). The model is selected on validation Kendall's tau.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ltr.predictor.evaluate import kendall_tau
+from ltr.predictor.losses import listmle_loss
+from ltr.predictor.model import PredictorConfig, RankPredictor, fit_calibration
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """What the predictor learns from: the prompt text and the length of the answer it got."""
+
+    prompt: str
+    prompt_len: int   # SmolLM2 tokens (prompt-length baseline)
+    output_len: int   # SmolLM2 tokens (label)
+
+
+@dataclass
+class ExampleSplits:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the model's own shape lives in `PredictorConfig`)."""
+
+    epochs: int = 8
+    list_size: int = 64
+    lists_per_step: int = 1
+    lr: float = 5e-4           # LoRA adapters / backbone (use ~5e-5 for a full fine-tune)
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.06
+    patience: int = 3          # epochs without a better validation tau before stopping
+    seed: int = 0
+    device: str = "cpu"
+    limit_train: int = 0       # first N training examples only (0 = all); for smoke tests
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def load_examples(data_dir: Path | None = None) -> ExampleSplits:
+    """The conversation-disjoint ShareGPT splits: from `ltr.data`, or from {train,val,test}.jsonl traces."""
+    if data_dir is None:
+        from ltr.data import load_pairs, split_pairs
+
+        splits = split_pairs(load_pairs())
+        conv = lambda ps: [Example(p.prompt, p.prompt_len, p.output_len) for p in ps]  # noqa: E731
+        return ExampleSplits(conv(splits.train), conv(splits.val), conv(splits.test))
+    from ltr.data import read_trace
+
+    parts = {}
+    for name in ("train", "val", "test"):
+        rows = read_trace(Path(data_dir) / f"{name}.jsonl")
+        parts[name] = [Example(r["prompt"], int(r["prompt_len"]), int(r["output_len"])) for r in rows]
+    return ExampleSplits(**parts)
+
+
+def write_truncated_splits(out_dir: Path, max_length: int = 512, backbone_path: Path | None = None) -> Path:
+    """Write the splits as traces whose prompts are cut just past `max_length` MiniLM tokens.
+
+    What the predictor sees is unchanged, and the files stay small enough to travel to a training machine.
+    """
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from ltr.data import load_pairs, split_pairs, write_trace
+    from ltr.predictor.model import default_backbone_path
+
+    tok = AutoTokenizer.from_pretrained(backbone_path or default_backbone_path())
+    splits = split_pairs(load_pairs())
+    keep = max_length + 8  # a few spare tokens so re-tokenising the cut text gives the same first max_length
+    for name in ("train", "val", "test"):
+        pairs = getattr(splits, name)
+        enc = tok([p.prompt for p in pairs], truncation=True, max_length=keep, return_offsets_mapping=True,
+                  add_special_tokens=False)
+        cut = [dataclasses.replace(p, answer="", prompt=p.prompt[: offs[-1][1]] if offs else p.prompt)
+               for p, offs in zip(pairs, enc["offset_mapping"])]
+        write_trace(cut, Path(out_dir) / f"{name}.jsonl")
+    return Path(out_dir)
+
+
+def _batches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of random, disjoint lists (an incomplete last list is dropped)."""
+    perm = rng.permutation(n)
+    return [perm[i: i + size] for i in range(0, n - size + 1, size)]
+
+
+class _Objective(nn.Module):
+    """Loss of one step for the configured objective."""
+
+    def __init__(self, config: PredictorConfig, train_lengths: np.ndarray, generator: torch.Generator) -> None:
+        super().__init__()
+        self.config, self.generator = config, generator
+        log_len = np.log1p(train_lengths)
+        self.mu, self.sigma = float(log_len.mean()), float(log_len.std() + 1e-6)
+        if config.objective == "buckets" and not config.bucket_edges:
+            qs = np.linspace(0, 1, config.n_buckets + 1)[1:-1]
+            config.bucket_edges = np.quantile(train_lengths, qs).tolist()
+
+    def forward(self, raw: Tensor, lengths: Tensor, list_size: int) -> Tensor:
+        if self.config.objective == "listmle":
+            return listmle_loss(raw.view(-1, list_size), lengths.view(-1, list_size).float(),
+                                generator=self.generator)
+        if self.config.objective == "regression":
+            target = (torch.log1p(lengths.float()) - self.mu) / self.sigma
+            return nn.functional.mse_loss(raw, target)
+        edges = torch.tensor(self.config.bucket_edges, device=lengths.device, dtype=torch.float32)
+        return nn.functional.cross_entropy(raw, torch.bucketize(lengths.float(), edges, right=True))
+
+
+def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, data: ExampleSplits,
+                    backbone_path: Path | None = None) -> tuple[RankPredictor, dict]:
+    """Train, keep the epoch with the best validation tau, fit the token calibration on val.
+
+    Returns the predictor (on `train_config.device`) and a history dict for metadata/benchmarks.
+    """
+    from tqdm.auto import tqdm
+
+    tc, started = train_config, time.perf_counter()
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    generator = torch.Generator().manual_seed(tc.seed)
+    device = torch.device(tc.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    train = data.train[: tc.limit_train] if tc.limit_train else data.train
+    if len(train) < tc.list_size * tc.lists_per_step or not data.val:
+        raise ValueError(f"need at least {tc.list_size * tc.lists_per_step} training and 1 validation example")
+    model = RankPredictor(model_config, backbone_path=backbone_path).to(device)
+    train_ids = model.tokenize([e.prompt for e in train])
+    val_ids = model.tokenize([e.prompt for e in data.val])
+    train_len = np.array([e.output_len for e in train], dtype=np.float64)
+    val_len = np.array([e.output_len for e in data.val], dtype=np.float64)
+    objective = _Objective(model.config, train_len, generator)
+    frozen = model.config.finetune == "frozen"
+    train_feats = val_feats = None
+    if frozen:  # the backbone never changes: embed once, train only the head
+        train_feats, val_feats = _embed_all(model, train_ids), _embed_all(model, val_ids)
+
+    head_params = list(model.head.parameters())
+    body_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    groups = [{"params": head_params, "lr": tc.head_lr}]
+    if body_params:
+        groups.append({"params": body_params, "lr": tc.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    step_size = tc.list_size * tc.lists_per_step
+    steps_per_epoch = len(train) // step_size
+    total = steps_per_epoch * tc.epochs
+    warmup = max(1, int(tc.warmup_frac * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+
+    def val_scores() -> np.ndarray:
+        if frozen:
+            model.eval()
+            with torch.no_grad():
+                out = model.reduce(model.head_scores(val_feats.to(device))).cpu().numpy()
+            model.train()
+            return out.astype(np.float64)
+        return model.score_ids(val_ids, batch_size=128)
+
+    history: dict = {"epochs": [], "val_tau": [], "train_loss": []}
+    best_tau, best_state, best_epoch, stale = -math.inf, None, 0, 0
+    bar = tqdm(total=total, disable=not tc.progress, desc=f"{model.config.objective}/{model.config.finetune}",
+               unit="step", dynamic_ncols=True)
+    model.train()
+    for epoch in range(1, tc.epochs + 1):
+        losses = []
+        for idx in _batches(len(train), step_size, rng):
+            lengths = torch.as_tensor(train_len[idx], device=device)
+            with autocast:
+                if frozen:
+                    raw = model.head_scores(train_feats[idx].to(device))
+                else:
+                    raw = model(*model.collate([train_ids[i] for i in idx], device))
+            loss = objective(raw.float(), lengths, tc.list_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}", best_val_tau=f"{best_tau:.3f}")
+        tau = kendall_tau(val_scores(), val_len)
+        history["epochs"].append(epoch)
+        history["val_tau"].append(tau)
+        history["train_loss"].append(float(np.mean(losses)))
+        logger.info("epoch %d: train loss %.4f, val tau %.4f", epoch, np.mean(losses), tau)
+        if tau > best_tau:
+            best_tau, best_epoch, stale = tau, epoch, 0
+            best_state = copy.deepcopy(model.trainable_state_dict())
+        else:
+            stale += 1
+            if stale >= tc.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state, strict=False)
+    model.eval()
+    val = val_scores()
+    model.config.calibration = fit_calibration(val, val_len)
+    history.update(best_epoch=best_epoch, best_val_tau=kendall_tau(val, val_len),
+                   train_seconds=round(time.perf_counter() - started, 1), n_train=len(train),
+                   train_config=asdict(tc))
+    return model, history
+
+
+@torch.no_grad()
+def _embed_all(model: RankPredictor, ids: Sequence[Sequence[int]], batch_size: int = 64) -> Tensor:
+    """Pooled frozen-backbone embeddings (length-sorted batches), returned on CPU in input order."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids), model.backbone.config.hidden_size)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s: s + batch_size]
+        out[chunk] = model.embed(*model.collate([ids[i] for i in chunk], device)).float().cpu()
+    model.train()
+    return out
