@@ -1,0 +1,264 @@
+"""One simulated vLLM replica: iteration-level continuous batching driven by the shared policy core.
+
+Each `step()` mirrors vLLM V1's scheduler as the LTR adapter (ltr/scheduling/vllm_scheduler.py) shapes it:
+
+1. rank preemption — if the policy preempts (LTR, MLFQ), `policy.preemption_victims()` picks running
+   requests that better-ranked waiting ones should replace; they go back to waiting (recompute);
+2. running requests, best-ranked first, get their next tokens (a decode token, or the next prefill
+   chunk under the token budget); when KV blocks run out the *worst-ranked* running request is
+   preempted (vLLM's out-of-KV path, which the adapter points at the worst rank);
+3. if step 2 preempted nobody, waiting requests are admitted best-ranked first while `max_num_seqs`,
+   the token budget (`max_num_batched_tokens`, chunked prefill) and free KV blocks allow;
+4. the step takes `StepTimeModel.step_time(shape)` seconds; sequences whose computed tokens reach their
+   length sample one token; `policy.observe_step()` updates served tokens and starvation state.
+
+Preemption is by recompute, as in vLLM V1: the victim keeps its generated tokens, drops its KV blocks and
+later re-prefills prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ltr.scheduling.policy import PolicyConfig, RankState, SchedulingPolicy
+from ltr.sim.profile import HardwareProfile
+from ltr.sim.workload import SimRequest
+
+
+@dataclass(eq=False)
+class SimSeq:
+    """Engine-side state of one request inside a replica."""
+
+    req: SimRequest
+    state: RankState
+    replica: int
+    generated: int = 0
+    computed: int = 0
+    blocks: int = 0
+    first_token: float | None = None
+    finish: float | None = None
+    preemptions: int = 0
+    #: Step index of the last step this request was scheduled in (or arrived before).
+    last_step: int = -1
+    #: Longest run of consecutive steps this request sat unscheduled while in the replica.
+    max_idle_steps: int = 0
+    scheduled_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.req.prompt_len + self.generated
+
+
+@dataclass
+class StepShape:
+    """What one step computed; the step-time model's inputs."""
+
+    prefill_tokens: int = 0
+    decode_seqs: int = 0
+    kv_tokens: int = 0
+    num_seqs: int = 0
+
+
+@dataclass
+class ReplicaStats:
+    steps: int = 0
+    busy_time: float = 0.0
+    kv_preemptions: int = 0
+    rank_preemptions: int = 0
+    max_waiting: int = 0
+    shapes: list[StepShape] = field(default_factory=list)
+
+
+class Replica:
+    """Continuous batching on one engine; the cluster loop calls `step()` whenever the replica is free."""
+
+    def __init__(self, index: int, profile: HardwareProfile, policy_config: PolicyConfig,
+                 record_shapes: bool = False) -> None:
+        self.index = index
+        self.profile = profile
+        self.limits = profile.limits
+        self.policy: SchedulingPolicy = policy_config.build()
+        self.max_victims = policy_config.max_preemptions_per_step
+        self.waiting: dict[str, SimSeq] = {}
+        self.running: dict[str, SimSeq] = {}
+        self.free_blocks = self.limits.num_kv_blocks
+        self.stats = ReplicaStats()
+        self.record_shapes = record_shapes
+        self.outstanding_work = 0.0
+
+    # -- queue -------------------------------------------------------------------------------------
+    def add(self, seq: SimSeq) -> None:
+        blocks = self._blocks_for(seq.num_tokens)
+        if blocks > self.limits.num_kv_blocks:
+            raise ValueError(f"request {seq.req.request_id} needs {blocks} KV blocks for its prompt; "
+                             f"the replica has {self.limits.num_kv_blocks}")
+        seq.last_step = self.stats.steps - 1
+        self.waiting[seq.req.request_id] = seq
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def queue_len(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.limits.block_size)
+
+    def _ordered(self, seqs: dict[str, SimSeq]) -> list[SimSeq]:
+        return [seqs[s.request_id] for s in self.policy.order(s.state for s in seqs.values())]
+
+    def _preempt(self, seq: SimSeq) -> None:
+        del self.running[seq.req.request_id]
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
+        seq.computed = 0
+        seq.preemptions += 1
+        self.waiting[seq.req.request_id] = seq
+
+    def _chunk(self, seq: SimSeq, token_budget: int, multiple: bool) -> int:
+        num_new = seq.num_tokens - seq.computed
+        threshold = self.limits.long_prefill_token_threshold
+        if multiple and 0 < threshold < num_new:
+            num_new = threshold
+        return min(num_new, token_budget)
+
+    def _free_seats(self, ordered_waiting: list[SimSeq]) -> int:
+        seats = self.limits.max_num_seqs - len(self.running)
+        fits, free = 0, self.free_blocks
+        for seq in ordered_waiting[:max(seats, 0)]:
+            need = self._blocks_for(min(seq.num_tokens, self.limits.max_num_batched_tokens))
+            if need > free:
+                break
+            free -= need
+            fits += 1
+        return fits
+
+    # -- one iteration -----------------------------------------------------------------------------
+    def step(self, now: float) -> tuple[float, list[SimSeq]]:
+        """Run one engine iteration starting at `now`; returns (end time, requests finished in it)."""
+        limits = self.limits
+        step_index = self.stats.steps
+        present = [*self.waiting.values(), *self.running.values()]
+        multiple = len(present) > 1
+        self.stats.max_waiting = max(self.stats.max_waiting, len(self.waiting))
+
+        # 1. rank preemption (the policy decides; FCFS/priority never preempt for rank)
+        ordered_waiting: list[SimSeq] | None = None
+        if self.policy.preempts_running and self.waiting and self.running:
+            ordered_waiting = self._ordered(self.waiting)
+            free_seats = self._free_seats(ordered_waiting)
+            if free_seats < len(ordered_waiting):
+                victims = self.policy.preemption_victims(
+                    [s.state for s in ordered_waiting], [s.state for s in self.running.values()],
+                    free_seats, self.max_victims)
+                for state in victims:
+                    self._preempt(self.running[state.request_id])
+                if victims:
+                    self.stats.rank_preemptions += len(victims)
+                    ordered_waiting = None
+
+        # 2. running requests, best-ranked first; out of KV -> evict the worst-ranked
+        token_budget = limits.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        run_list = self._ordered(self.running)
+        kv_preempted = False
+        i = 0
+        while i < len(run_list) and token_budget > 0:
+            seq = run_list[i]
+            num_new = self._chunk(seq, token_budget, multiple)
+            need = self._blocks_for(seq.computed + num_new) - seq.blocks
+            evicted_self = False
+            while need > self.free_blocks:
+                victim = run_list.pop()
+                self._preempt(victim)
+                self.stats.kv_preemptions += 1
+                kv_preempted = True
+                if victim is seq:
+                    evicted_self = True
+                    break
+            if evicted_self:
+                break
+            self.free_blocks -= need
+            seq.blocks += need
+            scheduled[seq.req.request_id] = num_new
+            token_budget -= num_new
+            i += 1
+
+        # 3. admit waiting requests, best-ranked first (vLLM skips this after an out-of-KV preemption)
+        if not kv_preempted and self.waiting and token_budget > 0 and len(self.running) < limits.max_num_seqs:
+            if ordered_waiting is None:
+                ordered_waiting = self._ordered(self.waiting)
+            for seq in ordered_waiting:
+                if token_budget <= 0 or len(self.running) >= limits.max_num_seqs:
+                    break
+                num_new = self._chunk(seq, token_budget, multiple)
+                need = self._blocks_for(num_new)
+                if need > self.free_blocks:
+                    break
+                del self.waiting[seq.req.request_id]
+                self.running[seq.req.request_id] = seq
+                self.free_blocks -= need
+                seq.blocks = need
+                scheduled[seq.req.request_id] = num_new
+                token_budget -= num_new
+
+        if not scheduled:
+            raise RuntimeError(f"replica {self.index}: nothing schedulable at t={now:.3f} "
+                               f"({len(self.waiting)} waiting, {len(self.running)} running)")
+
+        # 4. step time from the step's shape, then apply it
+        shape = StepShape(num_seqs=len(scheduled))
+        by_id = self.running
+        for rid, num_new in scheduled.items():
+            seq = by_id[rid]
+            end = seq.computed + num_new
+            shape.kv_tokens += end
+            if end == seq.num_tokens:
+                shape.decode_seqs += 1
+            if not (num_new == 1 and seq.generated > 0 and seq.computed == seq.num_tokens - 1):
+                shape.prefill_tokens += num_new
+        duration = self.profile.step.step_time(shape.prefill_tokens, shape.decode_seqs, shape.kv_tokens)
+        t_end = now + duration
+
+        finished: list[SimSeq] = []
+        for rid, num_new in scheduled.items():
+            seq = by_id[rid]
+            idle = step_index - seq.last_step - 1
+            if idle > seq.max_idle_steps:
+                seq.max_idle_steps = idle
+            seq.last_step = step_index
+            seq.scheduled_tokens += num_new
+            seq.computed += num_new
+            if seq.computed == seq.num_tokens:
+                seq.generated += 1
+                if seq.first_token is None:
+                    seq.first_token = t_end
+                if seq.generated >= seq.req.output_len:
+                    seq.finish = t_end
+                    finished.append(seq)
+        for seq in finished:
+            del self.running[seq.req.request_id]
+            self.free_blocks += seq.blocks
+            seq.blocks = 0
+
+        self.policy.observe_step([s.state for s in present], scheduled)
+        self.stats.steps += 1
+        self.stats.busy_time += duration
+        if self.record_shapes:
+            self.stats.shapes.append(shape)
+        return t_end, finished
+
+    def close_idle_runs(self) -> None:
+        """Account the trailing unscheduled run of requests still waiting (none once a run completes)."""
+        for seq in [*self.waiting.values(), *self.running.values()]:
+            seq.max_idle_steps = max(seq.max_idle_steps, self.stats.steps - seq.last_step - 1)
+
+
+def new_seq(req: SimRequest, replica: int) -> SimSeq:
+    return SimSeq(req=req, replica=replica,
+                  state=RankState(request_id=req.request_id, arrival=req.arrival, score=req.score,
+                                  prompt_len=req.prompt_len))
+
