@@ -292,6 +292,21 @@ class RankScheduler(Scheduler):
             self._preempt_request(request, now, drop_stale_output=self.requires_kv_delivery)
         return evicted
 
+    def set_policy(self, config: PolicyConfig) -> None:
+        """Swap the policy of an idle engine (benchmark phases, tests); counters restart."""
+        if self.requests:
+            raise RuntimeError(f"cannot change the scheduling policy with {len(self.requests)} "
+                               "request(s) in flight")
+        if not isinstance(config, PolicyConfig):
+            raise TypeError(f"set_policy expects a PolicyConfig, got {type(config).__name__}")
+        self.adapter_config = AdapterConfig(config, self.adapter_config.stats_path,
+                                            self.adapter_config.stats_every)
+        self.rank_policy = config.build()
+        self.max_preemptions_per_step = config.max_preemptions_per_step
+        self.rank_states.clear()
+        self.counters = AdapterCounters()
+        self._warned_unscored = False
+
     # -- counters ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

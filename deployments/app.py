@@ -1,0 +1,140 @@
+"""Serve application builders (`import_path` targets of the Serve config YAMLs).
+
+Two applications:
+
+- `deployments.app:build_app` — the serving path: `OpenAIIngress` (HTTP) -> `LLMEngine` (vLLM replicas,
+  routed by `LeastWorkRouter` or Serve's default power-of-two router);
+- `deployments.app:build_predictor_app` — the `Predictor` deployment, its own application so it can be
+  scaled, redeployed or deleted without touching the serving path (no score -> FCFS).
+
+Both take a typed, validated `args` mapping (`AppArgs`, `PredictorArgs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.deployment import Application
+
+from deployments.engine import CPU_ENGINE_ENV, LLMEngine
+from deployments.ingress import IngressSettings, OpenAIIngress
+from deployments.predictor import Predictor
+from deployments.router import LeastWorkRouter
+from ltr.scheduling.policy import PolicyConfig
+
+ENGINE_DEPLOYMENT = "LLMEngine"
+INGRESS_DEPLOYMENT = "OpenAIIngress"
+PREDICTOR_DEPLOYMENT = "Predictor"
+
+
+class AppArgs(BaseModel):
+    """Arguments of the serving application (the `args:` block of a Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: HF model folder; "smollm2" means the locally converted SmolLM2-135M-Instruct (prepare_model()).
+    model: str = "smollm2"
+    served_model_name: str | None = None
+    #: Scheduling policy mapping for the engines (`PolicyConfig.from_mapping`), e.g. {"name": "fcfs"}.
+    policy: dict[str, Any] = Field(default_factory=lambda: {"name": "ltr"})
+    router: Literal["least_work", "pow2"] = "least_work"
+    stats_staleness_s: float = Field(5.0, gt=0)
+    routing_stats_period_s: float = Field(1.0, gt=0)
+    num_engine_replicas: int = Field(2, ge=1)
+    engine_num_cpus: float = Field(0.5, ge=0)
+    engine_num_gpus: float = Field(0.0, ge=0)
+    #: Extra environment for engine replicas (CPU defaults are added when engine_num_gpus == 0).
+    engine_env: dict[str, str] = Field(default_factory=dict)
+    max_ongoing_requests: int = Field(256, ge=1)
+    #: Overrides for `ltr.scheduling.engine.engine_args` (max_num_seqs, max_model_len, dtype, ...).
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    ingress_num_cpus: float = Field(0.1, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    #: Ingress settings other than the model-derived ones (see IngressSettings).
+    ingress: dict[str, Any] = Field(default_factory=dict)
+    #: Extra environment for ingress replicas (e.g. the variable named by ingress.api_key_env).
+    ingress_env: dict[str, str] = Field(default_factory=dict)
+
+    def model_path(self) -> str:
+        if self.model == "smollm2":
+            from ltr.models import prepare_model
+
+            return str(prepare_model())
+        return self.model
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig.from_mapping(self.policy)
+
+
+class PredictorArgs(BaseModel):
+    """Arguments of the predictor application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    #: PredictorSettings fields (reload_interval_s, fault drill), changeable live as user_config.
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+def engine_deployment(args: AppArgs, model_path: str) -> Application:
+    """The engine deployment bound to its model and policy (exposed for benchmarks and tests)."""
+    args.policy_config()  # validate at the edge, before any replica starts
+    env = dict(args.engine_env)
+    if args.engine_num_gpus == 0:
+        env = {**CPU_ENGINE_ENV, **env}
+    router_config = RequestRouterConfig(request_routing_stats_period_s=args.routing_stats_period_s,
+                                        request_routing_stats_timeout_s=max(args.routing_stats_period_s, 5.0))
+    if args.router == "least_work":
+        router_config = RequestRouterConfig(
+            request_router_class=LeastWorkRouter,
+            request_router_kwargs={"stats_staleness_s": args.stats_staleness_s},
+            request_routing_stats_period_s=args.routing_stats_period_s,
+            request_routing_stats_timeout_s=max(args.routing_stats_period_s, 5.0))
+    engine_kwargs = dict(args.engine_kwargs)
+    if args.engine_num_gpus == 0:
+        engine_kwargs.setdefault("max_model_len", 2048)
+    deployment = serve.deployment(
+        LLMEngine, name=ENGINE_DEPLOYMENT, num_replicas=args.num_engine_replicas,
+        max_ongoing_requests=args.max_ongoing_requests, request_router_config=router_config,
+        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=20,
+        ray_actor_options={"num_cpus": args.engine_num_cpus, "num_gpus": args.engine_num_gpus,
+                           "runtime_env": {"env_vars": env}})
+    return deployment.bind(model_path, args.policy, engine_kwargs)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The serving application: OpenAI ingress -> routed vLLM engine replicas."""
+    parsed = AppArgs(**(args or {}))
+    model_path = parsed.model_path()
+    # The folder name is the served name ("SmolLM2-135M-Instruct" for the default model).
+    served_name = parsed.served_model_name or Path(model_path).name
+    max_model_len = int(parsed.engine_kwargs.get("max_model_len", 2048))
+    settings = IngressSettings(**{"served_model_name": served_name, "tokenizer_path": model_path,
+                                  "max_model_len": max_model_len, **parsed.ingress})
+    actor_options: dict[str, Any] = {"num_cpus": parsed.ingress_num_cpus}
+    if parsed.ingress_env:
+        actor_options["runtime_env"] = {"env_vars": dict(parsed.ingress_env)}
+    ingress = serve.deployment(
+        OpenAIIngress, name=INGRESS_DEPLOYMENT, num_replicas=parsed.ingress_replicas,
+        max_ongoing_requests=1024, ray_actor_options=actor_options)
+    engine = None if settings.engine_app else engine_deployment(parsed, model_path)
+    return ingress.bind(engine, settings.model_dump())
+
+
+def build_predictor_app(args: dict[str, Any] | None = None) -> Application:
+    """The predictor application (no HTTP route); the ingress finds it by name."""
+    from deployments.predictor import PredictorSettings
+
+    parsed = PredictorArgs(**(args or {}))
+    PredictorSettings(**parsed.settings)  # validate now, not in a replica
+    deployment = serve.deployment(
+        Predictor, name=PREDICTOR_DEPLOYMENT, num_replicas=parsed.num_replicas, max_ongoing_requests=256,
+        user_config=parsed.settings,
+        ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus})
+    return deployment.bind()

@@ -1,0 +1,163 @@
+"""Engine deployment: one vLLM `AsyncLLM` per replica, scheduling by the project's policy.
+
+Ranking only helps if requests queue *inside* the engine, where the scheduler can reorder them, so
+`max_ongoing_requests` is high (Serve admits up to that many per replica) and the engine's own
+`max_num_seqs` bounds the running batch. The score travels in `SamplingParams.extra_args`
+(`ltr.scheduling.engine.scored_sampling_params`); a missing score means FCFS order for that request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP
+from ltr.scheduling.policy import PolicyConfig
+
+logger = logging.getLogger("ray.serve")
+
+#: Environment every CPU engine replica needs on a shared small machine (see README).
+CPU_ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@dataclass
+class EngineRequest:
+    """One generation request as the ingress hands it to an engine replica (and the router reads it)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]
+    score: float | None = None
+    #: Predicted cost in decode-token units (`ltr.routing.request_work`); read by `LeastWorkRouter`.
+    predicted_work: float = 0.0
+
+
+@dataclass
+class EngineChunk:
+    """A streamed delta: new text, cumulative token counts, and where it ran."""
+
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str | None
+    replica: str
+
+
+@dataclass
+class _Tracked:
+    predicted_work: float
+    generated: int = 0
+    scored: bool = False
+    started: float = field(default_factory=time.time)
+
+
+class LLMEngine:
+    """The engine deployment's class; `app.py` wraps it with `serve.deployment` options."""
+
+    def __init__(self, model: str, policy: dict[str, Any] | None = None,
+                 engine_overrides: dict[str, Any] | None = None) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from ltr.scheduling.engine import engine_args
+
+        self.policy = PolicyConfig.from_mapping(policy or {})
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (benchmarks calling it directly)
+            self.replica = f"local-{uuid.uuid4().hex[:8]}"
+        self._stats_dir = Path(tempfile.mkdtemp(prefix=f"ltr-engine-{self.replica}-"))
+        self.stats_path = self._stats_dir / "scheduler_stats.json"
+        overrides = dict(engine_overrides or {})
+        overrides.setdefault("disable_log_stats", True)
+        args = engine_args(model, self.policy, stats_path=str(self.stats_path), **overrides)
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self.llm.vllm_config.model_config.max_model_len
+        self._tracked: dict[str, _Tracked] = {}
+        self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0}
+        logger.info("engine replica %s ready: model=%s policy=%s", self.replica, model, self.policy.name)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """Stream deltas for one request; cancellation (client gone) aborts it in the engine."""
+        from vllm.sampling_params import RequestOutputKind
+
+        from ltr.scheduling.engine import priority_for, scored_sampling_params
+
+        params = scored_sampling_params(request.score, output_kind=RequestOutputKind.DELTA, **request.sampling)
+        tracked = _Tracked(request.predicted_work, scored=request.score is not None)
+        self._tracked[request.request_id] = tracked
+        self.counters["requests"] += 1
+        self.counters["scored" if tracked.scored else "unscored"] += 1
+        prompt_tokens = len(request.prompt_token_ids)
+        finished = False
+        try:
+            async for output in self.llm.generate(
+                    {"prompt_token_ids": request.prompt_token_ids}, params, request.request_id,
+                    priority=priority_for(self.policy, request.score)):
+                completion = output.outputs[0]
+                tracked.generated += len(completion.token_ids)
+                finished = output.finished
+                yield EngineChunk(text=completion.text, completion_tokens=tracked.generated,
+                                  prompt_tokens=prompt_tokens,
+                                  finish_reason=completion.finish_reason if output.finished else None,
+                                  replica=self.replica)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.counters["aborted"] += 1
+            raise
+        except Exception:
+            self.counters["failed"] += 1
+            raise
+        finally:
+            self._tracked.pop(request.request_id, None)
+            if not finished:
+                # AsyncLLM aborts on cancellation itself; aborting again is idempotent and also
+                # covers a generator closed without cancellation.
+                await self.llm.abort(request.request_id)
+
+    def outstanding_work(self) -> float:
+        """Predicted decode tokens still to come for the requests this replica holds."""
+        return float(sum(max(t.predicted_work - t.generated, 1.0) for t in self._tracked.values()))
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Load report for `LeastWorkRouter` (Serve calls this every request_routing_stats_period_s)."""
+        return {STAT_OUTSTANDING_WORK: self.outstanding_work(), STAT_NUM_REQUESTS: len(self._tracked),
+                STAT_TIMESTAMP: time.time()}
+
+    def scheduler_stats(self) -> dict[str, Any]:
+        """Counters the rank scheduler in the engine-core process dumps to its stats file."""
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def debug_stats(self) -> dict[str, Any]:
+        """What this replica saw: request counters, current load, and the scheduler's own counters."""
+        return {"replica": self.replica, "policy": self.policy.name, "counters": dict(self.counters),
+                "in_flight": len(self._tracked), "outstanding_work": self.outstanding_work(),
+                "scheduler": self.scheduler_stats(), "max_model_len": self.max_model_len}
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails (and Serve replaces the replica) when the engine core died."""
+        await self.llm.check_health()
+
+    def __del__(self) -> None:
+        """Shut the engine core process down when Serve stops the replica."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.shutdown()
+            self.llm = None
+        stats_dir = getattr(self, "_stats_dir", None)
+        if stats_dir is not None and stats_dir.exists():
+            for child in stats_dir.iterdir():
+                child.unlink(missing_ok=True)
+            os.rmdir(stats_dir)

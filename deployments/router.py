@@ -1,0 +1,121 @@
+"""Least-predicted-work request router for the engine deployment.
+
+Ray Serve's default router (power of two choices) balances queue *lengths*; with LLM requests whose
+output lengths differ by 100x, equal queue lengths can hide very unequal amounts of work. This
+router sends each request to the replica holding the least predicted outstanding work, using:
+
+- the request's own predicted work (`EngineRequest.predicted_work`, carried in the handle call's
+  arguments: the router sees them as `PendingRequest.args`);
+- each replica's reported remaining work (`record_routing_stats`, pushed through the controller every
+  `request_routing_stats_period_s`), plus the work this router sent it since that report;
+- when a replica's report is missing or older than `stats_staleness_s`, the work this router alone
+  has in flight on it (exact for a single ingress, a lower bound with several).
+
+The choice itself is the shared pure rule `ltr.routing.choose_replica("least_work", ...)`; the
+remaining replicas follow as fallback ranks, so a full replica never blocks routing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from ltr.routing import ReplicaLoad, choose_replica, request_work
+
+logger = logging.getLogger("ray.serve")
+
+#: Keys of the dict an engine replica returns from `record_routing_stats`.
+STAT_OUTSTANDING_WORK = "outstanding_work"
+STAT_NUM_REQUESTS = "num_requests"
+STAT_TIMESTAMP = "timestamp"
+
+
+def predicted_work_of(pending_request: PendingRequest | None) -> float:
+    """The predicted work carried by a request's arguments (default work when none carries it)."""
+    if pending_request is not None:
+        for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
+            work = getattr(arg, "predicted_work", None)
+            if isinstance(work, (int, float)) and work >= 0:
+                return float(work)
+    return request_work(None, 0)
+
+
+@dataclass
+class _InFlight:
+    replica_id: ReplicaID
+    work: float
+    routed_at: float
+
+
+class LeastWorkRouter(RequestRouter):
+    """Routes to the replica with the least predicted outstanding work (see module docstring)."""
+
+    def initialize_state(self, stats_staleness_s: float = 5.0, seed: int | None = None) -> None:
+        if stats_staleness_s <= 0:
+            raise ValueError(f"stats_staleness_s must be > 0, got {stats_staleness_s}")
+        self._stats_staleness_s = float(stats_staleness_s)
+        self._rng = random.Random(seed)
+        self._in_flight: dict[str, _InFlight] = {}
+        self.stale_fallbacks = 0
+
+    def _local(self) -> dict[str, _InFlight]:
+        # `initialize_state` is only called when the deployment passes router kwargs; be safe.
+        if not hasattr(self, "_in_flight"):
+            self.initialize_state()
+        return self._in_flight
+
+    def replica_loads(self, candidates: list[RunningReplica]) -> list[ReplicaLoad]:
+        """Current outstanding-work estimate for every candidate replica."""
+        now = time.time()
+        in_flight = self._local()
+        loads = []
+        for replica in candidates:
+            mine = [f for f in in_flight.values() if f.replica_id == replica.replica_id]
+            stats: dict[str, Any] = replica.routing_stats or {}
+            stamp = stats.get(STAT_TIMESTAMP)
+            reported = stats.get(STAT_OUTSTANDING_WORK)
+            fresh = (isinstance(stamp, (int, float)) and isinstance(reported, (int, float))
+                     and now - float(stamp) <= self._stats_staleness_s)
+            if fresh:
+                # The report already covers what was routed before it was taken.
+                work = float(reported) + sum(f.work for f in mine if f.routed_at > float(stamp))
+                queue = int(stats.get(STAT_NUM_REQUESTS, 0)) + sum(1 for f in mine if f.routed_at > float(stamp))
+            else:
+                self.stale_fallbacks += 1
+                work = sum(f.work for f in mine)
+                queue = len(mine)
+            loads.append(ReplicaLoad(replica_id=replica.replica_id.unique_id, queue_len=queue,
+                                     outstanding_work=work))
+        return loads
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        loads = self.replica_loads(candidate_replicas)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        best = choose_replica("least_work", loads, self._rng)
+        rest = sorted((load for load in loads if load.replica_id != best.replica_id),
+                      key=lambda load: (load.outstanding_work, load.queue_len))
+        return [[by_id[best.replica_id]]] + [[by_id[load.replica_id]] for load in rest]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._local()[pending_request.metadata.internal_request_id] = _InFlight(
+            replica_id=replica_id, work=predicted_work_of(pending_request), routed_at=time.time())
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._local().pop(internal_request_id, None)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        in_flight = self._local()
+        for key in [k for k, f in in_flight.items() if f.replica_id == replica_id]:
+            del in_flight[key]

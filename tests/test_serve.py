@@ -1,0 +1,323 @@
+"""The Ray Serve application end to end: real Ray Serve, real vLLM (CPU), tiny random Llama.
+
+One local Ray + Serve instance for the whole module: the serving app (2 engine replicas, rank
+scheduler, least-work router), the predictor app, and an API-key ingress sharing the same engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+MODEL_NAME = "tiny-llama"
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_app() -> Iterator[dict]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app, build_predictor_app
+    from ltr.models import build_tiny_llama, cache_dir
+
+    model = str(build_tiny_llama(cache_dir() / "models" / MODEL_NAME))
+    temp_dir = tempfile.mkdtemp(prefix="ltr-serve-test-")
+    port = _free_port()
+    ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False, num_cpus=2,
+             logging_level="WARNING", configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_predictor_app({"num_cpus": 0.25}), name="ltr-predictor", route_prefix=None)
+        engine_kwargs = {"max_num_seqs": 8, "max_model_len": 1024}
+        serve.run(build_app({
+            "model": model, "num_engine_replicas": 2, "engine_num_cpus": 0.5, "engine_kwargs": engine_kwargs,
+            "routing_stats_period_s": 0.5,
+            "ingress": {"allow_score_override": True, "predictor_timeout_s": 5.0, "max_tokens_cap": 512,
+                        "max_body_bytes": 64 * 1024, "breaker_cooldown_s": 1.0},
+        }), name="ltr", route_prefix="/")
+        serve.run(build_app({
+            "model": model, "engine_kwargs": engine_kwargs,
+            "ingress": {"engine_app": "ltr", "api_key_env": "LTR_TEST_API_KEY", "predictor_app": None},
+            "ingress_env": {"LTR_TEST_API_KEY": API_KEY},
+        }), name="ltr-secure", route_prefix="/secure")
+        yield {"url": f"http://127.0.0.1:{port}", "model": model}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(serve_app: dict) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serve_app["url"], timeout=120) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def tokenizer(serve_app: dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(serve_app["model"])
+
+
+def _completion(client: httpx.Client, prompt: str = "Tell me a story about", max_tokens: int = 12,
+                headers: dict | None = None, **extra) -> httpx.Response:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return client.post("/v1/completions", json=body, headers=headers or {})
+
+
+def _assert_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+# ---- the OpenAI surface over HTTP ---------------------------------------------------------------------
+
+def test_health_and_models(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [MODEL_NAME]
+
+
+def test_completion_counts_usage(client: httpx.Client, tokenizer) -> None:
+    prompt = "The quick brown fox"
+    response = _completion(client, prompt, max_tokens=10, ignore_eos=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == MODEL_NAME
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert isinstance(body["choices"][0]["text"], str)
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(tokenizer(prompt).input_ids)
+    assert usage["completion_tokens"] == 10
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 10
+    assert response.headers["x-ltr-replica"]
+    assert "x-ltr-score" in response.headers
+
+
+def test_chat_applies_template(client: httpx.Client, tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+    response = client.post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert body["usage"]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False).input_ids)
+    assert body["usage"]["completion_tokens"] == 8
+
+
+def test_streaming_sse_matches_plain(client: httpx.Client) -> None:
+    plain = _completion(client, "Once upon a time", max_tokens=16, ignore_eos=True).json()
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text == plain["choices"][0]["text"]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 16
+
+
+def test_openai_client_plain_and_streaming(serve_app: dict) -> None:
+    oai = openai.OpenAI(base_url=serve_app["url"] + "/v1", api_key="unused", max_retries=0)
+    completion = oai.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 6
+    chat = oai.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
+    stream = oai.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=6, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert [m.id for m in oai.models.list().data] == [MODEL_NAME]
+
+
+# ---- routing, scheduling, predictor ------------------------------------------------------------------
+
+def test_both_replicas_receive_traffic(serve_app: dict) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=serve_app["url"], timeout=120) as http:
+            return await asyncio.gather(*[
+                http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"Request {i}",
+                                                   "max_tokens": 48, "ignore_eos": True})
+                for i in range(12)])
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    replicas = {r.headers["x-ltr-replica"] for r in responses}
+    assert len(replicas) == 2, replicas
+
+
+def _scheduler_totals(client: httpx.Client, polls: int = 12) -> dict[str, dict]:
+    """Latest scheduler counters per engine replica (the debug route answers from one replica a call)."""
+    seen: dict[str, dict] = {}
+    for _ in range(polls):
+        stats = client.get("/v1/ltr/engine_stats").json()
+        seen[stats["replica"]] = stats
+    return seen
+
+
+def test_score_reaches_engine_scheduler(client: httpx.Client) -> None:
+    # The engine core runs in its own process; its rank scheduler dumps counters every 50 steps.
+    deadline = time.monotonic() + 90
+    scored = 0
+    while time.monotonic() < deadline:
+        response = _completion(client, "Scored request", max_tokens=64, ignore_eos=True,
+                               headers={"x-ltr-score-override": "2.5"})
+        assert response.status_code == 200
+        assert response.headers["x-ltr-score"] == "2.5"
+        assert response.headers["x-ltr-fallback"] == "override"
+        per_replica = _scheduler_totals(client)
+        scored = sum(s["scheduler"].get("scored_requests", 0) for s in per_replica.values())
+        if scored > 0:
+            break
+    assert scored > 0
+    stats = next(iter(per_replica.values()))
+    assert stats["policy"] == "ltr" and stats["scheduler"]["policy"]["name"] == "ltr"
+    assert sum(s["counters"]["scored"] for s in per_replica.values()) > 0
+
+
+def test_client_disconnect_aborts_in_engine(serve_app: dict, client: httpx.Client) -> None:
+    body = {"model": MODEL_NAME, "prompt": "A very long answer", "max_tokens": 500, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=serve_app["url"], timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        per_replica = _scheduler_totals(client, polls=6)
+        if len(per_replica) == 2 and all(s["in_flight"] == 0 for s in per_replica.values()):
+            break
+        time.sleep(0.5)
+    assert all(s["in_flight"] == 0 for s in per_replica.values())
+    assert sum(s["counters"]["aborted"] for s in per_replica.values()) >= 1
+
+
+def _set_predictor(settings: dict | None) -> None:
+    from ray import serve
+
+    from deployments.app import build_predictor_app
+
+    if settings is None:
+        serve.delete("ltr-predictor")
+    else:
+        serve.run(build_predictor_app({"num_cpus": 0.25, "settings": settings}), name="ltr-predictor",
+                  route_prefix=None)
+
+
+def test_predictor_failing_or_removed_requests_still_succeed(client: httpx.Client) -> None:
+    from ltr.predictor.model import shipped_artifact_dir
+
+    try:
+        _set_predictor({"fault": "raise"})
+        response = _completion(client, "Predictor is failing")
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ltr-score"] == "none"
+        assert response.headers["x-ltr-fallback"] in ("error", "circuit_open")
+
+        _set_predictor(None)
+        for _ in range(4):
+            response = _completion(client, "Predictor is gone")
+            assert response.status_code == 200, response.text
+            assert response.headers["x-ltr-score"] == "none"
+        stats = client.get("/v1/ltr/stats").json()
+        assert stats["predictor_fallbacks"].get("error", 0) + stats["predictor_fallbacks"].get("timeout", 0) >= 1
+    finally:
+        _set_predictor({})
+    # Back: once the breaker closes the predictor is used again (or reports it has no artifact).
+    expected = None if (shipped_artifact_dir() / "config.json").is_file() else "unavailable"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        response = _completion(client, "Predictor is back")
+        assert response.status_code == 200
+        if response.headers.get("x-ltr-fallback") == expected:
+            break
+        time.sleep(0.5)
+    assert response.headers.get("x-ltr-fallback") == expected
+
+
+# ---- bad input and auth ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"prompt": "hi"}, 400, "model"),
+    ({"model": MODEL_NAME}, 400, "prompt"),
+    ({"model": MODEL_NAME, "prompt": ""}, 400, "prompt"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "temperature": 9}, 400, "temperature"),
+    ({"model": MODEL_NAME, "prompt": "hi", "n": 3}, 400, "n"),
+    ({"model": MODEL_NAME, "prompt": ["a", "b"]}, 400, "prompt"),
+    ({"model": MODEL_NAME, "prompt": "word " * 1100}, 400, "prompt"),
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+])
+def test_invalid_completion_requests(client: httpx.Client, body: dict, status: int, param: str) -> None:
+    error = _assert_error(client.post("/v1/completions", json=body), status)
+    assert error["param"] == param
+
+
+def test_malformed_bodies_and_routes(client: httpx.Client) -> None:
+    headers = {"content-type": "application/json"}
+    assert _assert_error(client.post("/v1/completions", content=b"{not json", headers=headers), 400)["code"] \
+        == "invalid_json"
+    _assert_error(client.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers=headers), 400)
+    _assert_error(client.post("/v1/completions", content=b"[1, 2]", headers=headers), 400)
+    big = json.dumps({"model": MODEL_NAME, "prompt": "x" * (70 * 1024)})
+    assert _assert_error(client.post("/v1/completions", content=big, headers=headers), 413)["code"] \
+        == "body_too_large"
+    _assert_error(client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": []}), 400)
+    _assert_error(client.post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "messages": [{"role": "wizard", "content": "hi"}]}), 400)
+    _assert_error(client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi"},
+                              headers={"x-ltr-score-override": "abc"}), 400)
+    _assert_error(client.get("/v1/completions"), 405)
+    _assert_error(client.get("/v1/nothing-here"), 404)
+    # ...and the service still answers.
+    assert _completion(client).status_code == 200
+
+
+def test_api_key_mode(serve_app: dict, client: httpx.Client) -> None:
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 4}
+    assert _assert_error(client.post("/secure/v1/completions", json=body), 401)["type"] == "authentication_error"
+    _assert_error(client.post("/secure/v1/completions", json=body,
+                              headers={"Authorization": "Bearer wrong"}), 401)
+    _assert_error(client.get("/secure/v1/models"), 401)
+    ok = client.post("/secure/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200, ok.text
+    oai = openai.OpenAI(base_url=serve_app["url"] + "/secure/v1", api_key=API_KEY, max_retries=0)
+    assert oai.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=3).usage.completion_tokens <= 3
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=serve_app["url"] + "/secure/v1", api_key="nope", max_retries=0).models.list()
