@@ -3,7 +3,8 @@
 Each `step()` mirrors vLLM V1's scheduler as the LTR adapter (ltr/scheduling/vllm_scheduler.py) shapes it:
 
 1. rank preemption — if the policy preempts (LTR, MLFQ), `policy.preemption_victims()` picks running
-   requests that better-ranked waiting ones should replace; they go back to waiting (recompute);
+   requests that better-ranked waiting ones should replace; they go back to waiting (recompute) and,
+   as in the adapter, sit out the rest of this step;
 2. running requests, best-ranked first, get their next tokens (a decode token, or the next prefill
    chunk under the token budget); when KV blocks run out the *worst-ranked* running request is
    preempted (vLLM's out-of-KV path, which the adapter points at the worst rank);
@@ -126,10 +127,16 @@ class Replica:
         return min(num_new, token_budget)
 
     def _free_seats(self, ordered_waiting: list[SimSeq]) -> int:
+        """Best-ranked waiting requests that fit now without evicting anyone (seats, then KV blocks).
+
+        Same measure as the vLLM adapter's `_free_seats`: a request needs blocks for all its tokens + 1.
+        """
         seats = self.limits.max_num_seqs - len(self.running)
         fits, free = 0, self.free_blocks
-        for seq in ordered_waiting[:max(seats, 0)]:
-            need = self._blocks_for(min(seq.num_tokens, self.limits.max_num_batched_tokens))
+        for seq in ordered_waiting:
+            if fits >= seats:
+                break
+            need = self._blocks_for(seq.num_tokens + 1)
             if need > free:
                 break
             free -= need
@@ -147,7 +154,8 @@ class Replica:
 
         # 1. rank preemption (the policy decides; FCFS/priority never preempt for rank)
         ordered_waiting: list[SimSeq] | None = None
-        if self.policy.preempts_running and self.waiting and self.running:
+        sitting_out: set[str] = set()
+        if self.policy.preempts_running and self.max_victims > 0 and self.waiting and self.running:
             ordered_waiting = self._ordered(self.waiting)
             free_seats = self._free_seats(ordered_waiting)
             if free_seats < len(ordered_waiting):
@@ -156,6 +164,7 @@ class Replica:
                     free_seats, self.max_victims)
                 for state in victims:
                     self._preempt(self.running[state.request_id])
+                    sitting_out.add(state.request_id)   # as in the adapter: no evict + resume in one step
                 if victims:
                     self.stats.rank_preemptions += len(victims)
                     ordered_waiting = None
@@ -194,6 +203,8 @@ class Replica:
             for seq in ordered_waiting:
                 if token_budget <= 0 or len(self.running) >= limits.max_num_seqs:
                     break
+                if seq.req.request_id in sitting_out:
+                    continue
                 num_new = self._chunk(seq, token_budget, multiple)
                 need = self._blocks_for(num_new)
                 if need > self.free_blocks:
