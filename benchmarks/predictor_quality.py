@@ -1,0 +1,236 @@
+"""Predictor quality, side by side on the same conversation-disjoint ShareGPT test split.
+
+Two stages, because training wants a GPU and the throughput target is about this 2-core CPU:
+
+  train    (GPU machine) trains every method with the same code as `ltr train-predictor`:
+           (b) pointwise regression on log length, (c) S3-style 10-bucket classifier, (d) ListMLE with a
+           frozen backbone, LoRA at two input lengths and a full fine-tune; writes a JSON of results and
+           saves the best shippable ListMLE model (by validation tau) as the predictor artifact.
+  finalize (here) adds (a) prompt length, re-scores the test split with the shipped artifact on CPU, measures
+           scoring throughput at batch 32, and writes benchmarks/results/predictor_quality.{json,png}.
+
+  python benchmarks/predictor_quality.py train --device cuda --data-dir D --backbone B --out OUT
+  python benchmarks/predictor_quality.py finalize --train-json OUT/predictor_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ltr.predictor.commands import device_description, train_command  # noqa: E402
+from ltr.predictor.evaluate import kendall_tau, ranking_report  # noqa: E402
+from ltr.predictor.model import PredictorConfig, RankPredictor, shipped_artifact_dir  # noqa: E402
+from ltr.predictor.train import TrainConfig, load_examples, train_predictor  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (name, model config, train config overrides, shippable?) in the order they run; later ones may be skipped.
+VARIANTS: list[tuple[str, dict, dict]] = [
+    ("listmle-lora-512", dict(objective="listmle", finetune="lora"), dict(epochs=8)),
+    ("regression-lora-512", dict(objective="regression", finetune="lora"), dict(epochs=8)),
+    ("buckets-lora-512", dict(objective="buckets", finetune="lora"), dict(epochs=8)),
+    ("listmle-frozen-512", dict(objective="listmle", finetune="frozen"), dict(epochs=40, patience=6)),
+    ("listmle-full-512", dict(objective="listmle", finetune="full"), dict(epochs=6, lr=5e-5)),
+    ("listmle-lora-256", dict(objective="listmle", finetune="lora", max_length=256), dict(epochs=8)),
+    ("listmle-lora-512-r64-e12", dict(objective="listmle", finetune="lora", lora_r=64, lora_alpha=64),
+     dict(epochs=12, patience=4)),
+]
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def stage_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_examples(args.data_dir)
+    if args.quick:  # CPU smoke run of the whole pipeline before spending device time
+        data.train, data.val, data.test = data.train[:256], data.val[:96], data.test[:96]
+    started = time.perf_counter()
+    report: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                    "device": device_description(args.device), "host": platform.node(),
+                    "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+                    "methods": {}, "skipped": []}
+    test_len = np.array([e.output_len for e in data.test])
+    best: tuple[float, str] | None = None
+    scratch = Path(tempfile.mkdtemp(prefix="ltr-pred-"))
+    for name, model_kw, train_kw in VARIANTS:
+        if args.only and name not in args.only:
+            continue
+        elapsed = time.perf_counter() - started
+        if elapsed > args.budget_s:
+            report["skipped"].append(name)
+            continue
+        model_kw, train_kw = dict(model_kw), dict(train_kw)
+        if args.quick:
+            model_kw["max_length"] = 64
+            train_kw.update(epochs=1, list_size=32)
+        model_cfg = PredictorConfig(**model_kw)
+        train_cfg = TrainConfig(**train_kw, device=args.device, progress=not args.no_progress)
+        try:
+            model, history = train_predictor(model_cfg, train_cfg, data, backbone_path=args.backbone)
+        except Exception as exc:  # one broken variant must not cost the others (device time is scarce)
+            report.setdefault("errors", {})[name] = repr(exc)
+            print(f"== {name}: FAILED {exc!r}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        ids = model.tokenize([e.prompt for e in data.test])
+        scores = model.score_ids(ids, batch_size=128)
+        row = ranking_report(scores, test_len, model.expected_tokens(scores))
+        if model.config.objective == "buckets":  # S3 serves by the predicted bucket itself (argmax)
+            import torch
+
+            with torch.no_grad():
+                model.eval()
+                argmax = []
+                for s in range(0, len(ids), 128):
+                    raw = model(*model.collate(ids[s: s + 128], args.device))
+                    argmax.extend(raw.argmax(-1).cpu().tolist())
+            row["kendall_tau_argmax_bucket"] = kendall_tau(argmax, test_len)
+        trainable = sum(p.numel() for p in model.trainable_state_dict().values())
+        row.update(val_tau=history["best_val_tau"], best_epoch=history["best_epoch"],
+                   val_tau_per_epoch=history["val_tau"], train_seconds=history["train_seconds"],
+                   test_scoring_seconds=round(time.perf_counter() - t0, 2), trainable_params=trainable,
+                   artifact_mb=round(trainable * 4 / 2**20, 2), objective=model_cfg.objective,
+                   finetune=model_cfg.finetune, max_length=model_cfg.max_length,
+                   command=train_command(model_cfg, train_cfg, "ltr/artifacts/predictor"))
+        report["methods"][name] = row
+        print(f"== {name}: val tau {row['val_tau']:.4f} test tau {row['kendall_tau']:.4f} "
+              f"({history['train_seconds']} s, {row['artifact_mb']} MB)", flush=True)
+        if model_cfg.objective == "listmle" and row["artifact_mb"] < 10:
+            model.config.metadata = {"command": row["command"], "device": report["device"],
+                                     "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                     "history": history, "test": {k: row[k] for k in
+                                                                  ("n", "kendall_tau", "spearman")}}
+            model.save_pretrained(scratch / name)
+            if best is None or row["val_tau"] > best[0]:
+                best = (row["val_tau"], name)
+                report["shipped"] = name
+                shutil.copytree(scratch / name, out / "predictor", dirs_exist_ok=True)
+        report["total_seconds"] = round(time.perf_counter() - started, 1)
+        _write(out / "predictor_train.json", report)
+        del model
+    _write(out / "predictor_train.json", report)
+    return 0
+
+
+def throughput(model: RankPredictor, prompts: list[str], batch_size: int = 32, repeats: int = 1) -> dict:
+    """Prompts/s and ms/prompt of `score` (tokenisation included) on whatever device holds the model."""
+    import torch
+
+    model.score(prompts[:batch_size], batch_size=batch_size)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.score(prompts, batch_size=batch_size)
+        best = min(best, time.perf_counter() - t0)
+    return {"prompts": len(prompts), "batch_size": batch_size, "seconds": round(best, 2),
+            "prompts_per_s": round(len(prompts) / best, 1), "ms_per_prompt": round(1000 * best / len(prompts), 2),
+            "torch_threads": torch.get_num_threads()}
+
+
+def stage_finalize(args: argparse.Namespace) -> int:
+    train_report = json.loads(Path(args.train_json).read_text(encoding="utf-8"))
+    data = load_examples(args.data_dir)
+    test = data.test[: args.limit] if args.limit else data.test
+    lengths = [e.output_len for e in test]
+    methods = {"prompt-length": {**ranking_report([e.prompt_len for e in test], lengths),
+                                 "objective": "prompt length (SmolLM2 tokens)", "finetune": "-"}}
+    methods.update(train_report["methods"])
+    predictor_dir = Path(args.predictor)
+    model = RankPredictor.from_pretrained(predictor_dir, device="cpu")
+    scores = model.score([e.prompt for e in test], batch_size=32)
+    shipped_cpu = ranking_report(scores, lengths, model.expected_tokens(scores))
+    # Throughput on a random 512-prompt sample of the test split (the serving mix of prompt lengths).
+    rng = np.random.default_rng(0)
+    sample = [test[i].prompt for i in rng.choice(len(test), size=min(512, len(test)), replace=False)]
+    speed = throughput(model, sample, batch_size=32)
+    result = {
+        "command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+        "train_command": train_report["command"], "train_device": train_report["device"],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, "
+                   f"{device_description('cpu')}",
+        "split": {"train": train_report["n_train"], "val": train_report["n_val"], "test": len(test)},
+        "methods": methods, "skipped": train_report.get("skipped", []),
+        "shipped": {"variant": train_report.get("shipped"), "path": str(predictor_dir),
+                    "command": model.config.metadata.get("command"), "device": model.config.metadata.get("device"),
+                    "test_on_cpu": shipped_cpu, "max_length": model.config.max_length},
+        "scoring_throughput_cpu": speed,
+        "note": "throughput measured on a 2-core CPU shared with other helpers' jobs, so it is a lower bound",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    _write(RESULTS / "predictor_quality.json", result)
+    _plot(methods, RESULTS / "predictor_quality.png")
+    print(f"{'method':<28} {'test tau':>8} {'val tau':>8}")
+    for name, row in methods.items():
+        print(f"{name:<28} {row['kendall_tau']:>8.4f} {row.get('val_tau', float('nan')):>8.4f}")
+    print(f"shipped ({train_report.get('shipped')}) re-scored on CPU: tau {shipped_cpu['kendall_tau']:.4f}; "
+          f"{speed['prompts_per_s']} prompts/s, {speed['ms_per_prompt']} ms/prompt at batch 32")
+    return 0
+
+
+def _plot(methods: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(methods)
+    taus = [methods[n]["kendall_tau"] for n in names]
+    colors = ["tab:blue" if methods[n].get("objective") == "listmle" else "tab:gray" for n in names]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bars = ax.bar(range(len(names)), taus, color=colors)
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.axhline(0.55, color="tab:red", linestyle="--", linewidth=1, label="target 0.55")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Kendall's tau (test split)")
+    ax.set_title("Output-length ranking quality on ShareGPT (test split); blue = ListMLE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    p = sub.add_parser("train")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--backbone", type=Path, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budget-s", type=float, default=400, help="start no new method after this many seconds")
+    p.add_argument("--only", nargs="*", default=None, help="run only these variants")
+    p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 64 tokens (pipeline check)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=stage_train)
+    p = sub.add_parser("finalize")
+    p.add_argument("--train-json", type=Path, required=True)
+    p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--limit", type=int, default=0)
+    p.set_defaults(func=stage_finalize)
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
