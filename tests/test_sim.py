@@ -196,3 +196,37 @@ def test_bad_input_is_rejected() -> None:
     with pytest.raises(ValueError):
         simulate(build_requests([100_000], [1], [0.0]), unit_profile(num_kv_blocks=10),
                  ClusterConfig(policy=PolicyConfig(name="fcfs")))
+
+
+def test_fit_recovers_known_step_model() -> None:
+    from ltr.sim.calibrate import StepSample, fit_step_model
+
+    truth = StepTimeModel(a=0.02, b=3e-4, c=2e-3, d=1e-6)
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(60):
+        p, s, kv = int(rng.integers(0, 2000)), int(rng.integers(1, 32)), int(rng.integers(10, 20000))
+        t = truth.step_time(p, s, kv) * (1 + 0.01 * rng.standard_normal())
+        samples.append(StepSample(p, s, kv, t))
+    fitted, quality = fit_step_model(samples)
+    assert fitted.a == pytest.approx(truth.a, rel=0.15)
+    assert fitted.b == pytest.approx(truth.b, rel=0.15)
+    assert fitted.c == pytest.approx(truth.c, rel=0.15)
+    assert quality["mean_abs_rel_error"] < 0.05
+    with pytest.raises(ValueError):
+        fit_step_model(samples[:3])
+
+
+def test_simulate_command_on_a_trace(tmp_path, capsys) -> None:
+    import json
+
+    from ltr.cli import main
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"prompt": "p", "prompt_len": 20 + i, "output_len": 5 + 7 * i}) + "\n"
+                             for i in range(30)))
+    assert main(["simulate", "--trace", str(trace), "--policy", "ltr", "--scores", "oracle", "--rate", "0",
+                 "--replicas", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 30 and summary["replicas"] == 2
+    assert main(["simulate", "--trace", str(tmp_path / "missing.jsonl")]) == 2

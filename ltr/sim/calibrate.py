@@ -100,18 +100,27 @@ class _ShapeRecorder:
         return output
 
 
-def measure_engine(model: str | Path, shapes: Sequence[tuple[int, int, int]] = DEFAULT_SHAPES,
-                   repeats: int = 1, seed: int = 0) -> tuple[list[StepSample], EngineLimits, dict]:
-    """Run the calibration batches on a real in-process vLLM engine; returns samples and its limits."""
+def start_engine(model: str | Path, policy_name: str = "fcfs") -> tuple[Any, dict]:
+    """An in-process vLLM LLM with the project's engine plumbing (ltr.scheduling.engine)."""
     cpu_engine_env()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from ltr.scheduling.engine import engine_kwargs
     from ltr.scheduling.policy import PolicyConfig
 
-    kwargs = engine_kwargs(str(model), PolicyConfig(name="fcfs"), **CPU_ENGINE_OVERRIDES)
-    llm = LLM(**kwargs)
+    kwargs = engine_kwargs(str(model), PolicyConfig(name=policy_name), **CPU_ENGINE_OVERRIDES)
+    return LLM(**kwargs), kwargs
+
+
+def measure_engine(model: str | Path, shapes: Sequence[tuple[int, int, int]] = DEFAULT_SHAPES,
+                   repeats: int = 1, seed: int = 0, llm: Any = None,
+                   kwargs: dict | None = None) -> tuple[list[StepSample], EngineLimits, dict]:
+    """Run the calibration batches on a real in-process vLLM engine; returns samples and its limits."""
+    from vllm import SamplingParams
+
+    if llm is None:
+        llm, kwargs = start_engine(model)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     recorder = _ShapeRecorder(scheduler)
@@ -141,10 +150,10 @@ def measure_engine(model: str | Path, shapes: Sequence[tuple[int, int, int]] = D
                 samples.append(StepSample(*recorder.last, seconds=elapsed))
                 logger.info("step %d: shape %s took %.4f s", len(samples), recorder.last, elapsed)
             recorder.last = None
-    info = {"engine_kwargs": {k: v for k, v in kwargs.items() if k != "additional_config"},
+    scheduler.schedule = recorder._inner
+    info = {"engine_kwargs": {k: v for k, v in (kwargs or {}).items() if k != "additional_config"},
             "vllm_cpu_kvcache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
             "machine": machine_description()}
-    del llm
     return samples, limits, info
 
 
@@ -154,9 +163,9 @@ def machine_description() -> str:
 
 
 def calibrate(model: str | Path, output: Path, shapes: Sequence[tuple[int, int, int]] = DEFAULT_SHAPES,
-              repeats: int = 1, command: str = "") -> HardwareProfile:
+              repeats: int = 1, command: str = "", llm: Any = None, kwargs: dict | None = None) -> HardwareProfile:
     """Measure, fit, save; returns the fitted profile."""
-    samples, limits, info = measure_engine(model, shapes, repeats)
+    samples, limits, info = measure_engine(model, shapes, repeats, llm=llm, kwargs=kwargs)
     step, quality = fit_step_model(samples)
     profile = HardwareProfile(
         name="cpu-smollm2-135m-measured", step=step, limits=limits,
