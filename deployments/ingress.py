@@ -37,6 +37,7 @@ SCORE_HEADER = "x-ltr-score"
 REPLICA_HEADER = "x-ltr-replica"
 FALLBACK_HEADER = "x-ltr-fallback"
 SCORE_OVERRIDE_HEADER = "x-ltr-score-override"
+EXPECTED_OVERRIDE_HEADER = "x-ltr-expected-tokens-override"
 
 
 # ---- settings --------------------------------------------------------------------------------------
@@ -333,23 +334,30 @@ class OpenAIIngress:
             self._failures = 0
         return self._fallback(reason, detail)
 
-    def _score_override(self, request: Request) -> float | None:
+    def _override(self, request: Request) -> Prediction | None:
+        """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
         raw = request.headers.get(SCORE_OVERRIDE_HEADER)
-        if raw is None:
+        raw_expected = request.headers.get(EXPECTED_OVERRIDE_HEADER)
+        if raw is None and raw_expected is None:
             return None
         if not self.settings.allow_score_override:
             raise APIError(400, f"{SCORE_OVERRIDE_HEADER} is not allowed on this server", code="invalid_value")
         try:
-            return float(raw)
+            score = float(raw) if raw is not None else None
+            expected = float(raw_expected) if raw_expected is not None else None
         except ValueError:
-            raise APIError(400, f"{SCORE_OVERRIDE_HEADER} must be a number", code="invalid_value") from None
+            raise APIError(400, f"{SCORE_OVERRIDE_HEADER} and {EXPECTED_OVERRIDE_HEADER} must be numbers",
+                           code="invalid_value") from None
+        if score is None:
+            raise APIError(400, f"{EXPECTED_OVERRIDE_HEADER} needs {SCORE_OVERRIDE_HEADER}", code="invalid_value")
+        return Prediction(score, expected)
 
     async def _generate(self, request: Request, kind: Literal["completion", "chat"], body: Any,
                         prompt_ids: list[int], predictor_text: str, max_tokens: int) -> Response:
         request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
-        override = self._score_override(request)
+        override = self._override(request)
         if override is not None:
-            prediction, reason = Prediction(override, None), "override"
+            prediction, reason = override, "override"
         else:
             prediction, reason = await self._predict(predictor_text)
         score = prediction.score if prediction else None
@@ -359,7 +367,7 @@ class OpenAIIngress:
             score=score, predicted_work=request_work(expected, len(prompt_ids)))
         self.requests[kind] += 1
         stream = self.engine.options(stream=True).generate.remote(engine_request)
-        headers = {SCORE_HEADER: "none" if score is None else repr(score), "x-request-id": request_id}
+        headers = {SCORE_HEADER: "none" if score is None else repr(score), "x-ltr-request-id": request_id}
         if reason is not None:
             headers[FALLBACK_HEADER] = reason
         try:

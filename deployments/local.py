@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--compile", action="store_true",
+                        help="let vLLM torch.compile the model (faster steps, minutes more startup on CPU)")
     parser.add_argument("--no-predictor", action="store_true", help="serve without the predictor (FCFS)")
     parser.add_argument("--api-key-env", default=None,
                         help="environment variable holding an API key clients must send as Bearer token")
@@ -56,7 +58,8 @@ def app_args(args: argparse.Namespace) -> dict:
         ingress_env[args.api_key_env] = os.environ[args.api_key_env]
     return {"model": args.model, "policy": {"name": args.policy}, "router": args.router,
             "num_engine_replicas": args.replicas, "engine_num_cpus": args.engine_cpus,
-            "engine_kwargs": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len},
+            "engine_kwargs": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+                              "enforce_eager": not args.compile},
             "ingress": ingress, "ingress_env": ingress_env}
 
 

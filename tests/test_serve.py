@@ -45,7 +45,7 @@ def serve_app() -> Iterator[dict]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_predictor_app({"num_cpus": 0.25}), name="ltr-predictor", route_prefix=None)
-        engine_kwargs = {"max_num_seqs": 8, "max_model_len": 1024}
+        engine_kwargs = {"max_num_seqs": 8, "max_model_len": 1024, "enforce_eager": True}
         serve.run(build_app({
             "model": model, "num_engine_replicas": 2, "engine_num_cpus": 0.5, "engine_kwargs": engine_kwargs,
             "routing_stats_period_s": 0.5,
