@@ -46,6 +46,15 @@ VARIANTS: list[tuple[str, dict, dict]] = [
     ("listmle-lora-256", dict(objective="listmle", finetune="lora", max_length=256), dict(epochs=8)),
     ("listmle-lora-512-r64-e12", dict(objective="listmle", finetune="lora", lora_r=64, lora_alpha=64),
      dict(epochs=12, patience=4)),
+    # Second device run: ListMLE hyper-parameters (baselines above keep the defaults).
+    ("listmle-lora-512-lr1e-3", dict(objective="listmle", finetune="lora"), dict(epochs=8, lr=1e-3)),
+    ("listmle-lora-512-list32", dict(objective="listmle", finetune="lora"), dict(epochs=8, list_size=32)),
+    ("listmle-lora-512-r16", dict(objective="listmle", finetune="lora", lora_r=16, lora_alpha=16),
+     dict(epochs=8)),
+    ("listmle-lora-512-lr2e-4-e10", dict(objective="listmle", finetune="lora"), dict(epochs=10, lr=2e-4)),
+    ("listmle-lora-512-4x32-lr1e-3", dict(objective="listmle", finetune="lora"),
+     dict(epochs=10, list_size=32, lists_per_step=4, lr=1e-3)),
+    ("listmle-lora-512-seed1", dict(objective="listmle", finetune="lora"), dict(epochs=8, seed=1)),
 ]
 
 
@@ -68,6 +77,7 @@ def stage_train(args: argparse.Namespace) -> int:
                     "methods": {}, "skipped": []}
     test_len = np.array([e.output_len for e in data.test])
     best: tuple[float, str] | None = None
+    ensemble: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="ltr-pred-"))
     for name, model_kw, train_kw in VARIANTS:
         if args.only and name not in args.only:
@@ -110,6 +120,16 @@ def stage_train(args: argparse.Namespace) -> int:
                    finetune=model_cfg.finetune, max_length=model_cfg.max_length,
                    command=train_command(model_cfg, train_cfg, "ltr/artifacts/predictor"))
         report["methods"][name] = row
+        if model_cfg.objective == "listmle" and model_cfg.finetune == "lora":
+            ensemble[name] = (model.score_ids(model.tokenize([e.prompt for e in data.val]), 128), scores)
+            if len(ensemble) > 1:  # rank-average of the LoRA ListMLE models so far (reported, not shipped)
+                z = lambda a: (a - a.mean()) / (a.std() + 1e-9)  # noqa: E731
+                val_mean = sum(z(v) for v, _ in ensemble.values())
+                test_mean = sum(z(t) for _, t in ensemble.values())
+                report["methods"]["listmle-lora-ensemble"] = {
+                    **ranking_report(test_mean, test_len), "objective": "listmle", "finetune": "lora x"
+                    f"{len(ensemble)}", "members": list(ensemble),
+                    "val_tau": kendall_tau(val_mean, [e.output_len for e in data.val])}
         print(f"== {name}: val tau {row['val_tau']:.4f} test tau {row['kendall_tau']:.4f} "
               f"({history['train_seconds']} s, {row['artifact_mb']} MB)", flush=True)
         if model_cfg.objective == "listmle" and row["artifact_mb"] < 10:
@@ -145,13 +165,18 @@ def throughput(model: RankPredictor, prompts: list[str], batch_size: int = 32, r
 
 
 def stage_finalize(args: argparse.Namespace) -> int:
-    train_report = json.loads(Path(args.train_json).read_text(encoding="utf-8"))
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.train_json]
+    train_report = runs[0]
     data = load_examples(args.data_dir)
     test = data.test[: args.limit] if args.limit else data.test
     lengths = [e.output_len for e in test]
     methods = {"prompt-length": {**ranking_report([e.prompt_len for e in test], lengths),
                                  "objective": "prompt length (SmolLM2 tokens)", "finetune": "-"}}
-    methods.update(train_report["methods"])
+    for run in runs:
+        for name, row in run["methods"].items():
+            if "members" in row:  # the score-averaged ensemble: too big and too slow to ship, shown for scale
+                name = f"{name}-x{len(row['members'])}"
+            methods[name] = row
     predictor_dir = Path(args.predictor)
     model = RankPredictor.from_pretrained(predictor_dir, device="cpu")
     scores = model.score([e.prompt for e in test], batch_size=32)
@@ -162,11 +187,14 @@ def stage_finalize(args: argparse.Namespace) -> int:
     speed = throughput(model, sample, batch_size=32)
     result = {
         "command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
-        "train_command": train_report["command"], "train_device": train_report["device"],
+        "train_commands": [r["command"] for r in runs], "train_device": train_report["device"],
+        "train_inputs": "the device run read the same splits as {train,val,test}.jsonl traces with prompts cut "
+                        "just past 512 MiniLM tokens (ltr.predictor.train.write_truncated_splits) and an fp16 copy "
+                        "of all-MiniLM-L6-v2 (the predictor rounds the backbone to fp16 everywhere)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, "
                    f"{device_description('cpu')}",
         "split": {"train": train_report["n_train"], "val": train_report["n_val"], "test": len(test)},
-        "methods": methods, "skipped": train_report.get("skipped", []),
+        "methods": methods, "skipped": [n for r in runs for n in r.get("skipped", [])],
         "shipped": {"variant": train_report.get("shipped"), "path": str(predictor_dir),
                     "command": model.config.metadata.get("command"), "device": model.config.metadata.get("device"),
                     "test_on_cpu": shipped_cpu, "max_length": model.config.max_length},
@@ -220,7 +248,7 @@ def main() -> int:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=stage_train)
     p = sub.add_parser("finalize")
-    p.add_argument("--train-json", type=Path, required=True)
+    p.add_argument("--train-json", type=Path, nargs="+", required=True, help="one per device run")
     p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--limit", type=int, default=0)
