@@ -51,13 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_trace)
 
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

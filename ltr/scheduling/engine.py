@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ltr.models import SERVED_DTYPE
 from ltr.scheduling.policy import PolicyConfig, PriorityPolicy
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ CPU_DEFAULTS: dict[str, Any] = {
     "enable_chunked_prefill": True,
     "enable_prefix_caching": True,
     "async_scheduling": False,
+    "dtype": SERVED_DTYPE,
 }
 
 
