@@ -4,7 +4,8 @@ The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so every `LLMEngin
 and the scheduler's own output read back: each sample is the *real* shape vLLM scheduled (prefill
 tokens, sequences that sample, context tokens) and the step's wall time. A handful of batch shapes —
 single long prefills, batched prefills, decode batches of 1..32 sequences at short and long contexts —
-is enough for a 4-coefficient non-negative least-squares fit.
+is enough for a 4-coefficient non-negative least-squares fit. The machine is shared, so each distinct
+shape keeps its fastest step over its repeats (the least-disturbed measurement).
 """
 
 from __future__ import annotations
@@ -132,28 +133,38 @@ def measure_engine(model: str | Path, shapes: Sequence[tuple[int, int, int]] = D
         long_prefill_token_threshold=int(scheduler.scheduler_config.long_prefill_token_threshold or 0))
     vocab = llm.get_tokenizer().vocab_size
     rng = np.random.default_rng(seed)
-    samples: list[StepSample] = []
+    # (shape, phase, sample count) -> steps; the machine is shared, so each group keeps its *fastest*
+    # step (the least-disturbed measurement of that shape) and repeats give it more chances.
+    groups: dict[tuple[int, int, int, str], list[StepSample]] = {}
     counter = 0
-    # One warm-up batch (first-call allocations) that is not recorded.
-    for k, plen, olen in [(2, 128, 4), *[s for _ in range(repeats) for s in shapes]]:
-        warmup = counter == 0
+    batches = [(2, 128, 4)] + [shape for _ in range(repeats) for shape in shapes]   # first = warm-up
+    for batch_index, (k, plen, olen) in enumerate(batches):
         for _ in range(k):
             ids = rng.integers(100, vocab - 100, size=plen).tolist()
             params = SamplingParams(max_tokens=olen, ignore_eos=True, temperature=0.0)
             engine.add_request(f"cal{counter}", {"prompt_token_ids": ids}, params)
             counter += 1
+        step_in_batch = 0
         while engine.has_unfinished_requests():
             start = time.perf_counter()
             engine.step()
             elapsed = time.perf_counter() - start
-            if recorder.last is not None and not warmup:
-                samples.append(StepSample(*recorder.last, seconds=elapsed))
-                logger.info("step %d: shape %s took %.4f s", len(samples), recorder.last, elapsed)
+            if recorder.last is not None and batch_index > 0:
+                prefill, sampled, kv = recorder.last
+                phase = "decode" if prefill == 0 else f"prefill{step_in_batch}"
+                groups.setdefault((k, plen, sampled, phase), []).append(StepSample(prefill, sampled, kv, elapsed))
+                logger.info("step shape %s took %.4f s", recorder.last, elapsed)
             recorder.last = None
+            step_in_batch += 1
+    samples = []
+    for steps in groups.values():
+        fastest = min(steps, key=lambda s: s.seconds)
+        kv = int(np.median([s.kv_tokens for s in steps]))
+        samples.append(StepSample(fastest.prefill_tokens, fastest.decode_seqs, kv, fastest.seconds))
     scheduler.schedule = recorder._inner
     info = {"engine_kwargs": {k: v for k, v in (kwargs or {}).items() if k != "additional_config"},
             "vllm_cpu_kvcache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
-            "machine": machine_description()}
+            "machine": machine_description(), "load_average_after": list(os.getloadavg())}
     return samples, limits, info
 
 
@@ -163,7 +174,7 @@ def machine_description() -> str:
 
 
 def calibrate(model: str | Path, output: Path, shapes: Sequence[tuple[int, int, int]] = DEFAULT_SHAPES,
-              repeats: int = 1, command: str = "", llm: Any = None, kwargs: dict | None = None) -> HardwareProfile:
+              repeats: int = 2, command: str = "", llm: Any = None, kwargs: dict | None = None) -> HardwareProfile:
     """Measure, fit, save; returns the fitted profile."""
     samples, limits, info = measure_engine(model, shapes, repeats, llm=llm, kwargs=kwargs)
     step, quality = fit_step_model(samples)

@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("calibrate", help="fit the simulator's step-time model to the real vLLM CPU engine")
     p.add_argument("--model", type=Path, default=None, help="HF model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--output", type=Path, default=DEFAULT_CALIBRATION)
-    p.add_argument("--repeats", type=int, default=1, help="times to run the calibration batch shapes")
+    p.add_argument("--repeats", type=int, default=2, help="times to run the calibration batch shapes")
     p.set_defaults(func=_calibrate)
 
     p = subparsers.add_parser("simulate", help="simulate a JSONL trace on N replicas under a policy")
