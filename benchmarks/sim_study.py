@@ -136,8 +136,8 @@ def main() -> int:
     taus = [0.3, 0.55, 0.9] if args.quick else [0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9]
     thresholds = [50, 200, 1000] if args.quick else [25, 50, 100, 200, 400, 1000]
     quanta = [10] if args.quick else [5, 10, 40]
-    replica_counts = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64]
-    per_replica = 100 if args.quick else 150
+    replica_counts = [1, 4, 16] if args.quick else [1, 4, 16, 64]
+    per_replica = 150 if args.quick else 250
     high = 64.0
     report: dict = {"sections": {}}
 
@@ -154,15 +154,17 @@ def main() -> int:
     report["sections"]["rates"] = rows
 
     # 2. tau sensitivity (high and medium load)
-    fcfs, ltr = variants()[0], variants()[3]
+    from scipy.stats import kendalltau
+
+    fcfs, ltr, ltr_np = variants()[0], variants()[3], variants()[5]
     rows = []
-    for rate in (high, 16.0):
+    for rate, variant in ((high, ltr), (high, ltr_np), (16.0, ltr)):
         base = run(wl, fcfs, n, rate, args.seed)
         for tau in taus:
             s = wl.with_tau(tau)
-            r = run(wl, ltr, n, rate, args.seed, score_values=s)
-            from scipy.stats import kendalltau
-            rows.append({"rate": rate, "tau_target": tau, "tau_realized": float(kendalltau(s, wl.output).statistic),
+            r = run(wl, variant, n, rate, args.seed, score_values=s)
+            rows.append({"rate": rate, "variant": variant.label, "tau_target": tau,
+                         "tau_realized": float(kendalltau(s, wl.output).statistic),
                          "fcfs_mean_per_token_latency": base["mean_per_token_latency"],
                          "ltr_mean_per_token_latency": r["mean_per_token_latency"],
                          "gain": base["mean_per_token_latency"] / r["mean_per_token_latency"],
@@ -182,19 +184,18 @@ def main() -> int:
 
     # 4. replicas x routers at a fixed per-replica rate
     rows = []
-    per_replica_rate = 16.0
+    per_replica_rate = 24.0   # ~2x one replica's capacity (~11 req/s): queues form, routing matters
     for count in replica_counts:
-        for router in ("pow2", "least_work"):
-            for v in (fcfs, ltr):
-                r = clean(run(wl, v, per_replica * count, per_replica_rate * count, args.seed, count, router))
-                rows.append(r)
+        for router, v in (("pow2", fcfs), ("pow2", ltr_np), ("least_work", ltr_np)):
+            r = clean(run(wl, v, per_replica * count, per_replica_rate * count, args.seed, count, router))
+            rows.append(r)
         print(f"replicas {count} done", file=sys.stderr)
     report["sections"]["replicas"] = rows
 
     # 5. synthetic data generation: one burst, completions within budgets
     burst = n
     results = {v.label: run(wl, v, burst, 0.0, args.seed)["_result"] for v in variants()
-               if v.label in ("fcfs", "ltr", "ltr-no-starvation", "oracle-sjf", "mlfq")}
+               if v.label in ("fcfs", "ltr", "ltr-no-rank-preempt", "oracle-sjf", "mlfq")}
     fcfs_makespan = results["fcfs"].makespan
     rows = []
     for frac in (0.05, 0.1, 0.25, 0.5, 1.0):
@@ -215,6 +216,11 @@ def main() -> int:
         / by[(top, "oracle-sjf")]["mean_per_token_latency"],
         "ltr_over_oracle_per_token_latency": by[(top, "ltr")]["mean_per_token_latency"]
         / by[(top, "oracle-sjf")]["mean_per_token_latency"],
+        "fcfs_over_ltr_no_rank_preempt_per_token_latency": by[(top, "fcfs")]["mean_per_token_latency"]
+        / by[(top, "ltr-no-rank-preempt")]["mean_per_token_latency"],
+        "fcfs_over_priority_per_token_latency": by[(top, "fcfs")]["mean_per_token_latency"]
+        / by[(top, "priority")]["mean_per_token_latency"],
+        "synthetic_ltr_over_fcfs_at_5pct_budget": report["sections"]["synthetic"][0]["ltr_over_fcfs"],
         "synthetic_ltr_over_fcfs_at_10pct_budget": report["sections"]["synthetic"][1]["ltr_over_fcfs"],
         "paper": PAPER,
     }
@@ -252,9 +258,9 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=7)
 
     ax = axes[0, 1]
-    for rate in dict.fromkeys(r["rate"] for r in s["tau"]):
-        pts = [(r["tau_realized"], r["gain"]) for r in s["tau"] if r["rate"] == rate]
-        ax.plot(*zip(*pts), marker="o", label=f"{rate:g} req/s")
+    for key in dict.fromkeys((r["rate"], r["variant"]) for r in s["tau"]):
+        pts = [(r["tau_realized"], r["gain"]) for r in s["tau"] if (r["rate"], r["variant"]) == key]
+        ax.plot(*zip(*pts), marker="o", label=f"{key[1]}, {key[0]:g} req/s")
     ax.axhline(PAPER["chatbot_per_token_latency_gain"], ls="--", c="gray", label="paper 2.8x")
     ax.axhline(1.0, ls=":", c="k")
     ax.set(xlabel="predictor Kendall tau", ylabel="FCFS / LTR mean per-token latency", title="Gain vs predictor tau")
@@ -275,12 +281,11 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=7)
 
     ax = axes[1, 0]
-    for router in ("pow2", "least_work"):
-        for policy in ("fcfs", "ltr"):
-            pts = [(r["replicas"], r["mean_per_token_latency"]) for r in s["replicas"]
-                   if r["router"] == router and r["policy"] == policy]
-            ax.plot(*zip(*pts), marker="o", label=f"{policy} / {router}")
-    ax.set(xscale="log", yscale="log", xlabel="replicas (16 req/s each)", ylabel="mean per-token latency (s/token)",
+    for key in dict.fromkeys((r["policy"], r["router"]) for r in s["replicas"]):
+        pts = [(r["replicas"], r["mean_per_token_latency"]) for r in s["replicas"]
+               if (r["policy"], r["router"]) == key]
+        ax.plot(*zip(*pts), marker="o", label=f"{key[0]} / {key[1]}")
+    ax.set(xscale="log", yscale="log", xlabel="replicas (24 req/s each)", ylabel="mean per-token latency (s/token)",
            title="Replicas and routers")
     ax.legend(fontsize=7)
 
@@ -301,7 +306,9 @@ def plot(report: dict, path: Path) -> None:
         f"at {h['rate']} req/s: FCFS/LTR per-token latency {h['fcfs_over_ltr_per_token_latency']:.2f}x "
         f"(paper {PAPER['chatbot_per_token_latency_gain']}x)",
         f"FCFS/oracle {h['fcfs_over_oracle_per_token_latency']:.2f}x, LTR/oracle {h['ltr_over_oracle_per_token_latency']:.2f}x",
-        f"synthetic, 10% budget: LTR/FCFS completions {h['synthetic_ltr_over_fcfs_at_10pct_budget']:.2f}x "
+        f"FCFS/LTR without rank preemption {h['fcfs_over_ltr_no_rank_preempt_per_token_latency']:.2f}x",
+        f"synthetic, 5% / 10% budget: LTR/FCFS completions {h['synthetic_ltr_over_fcfs_at_5pct_budget']:.2f}x / "
+        f"{h['synthetic_ltr_over_fcfs_at_10pct_budget']:.2f}x "
         f"(paper {PAPER['synthetic_throughput_gain']}x)",
         f"command: {report['command']}",
     ]), va="top", fontsize=8, family="monospace", wrap=True)
