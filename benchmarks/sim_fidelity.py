@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--max-output", type=int, default=64, help="cap on output tokens (max_tokens, ignore_eos)")
     ap.add_argument("--max-prompt", type=int, default=512, help="prompts truncated to this many tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2, help="calibration repeats per shape (fastest kept)")
     ap.add_argument("--calibration-out", type=Path, default=RESULTS / "sim_calibration_cpu.json")
     ap.add_argument("--out", type=Path, default=RESULTS / "sim_fidelity.json")
     args = ap.parse_args()
@@ -79,7 +80,8 @@ def main() -> int:
     llm, kwargs = start_engine(model, "ltr")
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     scheduler.set_policy(PolicyConfig(name="fcfs"))
-    profile = calibrate(model, args.calibration_out, command=command, llm=llm, kwargs=kwargs)
+    profile = calibrate(model, args.calibration_out, repeats=args.repeats, command=command, llm=llm,
+                        kwargs=kwargs)
     calibrated_at = time.time()
 
     tokenizer = llm.get_tokenizer()
