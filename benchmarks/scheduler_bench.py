@@ -1,0 +1,378 @@
+"""Scheduling policies side by side inside real vLLM V1 (SmolLM2-135M, CPU).
+
+The same ShareGPT test-split requests (prompt text; the true answer length, scaled by
+1/`--length-scale` and capped, as `max_tokens` with `ignore_eos`, so every policy generates exactly
+the same work and relative lengths are kept) are replayed for every policy:
+
+- load points: Poisson arrivals at each `--rates` value (requests/s) and a burst (all at t=0);
+- policies: fcfs (vLLM default), priority (vLLM's policy="priority", score quantized to int), mlfq,
+  ltr (predictor scores, starvation prevention on), ltr-nostarve (same, aging off), oracle (SJF:
+  the true capped length as the score);
+- synthetic data generation: the burst run, counting completions within `--budget-s` seconds.
+
+Reported per policy and load: mean/p90 per-token latency (e2e latency / output tokens, as in the
+paper), mean/p90/p99 e2e latency for short and long requests (split at the trace's median output
+length), TTFT, output-token throughput, and (adapter policies) the scheduler's time per step vs the
+model step. Writes benchmarks/results/scheduler_bench.json + .png with the command inside.
+
+Engines run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and requests are injected at their
+wall-clock arrival times between engine steps: on a shared 2-core machine the multiprocess engine
+core busy-polls its worker and takes a core from the model. The four adapter policies share one
+engine (`RankScheduler.set_policy` between runs); fcfs and priority each get vLLM's own scheduler.
+
+    python benchmarks/scheduler_bench.py --num-requests 64 --rates 0.5 2 --output-cap 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from ltr.scheduling.engine import engine_kwargs, priority_for, scored_sampling_params  # noqa: E402
+from ltr.scheduling.policy import PolicyConfig, StarvationConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-nostarve", "oracle")
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    conv_id: str
+    prompt: str
+    prompt_len: int
+    output_len: int  # scaled and capped; used as max_tokens with ignore_eos
+    score: float | None  # the ranking score for ltr/priority (predictor or stand-in)
+
+
+@dataclass
+class Outcome:
+    conv_id: str
+    output_len: int
+    arrival: float
+    first_token: float
+    finish: float
+    tokens: int
+
+
+def load_requests(n: int, output_cap: int, max_prompt: int, seed: int, scale: float) -> list[BenchRequest]:
+    """A seeded sample of the test split (prompts up to `max_prompt` tokens), scores filled later."""
+    from ltr.data import load_pairs, split_pairs
+
+    test = [p for p in split_pairs(load_pairs()).test if p.prompt_len <= max_prompt and p.output_len > 0]
+    rng = random.Random(seed)
+    picked = rng.sample(test, n)
+    return [BenchRequest(p.conv_id, p.prompt, p.prompt_len,
+                         min(max(1, round(p.output_len / scale)), output_cap), None) for p in picked]
+
+
+def score_requests(requests: list[BenchRequest], source: str, seed: int) -> tuple[list[BenchRequest], dict]:
+    """Attach ranking scores: the shipped predictor, or a labelled noisy-oracle stand-in."""
+    from ltr.predictor.evaluate import kendall_tau
+
+    true = [r.output_len for r in requests]
+    if source == "predictor":
+        from ltr.predictor import load_shipped_predictor
+
+        predictor = load_shipped_predictor()
+        start = time.perf_counter()
+        scores = [float(s) for s in predictor.score([r.prompt for r in requests])]
+        info = {"source": "trained predictor (ltr/artifacts/predictor)",
+                "scoring_s": time.perf_counter() - start}
+    elif source == "noisy-oracle":
+        rng = np.random.default_rng(seed)
+        scores = [float(math.log1p(n) + rng.normal(0.0, 1.0)) for n in true]
+        info = {"source": "STAND-IN: log(1+true length) + N(0, 1) noise, not the trained predictor"}
+    else:
+        raise ValueError(f"unknown score source {source!r}")
+    info["kendall_tau_vs_true_capped_length"] = float(kendall_tau(scores, true))
+    scored = [BenchRequest(r.conv_id, r.prompt, r.prompt_len, r.output_len, s) for r, s in zip(requests, scores)]
+    return scored, info
+
+
+def policy_setup(name: str, scores: list[float]) -> tuple[PolicyConfig, str]:
+    """(PolicyConfig, which score each request carries) for a benchmark policy name."""
+    if name == "fcfs":
+        return PolicyConfig(name="fcfs"), "none"
+    if name == "priority":
+        # Spread the trace's scores over ~16 integer levels (vLLM priority is an int).
+        lo, hi = np.percentile(scores, [5, 95])
+        return PolicyConfig(name="priority", priority_levels_per_unit=float(16.0 / max(hi - lo, 1e-6))), "predicted"
+    if name == "mlfq":
+        return PolicyConfig(name="mlfq", starvation=None), "none"
+    if name == "ltr":
+        return PolicyConfig(name="ltr", starvation=StarvationConfig()), "predicted"
+    if name == "ltr-nostarve":
+        return PolicyConfig(name="ltr", starvation=None), "predicted"
+    if name == "oracle":
+        return PolicyConfig(name="ltr", starvation=None), "true"
+    raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")
+
+
+def replay(llm: Any, requests: list[BenchRequest], offsets: list[float], policy: PolicyConfig,
+           score_kind: str, tag: str) -> tuple[list[Outcome], float]:
+    """Inject each request at its wall-clock offset between engine steps; time first token/finish."""
+    engine = llm.llm_engine
+    order = sorted(range(len(requests)), key=offsets.__getitem__)
+    arrival: dict[str, float] = {}
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, int]] = {}
+    index: dict[str, int] = {}
+    nxt = 0
+    start = time.perf_counter()
+    while len(done) < len(requests):
+        now = time.perf_counter() - start
+        while nxt < len(order) and offsets[order[nxt]] <= now:
+            i = order[nxt]
+            req = requests[i]
+            score = {"none": None, "predicted": req.score, "true": float(req.output_len)}[score_kind]
+            params = scored_sampling_params(score, max_tokens=req.output_len, ignore_eos=True, temperature=0.0)
+            rid = f"{tag}-{i}"
+            engine.add_request(rid, req.prompt, params, priority=priority_for(policy, req.score))
+            arrival[rid], index[rid] = time.perf_counter() - start, i
+            nxt += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, offsets[order[nxt]] - (time.perf_counter() - start)))
+            continue
+        for out in engine.step():
+            t = time.perf_counter() - start
+            if out.outputs and out.outputs[0].token_ids:
+                first.setdefault(out.request_id, t)
+            if out.finished:
+                done[out.request_id] = (t, len(out.outputs[0].token_ids))
+    makespan = time.perf_counter() - start
+    outcomes = [Outcome(requests[index[r]].conv_id, requests[index[r]].output_len, arrival[r],
+                        first.get(r, done[r][0]), done[r][0], done[r][1]) for r in arrival]
+    return outcomes, makespan
+
+
+def summarize(outcomes: list[Outcome], makespan: float, split_len: int, budget_s: float | None) -> dict:
+    e2e = np.array([o.finish - o.arrival for o in outcomes])
+    per_token = np.array([(o.finish - o.arrival) / max(o.tokens, 1) for o in outcomes])
+    ttft = np.array([o.first_token - o.arrival for o in outcomes])
+    short = np.array([o.output_len <= split_len for o in outcomes])
+
+    def stats(values: np.ndarray) -> dict:
+        if values.size == 0:
+            return {}
+        return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+                "p90": float(np.percentile(values, 90)), "p99": float(np.percentile(values, 99))}
+
+    result = {
+        "requests": len(outcomes),
+        "incomplete": sum(o.tokens != o.output_len for o in outcomes),
+        "output_tokens": int(sum(o.tokens for o in outcomes)),
+        "makespan_s": makespan,
+        "throughput_tok_s": sum(o.tokens for o in outcomes) / makespan,
+        "per_token_latency_s": stats(per_token),
+        "e2e_s": stats(e2e),
+        "e2e_short_s": stats(e2e[short]),
+        "e2e_long_s": stats(e2e[~short]),
+        "ttft_s": stats(ttft),
+    }
+    if budget_s is not None:
+        result["completions_within_budget"] = int(sum(o.finish <= budget_s for o in outcomes))
+        result["tokens_of_completed_within_budget"] = int(sum(o.tokens for o in outcomes if o.finish <= budget_s))
+    return result
+
+
+def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tuple[str, list[float]]],
+                 args: argparse.Namespace, split_len: int) -> dict:
+    """fcfs and priority on vLLM's scheduler; adapter policies on one shared RankScheduler engine."""
+    from vllm import LLM
+
+    scores = [r.score for r in requests if r.score is not None]
+    common = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+              "enforce_eager": not args.compile, "disable_log_stats": True}
+    groups = [[n] for n in names if n in ("fcfs", "priority")]
+    adapter = [n for n in names if n not in ("fcfs", "priority")]
+    if adapter:
+        groups.append(adapter)
+    results: dict = {}
+    for group in groups:
+        first_policy, _ = policy_setup(group[0], scores)
+        t0 = time.perf_counter()
+        llm = LLM(**engine_kwargs(args.model, first_policy, **common))
+        startup = time.perf_counter() - t0
+        print(f"[{'/'.join(group)}] engine started in {startup:.1f}s", flush=True)
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        for name in group:
+            policy, score_kind = policy_setup(name, scores)
+            if hasattr(scheduler, "set_policy"):
+                scheduler.set_policy(policy)
+            warm = [BenchRequest("warmup", "Hello", 1, 4, None)] * 2
+            replay(llm, warm, [0.0, 0.0], policy, "none", f"{name}-warm")
+            if hasattr(scheduler, "set_policy"):
+                scheduler.set_policy(policy)  # counters from the measured loads only
+            report: dict = {"policy": policy.to_mapping(), "score": score_kind,
+                            "scheduler_cls": type(scheduler).__name__, "engine_start_s": startup, "loads": {}}
+            for load_name, offsets in loads:
+                outcomes, makespan = replay(llm, requests, offsets, policy, score_kind, f"{name}-{load_name}")
+                budget = args.budget_s if load_name == "burst" else None
+                report["loads"][load_name] = summarize(outcomes, makespan, split_len, budget)
+                pt = report["loads"][load_name]["per_token_latency_s"]["mean"]
+                print(f"[{name}] {load_name}: mean per-token latency {pt:.3f}s, makespan {makespan:.1f}s",
+                      flush=True)
+            if hasattr(scheduler, "stats"):
+                sched = scheduler.stats()
+                if sched.get("model_ms_per_step"):
+                    sched["adapter_overhead_fraction_of_model_step"] = (
+                        sched["adapter_ms_per_step"] / sched["model_ms_per_step"])
+                    sched["schedule_fraction_of_model_step"] = (
+                        sched["schedule_ms_per_step"] / sched["model_ms_per_step"])
+                report["scheduler"] = sched
+            results[name] = report
+        del llm, scheduler
+        import gc
+
+        gc.collect()
+    return results
+
+
+def targets(results: dict, rate_names: list[str]) -> dict:
+    """The issue's targets, computed from the measured numbers (met or not)."""
+    def ld(policy: str, load: str) -> dict:
+        return results.get(policy, {}).get("loads", {}).get(load, {})
+
+    heavy = rate_names[-1] if rate_names else "burst"
+    out: dict = {}
+    for load in [heavy, "burst"]:
+        f, l, o = ld("fcfs", load), ld("ltr", load), ld("oracle", load)
+        if not (f and l):
+            continue
+        ratio = f["per_token_latency_s"]["mean"] / l["per_token_latency_s"]["mean"]
+        out[f"{load}: fcfs/ltr mean per-token latency (>= 3)"] = {"value": ratio, "met": ratio >= 3}
+        if o:
+            r = l["per_token_latency_s"]["mean"] / o["per_token_latency_s"]["mean"]
+            out[f"{load}: ltr/oracle mean per-token latency (<= 1.2)"] = {"value": r, "met": r <= 1.2}
+        r = l["e2e_long_s"]["p99"] / f["e2e_long_s"]["p99"]
+        out[f"{load}: ltr/fcfs long-request p99 e2e (<= 1.5)"] = {"value": r, "met": r <= 1.5}
+        r = l["throughput_tok_s"] / f["throughput_tok_s"]
+        out[f"{load}: ltr/fcfs throughput (>= 0.97)"] = {"value": r, "met": r >= 0.97}
+    f, l = ld("fcfs", "burst"), ld("ltr", "burst")
+    if f and l and "completions_within_budget" in f:
+        r = l["completions_within_budget"] / max(f["completions_within_budget"], 1)
+        out["synthetic data generation: ltr/fcfs completions within budget (>= 6.5)"] = {
+            "value": r, "met": r >= 6.5, "fcfs": f["completions_within_budget"],
+            "ltr": l["completions_within_budget"]}
+    sched = results.get("ltr", {}).get("scheduler", {})
+    if "adapter_overhead_fraction_of_model_step" in sched:
+        r = sched["adapter_overhead_fraction_of_model_step"]
+        out["ltr adapter time / model step time (<= 0.02)"] = {"value": r, "met": r <= 0.02}
+    return out
+
+
+def plot(results: dict, load_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = [p for p in POLICIES if p in results]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    width = 0.8 / max(len(policies), 1)
+    x = np.arange(len(load_names))
+    for k, p in enumerate(policies):
+        loads = results[p]["loads"]
+        axes[0].bar(x + k * width, [loads[l]["per_token_latency_s"]["mean"] for l in load_names], width, label=p)
+        axes[1].bar(x + k * width, [loads[l]["e2e_long_s"].get("p99", 0) for l in load_names], width, label=p)
+    for ax, title in zip(axes[:2], ["mean per-token latency (s/token)", "long requests: p99 e2e latency (s)"]):
+        ax.set_xticks(x + width * (len(policies) - 1) / 2, load_names)
+        ax.set_title(title)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    burst = [results[p]["loads"].get("burst", {}).get("completions_within_budget", 0) for p in policies]
+    axes[2].bar(policies, burst, color="tab:green")
+    axes[2].set_title("synthetic data gen: completions within budget (burst)")
+    axes[2].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(Path.home() / ".cache/ltr-serve/models/SmolLM2-135M-Instruct"))
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--length-scale", type=float, default=1.0,
+                        help="max_tokens = round(true output length / scale), then capped")
+    parser.add_argument("--output-cap", type=int, default=256, help="cap on max_tokens after scaling")
+    parser.add_argument("--max-prompt", type=int, default=1024, help="skip test prompts longer than this")
+    parser.add_argument("--rates", type=float, nargs="*", default=[0.5, 2.0], help="Poisson rates, req/s")
+    parser.add_argument("--no-burst", action="store_true")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--scores", choices=["predictor", "noisy-oracle"], default="predictor")
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (minutes of warm-up per engine on a busy 2-core box)")
+    parser.add_argument("--budget-s", type=float, default=30.0, help="synthetic-data-generation time budget")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="scheduler_bench", help="results/<out>.json and .png")
+    args = parser.parse_args()
+
+    requests = load_requests(args.num_requests, args.output_cap, args.max_prompt, args.seed, args.length_scale)
+    print(f"loaded {len(requests)} requests", flush=True)
+    requests, score_info = score_requests(requests, args.scores, args.seed)
+    print(f"scores: {score_info}", flush=True)
+    split_len = int(np.median([r.output_len for r in requests]))
+    rng = np.random.default_rng(args.seed)
+    loads: list[tuple[str, list[float]]] = []
+    for rate in args.rates:
+        gaps = rng.exponential(1.0 / rate, size=len(requests))
+        loads.append((f"poisson-{rate:g}", list(np.cumsum(gaps) - gaps[0])))
+    if not args.no_burst:
+        loads.append(("burst", [0.0] * len(requests)))
+
+    wall = time.perf_counter()
+    results = run_policies(args.policies, requests, loads, args, split_len)
+
+    from ltr.sim.calibrate import machine_description
+
+    load_names = [n for n, _ in loads]
+    report = {
+        "command": " ".join(["python", "benchmarks/scheduler_bench.py", *sys.argv[1:]]),
+        "parameters": vars(args),
+        "machine": machine_description(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "wall_s": time.perf_counter() - wall,
+        "trace": {"source": "ShareGPT test split (ltr.data split_pairs(load_pairs()).test)",
+                  "requests": len(requests), "output_cap": args.output_cap,
+                  "length_scale": args.length_scale,
+                  "max_prompt_tokens": args.max_prompt,
+                  "short_long_split_output_len": split_len,
+                  "mean_output_len": float(np.mean([r.output_len for r in requests])),
+                  "mean_prompt_len": float(np.mean([r.prompt_len for r in requests]))},
+        "scores": score_info,
+        "notes": ("Policies run one after another on a shared 2-core machine; other jobs' load adds noise "
+                  "between policies. Per-token latency = e2e latency / output tokens. Synthetic data "
+                  "generation = the burst load point, completions within budget_s of its start. "
+                  "Engines in-process, requests injected at wall-clock arrival times between steps; "
+                  "model step time = wall time between the end of schedule() and update_from_output()."),
+        "results": results,
+        "targets": targets(results, [n for n in load_names if n.startswith("poisson")]),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2))
+    plot(results, load_names, RESULTS / f"{args.out}.png")
+    print(json.dumps(report["targets"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
