@@ -62,6 +62,31 @@ class _Tracked:
     started: float = field(default_factory=time.time)
 
 
+def _latest_stats_logger(sink: dict[str, Any]) -> type:
+    """A vLLM stat logger that keeps only the latest scheduler stats in `sink`.
+
+    The engine core lives in its own process; this is how the replica sees whether requests are
+    still running/waiting there and how much KV cache they hold (reliability checks read it after
+    client disconnects). Passing it makes vLLM collect stats without its default log lines.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LatestSchedulerStats(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                sink.update(running=scheduler_stats.num_running_reqs, waiting=scheduler_stats.num_waiting_reqs,
+                            kv_cache_usage=scheduler_stats.kv_cache_usage, timestamp=time.time())
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return LatestSchedulerStats
+
+
 class LLMEngine:
     """The engine deployment's class; `app.py` wraps it with `serve.deployment` options."""
 
@@ -81,7 +106,9 @@ class LLMEngine:
         overrides = dict(engine_overrides or {})
         overrides.setdefault("disable_log_stats", True)
         args = engine_args(model, self.policy, stats_path=str(self.stats_path), **overrides)
-        self.llm = AsyncLLM.from_engine_args(args)
+        #: The engine core's latest SchedulerStats (running/waiting/KV use), for `debug_stats`.
+        self.core_stats: dict[str, Any] = {}
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self._tracked: dict[str, _Tracked] = {}
         self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0}
@@ -144,7 +171,8 @@ class LLMEngine:
         """What this replica saw: request counters, current load, and the scheduler's own counters."""
         return {"replica": self.replica, "policy": self.policy.name, "counters": dict(self.counters),
                 "in_flight": len(self._tracked), "outstanding_work": self.outstanding_work(),
-                "scheduler": self.scheduler_stats(), "max_model_len": self.max_model_len}
+                "scheduler": self.scheduler_stats(), "engine_core": dict(self.core_stats),
+                "max_model_len": self.max_model_len}
 
     async def check_health(self) -> None:
         """Serve's health check: fails (and Serve replaces the replica) when the engine core died."""
