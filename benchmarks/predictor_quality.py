@@ -10,7 +10,7 @@ Two stages, because training wants a GPU and the throughput target is about this
            scoring throughput at batch 32, and writes benchmarks/results/predictor_quality.{json,png}.
 
   python benchmarks/predictor_quality.py train --device cuda --data-dir D --backbone B --out OUT
-  python benchmarks/predictor_quality.py finalize --train-json OUT/predictor_train.json
+  python benchmarks/predictor_quality.py finalize --train-json OUT1/predictor_train.json OUT2/predictor_train.json
 """
 
 from __future__ import annotations
@@ -165,7 +165,10 @@ def throughput(model: RankPredictor, prompts: list[str], batch_size: int = 32, r
 
 
 def stage_finalize(args: argparse.Namespace) -> int:
-    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.train_json]
+    if args.train_json:
+        runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.train_json]
+    else:  # re-finalize from the device runs recorded in an earlier results file
+        runs = json.loads((RESULTS / "predictor_quality.json").read_text(encoding="utf-8"))["device_runs"]
     train_report = runs[0]
     data = load_examples(args.data_dir)
     test = data.test[: args.limit] if args.limit else data.test
@@ -199,6 +202,7 @@ def stage_finalize(args: argparse.Namespace) -> int:
                     "command": model.config.metadata.get("command"), "device": model.config.metadata.get("device"),
                     "test_on_cpu": shipped_cpu, "max_length": model.config.max_length},
         "scoring_throughput_cpu": speed,
+        "device_runs": runs,
         "note": "throughput measured on a 2-core CPU shared with other helpers' jobs, so it is a lower bound",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -248,7 +252,9 @@ def main() -> int:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=stage_train)
     p = sub.add_parser("finalize")
-    p.add_argument("--train-json", type=Path, nargs="+", required=True, help="one per device run")
+    p.add_argument("--train-json", type=Path, nargs="+", default=None,
+                   help="the `train` stage's JSON, one per device run (default: the runs recorded in "
+                        "benchmarks/results/predictor_quality.json)")
     p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--limit", type=int, default=0)

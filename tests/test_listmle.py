@@ -1,0 +1,94 @@
+"""ListMLE: ordering, stability, the exact Plackett-Luce likelihood, and random tie-breaking."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ltr.predictor.losses import listmle_loss
+
+
+def _pl_log_prob(scores: list[float], order: list[int]) -> float:
+    """log P(order) under Plackett-Luce, written out term by term."""
+    total, remaining = 0.0, list(order)
+    for item in order:
+        total += scores[item] - math.log(sum(math.exp(scores[j]) for j in remaining))
+        remaining.remove(item)
+    return total
+
+
+def test_perfect_order_beats_reversed() -> None:
+    lengths = torch.tensor([[10.0, 50.0, 200.0, 400.0, 900.0]])
+    aligned = torch.log(lengths)          # higher score = longer output
+    assert listmle_loss(aligned, lengths) < listmle_loss(-aligned, lengths)
+
+
+def test_gradient_finite_for_extreme_scores() -> None:
+    scores = torch.tensor([[1e4, -1e4, 3e3, 0.0, 5e3, -7e3]], requires_grad=True)
+    lengths = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    loss = listmle_loss(scores, lengths)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(scores.grad).all()
+    assert scores.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_plackett_luce(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(1, 4, generator=g, dtype=torch.float64) * 2
+    total_prob = 0.0
+    for perm in itertools.permutations(range(4)):
+        # Lengths that make `perm` the longest-first order.
+        lengths = torch.zeros(1, 4, dtype=torch.float64)
+        for rank, item in enumerate(perm):
+            lengths[0, item] = 100.0 - rank
+        loss = listmle_loss(scores, lengths).item()
+        assert loss == pytest.approx(-_pl_log_prob(scores[0].tolist(), list(perm)), rel=1e-9, abs=1e-9)
+        total_prob += math.exp(-loss)
+    assert total_prob == pytest.approx(1.0, abs=1e-9)   # a proper distribution over all 4! orders
+
+
+def test_batch_reductions_agree() -> None:
+    g = torch.Generator().manual_seed(3)
+    scores, lengths = torch.randn(5, 8, generator=g), torch.rand(5, 8, generator=g) * 500
+    per_list = listmle_loss(scores, lengths, reduction="none")
+    assert per_list.shape == (5,)
+    assert listmle_loss(scores, lengths) == pytest.approx(per_list.mean().item())
+    assert listmle_loss(scores, lengths, reduction="sum") == pytest.approx(per_list.sum().item(), rel=1e-6)
+
+
+def test_ties_are_broken_at_random() -> None:
+    scores = torch.tensor([[0.3, -1.2, 2.0, 0.7, -0.1, 1.1]])
+    tied = torch.full((1, 6), 42.0)
+    draws = {round(listmle_loss(scores, tied, generator=torch.Generator().manual_seed(s)).item(), 6)
+             for s in range(20)}
+    assert len(draws) > 5                     # different tie orders, not one fixed order
+    same = [listmle_loss(scores, tied, generator=torch.Generator().manual_seed(7)).item() for _ in range(2)]
+    assert same[0] == same[1]                 # reproducible with a seeded generator
+    # Without ties the generator must not matter.
+    distinct = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    values = {listmle_loss(scores, distinct, generator=torch.Generator().manual_seed(s)).item() for s in range(5)}
+    assert len(values) == 1
+
+
+def test_partial_ties_average_over_tie_orders() -> None:
+    """With two tied items the loss is one of the two orderings' losses, each drawn about half the time."""
+    scores = torch.tensor([[1.5, -0.5, 0.2]], dtype=torch.float64)
+    lengths = torch.tensor([[10.0, 10.0, 1.0]], dtype=torch.float64)
+    a = -_pl_log_prob(scores[0].tolist(), [0, 1, 2])
+    b = -_pl_log_prob(scores[0].tolist(), [1, 0, 2])
+    seen = [listmle_loss(scores, lengths, generator=torch.Generator().manual_seed(s)).item() for s in range(200)]
+    assert all(min(abs(v - a), abs(v - b)) < 1e-9 for v in seen)
+    share_a = sum(abs(v - a) < 1e-9 for v in seen) / len(seen)
+    assert 0.3 < share_a < 0.7
+
+
+def test_bad_shapes_raise() -> None:
+    with pytest.raises(ValueError, match="must both be"):
+        listmle_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="must both be"):
+        listmle_loss(torch.zeros(3), torch.zeros(3))
