@@ -179,6 +179,31 @@ def test_both_replicas_receive_traffic(serve_app: dict) -> None:
     assert len(replicas) == 2, replicas
 
 
+def test_least_work_router_avoids_the_replica_holding_long_work(serve_app: dict) -> None:
+    """While one replica holds a request predicted to be huge, short requests all go to the other."""
+    long_body = {"model": MODEL_NAME, "prompt": "A long essay", "max_tokens": 500, "ignore_eos": True,
+                 "stream": True}
+    long_headers = {"x-ltr-score-override": "9.0", "x-ltr-expected-tokens-override": "100000"}
+
+    async def scenario() -> tuple[str, list[str]]:
+        async with httpx.AsyncClient(base_url=serve_app["url"], timeout=120) as http:
+            async with http.stream("POST", "/v1/completions", json=long_body, headers=long_headers) as long_run:
+                assert long_run.status_code == 200
+                busy = long_run.headers["x-ltr-replica"]
+                short = await asyncio.gather(*[
+                    http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"Short {i}", "max_tokens": 2},
+                              headers={"x-ltr-score-override": "0.1", "x-ltr-expected-tokens-override": "2"})
+                    for i in range(6)])
+                assert all(r.status_code == 200 for r in short)
+                async for _ in long_run.aiter_lines():
+                    pass
+            return busy, [r.headers["x-ltr-replica"] for r in short]
+
+    busy, short_replicas = asyncio.run(scenario())
+    assert busy not in short_replicas, (busy, short_replicas)
+    assert len(set(short_replicas)) == 1
+
+
 def _scheduler_totals(client: httpx.Client, polls: int = 12) -> dict[str, dict]:
     """Latest scheduler counters per engine replica (the debug route answers from one replica a call)."""
     seen: dict[str, dict] = {}
