@@ -83,7 +83,8 @@ class _SamplingFields(_Base):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    #: Bounded to int64: larger seeds overflow the engine's request encoding (500).
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -105,6 +106,8 @@ class _SamplingFields(_Base):
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError("stop sequences must not be empty")
         return value
 
     @field_validator("logprobs")
@@ -195,6 +198,29 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> APIError
     return APIError(400, message or "invalid request", param=".".join(loc) or None, code="invalid_value")
 
 
+def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a route that parses its body itself (size cap first, then the model).
+
+    The routes read the raw body so oversized requests are refused before parsing; declaring the
+    schema here keeps /openapi.json complete for clients and schema-driven fuzzing. `$defs` are
+    inlined because OpenAPI resolves `$ref` against the whole document, not the schema.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 api = FastAPI(title="ltr-serve", description="OpenAI-compatible LLM serving ranked by predicted output length")
 
 
@@ -213,6 +239,13 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return APIError(exc.status_code, str(exc.detail), type_, code=code).response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    """A bug still answers an OpenAI error object (500), not a bare text page."""
+    logger.exception("unhandled error in the ingress")
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error").response()
 
 
 # ---- the deployment --------------------------------------------------------------------------------
@@ -271,9 +304,15 @@ class OpenAIIngress:
                 raise APIError(413, f"request body exceeds {self.settings.max_body_bytes} bytes",
                                code="body_too_large")
         try:
-            return json.loads(bytes(body))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+            data = json.loads(bytes(body))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+        try:  # "\ud800" is valid JSON but not text: the tokenizer would fail on it (500)
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "request body contains invalid Unicode (a lone surrogate escape)",
+                           code="invalid_json") from None
+        return data
 
     def _parse(self, model: type[BaseModel], data: Any) -> Any:
         if not isinstance(data, dict):
@@ -401,6 +440,9 @@ class OpenAIIngress:
         if "ActorDied" in type(exc).__name__ or "Unavailable" in type(exc).__name__:
             return APIError(503, "the engine replica serving this request failed; retry", "server_error",
                             code="engine_unavailable")
+        if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
+            # vLLM's own request validation (the ingress checks most fields first): the client's fault.
+            return APIError(400, f"invalid request: {str(exc).splitlines()[-1][:300]}", code="invalid_value")
         return APIError(500, f"engine error: {type(exc).__name__}", "server_error", code="engine_error")
 
     @staticmethod
@@ -467,7 +509,7 @@ class OpenAIIngress:
         return {"object": "list", "data": [{"id": self.settings.served_model_name, "object": "model",
                                             "created": 0, "owned_by": "ltr-serve"}]}
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         self._check_auth(request)
         body: CompletionRequest = self._parse(CompletionRequest, await self._read_json(request))
@@ -475,7 +517,7 @@ class OpenAIIngress:
         max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), self.settings.default_completion_max_tokens)
         return await self._generate(request, "completion", body, prompt_ids, body.prompt, max_tokens)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatRequest))
     async def chat_completions(self, request: Request) -> Response:
         self._check_auth(request)
         body: ChatRequest = self._parse(ChatRequest, await self._read_json(request))
