@@ -143,6 +143,41 @@ async def replay(url: str, model: str, trace: list[TraceRequest], oracle: bool) 
         return list(results), time.perf_counter() - start
 
 
+async def overhead_pairs(url: str, model: str, model_path: str, prompts: list[str], max_tokens: int,
+                         engine_kwargs: dict) -> tuple[list[float], list[float]]:
+    """Each prompt through HTTP (whole Serve path, idle replicas) and on a bare in-process AsyncLLM
+    (same engine settings, rank scheduler, no score), alternating so both see the same machine load."""
+    import httpx
+    from transformers import AutoTokenizer
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from ltr.scheduling.engine import engine_args, scored_sampling_params
+    from ltr.scheduling.policy import PolicyConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    llm = AsyncLLM.from_engine_args(engine_args(model_path, PolicyConfig(name="ltr"), disable_log_stats=True,
+                                                **engine_kwargs))
+    http_lat, direct_lat = [], []
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            for i, prompt in enumerate(["Warm up."] + prompts):
+                t0 = time.perf_counter()
+                r = await http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                              "ignore_eos": True, "temperature": 0})
+                r.raise_for_status()
+                t1 = time.perf_counter()
+                params = scored_sampling_params(None, max_tokens=max_tokens, ignore_eos=True, temperature=0)
+                async for _ in llm.generate({"prompt_token_ids": tokenizer(prompt).input_ids}, params, f"direct-{i}"):
+                    pass
+                t2 = time.perf_counter()
+                if i > 0:
+                    http_lat.append(t1 - t0)
+                    direct_lat.append(t2 - t1)
+        return http_lat, direct_lat
+    finally:
+        llm.shutdown()
+
+
 async def sequential(url: str, model: str, prompts: list[str], max_tokens: int) -> list[float]:
     import httpx
 
@@ -155,30 +190,6 @@ async def sequential(url: str, model: str, prompts: list[str], max_tokens: int) 
             r.raise_for_status()
             out.append(time.perf_counter() - t0)
     return out
-
-
-async def direct_engine(model_path: str, prompts: list[str], max_tokens: int, engine_kwargs: dict) -> list[float]:
-    """The same requests on a bare AsyncLLM (rank scheduler, no score), one at a time."""
-    from transformers import AutoTokenizer
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from ltr.scheduling.engine import engine_args, scored_sampling_params
-    from ltr.scheduling.policy import PolicyConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    llm = AsyncLLM.from_engine_args(engine_args(model_path, PolicyConfig(name="ltr"), disable_log_stats=True,
-                                                **engine_kwargs))
-    try:
-        out = []
-        for i, prompt in enumerate(prompts):
-            params = scored_sampling_params(None, max_tokens=max_tokens, ignore_eos=True, temperature=0)
-            t0 = time.perf_counter()
-            async for _ in llm.generate({"prompt_token_ids": tokenizer(prompt).input_ids}, params, f"direct-{i}"):
-                pass
-            out.append(time.perf_counter() - t0)
-        return out
-    finally:
-        llm.shutdown()
 
 
 def plot(report: dict, path: Path) -> None:
@@ -296,17 +307,18 @@ def main(argv: list[str] | None = None) -> None:
                   f"per replica {summary['requests_per_replica']} ({wall:.0f}s)", flush=True)
         # Low load through the whole path, on the last deployed app (both replicas idle).
         prompts = [r.prompt for r in trace[:args.overhead_requests]]
-        http_lat = asyncio.run(sequential(url, model_name, prompts, args.overhead_max_tokens))
+        http_lat, direct_lat = asyncio.run(overhead_pairs(url, model_name, model_path, prompts,
+                                                          args.overhead_max_tokens, engine_kwargs))
     finally:
         serve.shutdown()
         ray.shutdown()
-    direct_lat = asyncio.run(direct_engine(model_path, prompts, args.overhead_max_tokens, engine_kwargs))
     http_mean, direct_mean = statistics.fmean(http_lat), statistics.fmean(direct_lat)
     report["overhead"] = {"requests": len(prompts), "max_tokens": args.overhead_max_tokens,
                           "http_mean_s": http_mean, "direct_mean_s": direct_mean,
                           "overhead_fraction": (http_mean - direct_mean) / direct_mean,
                           "http_latencies_s": http_lat, "direct_latencies_s": direct_lat,
-                          "note": "one request at a time; direct = bare AsyncLLM in the benchmark process"}
+                          "note": "one request at a time, HTTP and direct alternating per prompt; direct = bare AsyncLLM "
+                                  "in the benchmark process, same engine settings"}
     if args.parts == "overhead":
         previous = json.loads(args.out.read_text())
         previous["overhead"] = report["overhead"]
