@@ -244,7 +244,8 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 @api.exception_handler(Exception)
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     """A bug still answers an OpenAI error object (500), not a bare text page."""
-    logger.exception("unhandled error in the ingress")
+    if "Cancelled" not in type(exc).__name__:  # a client that hung up mid-response is not an error
+        logger.exception("unhandled error in the ingress")
     return APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error").response()
 
 
@@ -405,17 +406,10 @@ class OpenAIIngress:
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=body.sampling(max_tokens),
             score=score, predicted_work=request_work(expected, len(prompt_ids)))
         self.requests[kind] += 1
-        stream = self.engine.options(stream=True).generate.remote(engine_request)
         headers = {SCORE_HEADER: "none" if score is None else repr(score), "x-ltr-request-id": request_id}
         if reason is not None:
             headers[FALLBACK_HEADER] = reason
-        try:
-            first: EngineChunk = await stream.__anext__()
-        except StopAsyncIteration:
-            raise APIError(500, "engine returned no output", "server_error") from None
-        except Exception as exc:
-            stream.cancel()
-            raise self._engine_error(exc) from None
+        first, stream = await self._start(engine_request)
         headers[REPLICA_HEADER] = first.replica
         self.replicas_seen[first.replica] += 1
         created = int(time.time())
@@ -434,10 +428,31 @@ class OpenAIIngress:
             stream.cancel()  # no-op when exhausted; aborts in the engine when we were cancelled
         return JSONResponse(self._full_response(kind, request_id, created, model, chunks), headers=headers)
 
+    async def _start(self, engine_request: EngineRequest) -> tuple[EngineChunk, Any]:
+        """The request's first chunk and its stream. A replica that dies before producing any output
+        is retried once on another replica: nothing reached the client, so the retry is safe."""
+        for attempt in (1, 2):
+            stream = self.engine.options(stream=True).generate.remote(engine_request)
+            try:
+                return await stream.__anext__(), stream
+            except StopAsyncIteration:
+                raise APIError(500, "engine returned no output", "server_error") from None
+            except Exception as exc:
+                stream.cancel()
+                error = self._engine_error(exc)
+                if attempt == 2 or error.code != "engine_unavailable":
+                    raise error from None
+                self.requests["retried_before_output"] += 1
+                logger.warning("engine replica failed before request %s produced output; retrying once",
+                               engine_request.request_id)
+        raise AssertionError("unreachable")
+
     @staticmethod
     def _engine_error(exc: Exception) -> APIError:
         logger.warning("engine request failed: %s: %s", type(exc).__name__, str(exc)[:300])
-        if "ActorDied" in type(exc).__name__ or "Unavailable" in type(exc).__name__:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
             return APIError(503, "the engine replica serving this request failed; retry", "server_error",
                             code="engine_unavailable")
         if any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
