@@ -232,7 +232,10 @@ async def load_phase(url: str, clients: int, duration_s: float, timeout_s: float
                                  limits=httpx.Limits(max_connections=clients + 8)) as http:
         await asyncio.gather(*[client(http, c) for c in range(clients)])
     report = summarize("load", outcomes)
-    report.details.update(clients=clients, duration_s=duration_s, request_timeout_s=timeout_s)
+    ok = sorted(o.done - o.sent for o in outcomes if o.kind == "ok" and o.done)
+    report.details.update(clients=clients, duration_s=duration_s, request_timeout_s=timeout_s,
+                          latency_quantiles=[round(ok[min(len(ok) - 1, i * len(ok) // 100)], 3) for i in range(101)]
+                          if ok else [])
     c = report.counts
     report.checks = {"lost == 0": c["lost"] == 0, "duplicated == 0": c["duplicated"] == 0,
                      "all succeeded": c["succeeded"] == c["sent"]}
@@ -375,39 +378,44 @@ def start_app(args: argparse.Namespace, port: int) -> None:
     }), name=APP, route_prefix="/")
 
 
-def plot(reports: list[PhaseReport], outcomes: dict[str, list[Outcome]], path: Path) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Latency CDF under load, outcome shares per phase, and the kill timeline (from the JSON alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    phases = {p["name"]: p for p in result["phases"]}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    load = sorted(o.done - o.sent for o in outcomes.get("load", []) if o.kind == "ok" and o.done)
-    if load:
-        axes[0].plot(load, [i / len(load) for i in range(len(load))])
+    load = phases.get("load")
+    if load and load["details"].get("latency_quantiles"):
+        quantiles = load["details"]["latency_quantiles"]
+        axes[0].plot(quantiles, [i / (len(quantiles) - 1) for i in range(len(quantiles))])
         axes[0].set(xlabel="latency (s)", ylabel="fraction of requests",
-                    title=f"load: {len(outcomes['load'])} requests, CDF of latency")
-    counts = {r.name: r.counts for r in reports}
-    names = list(counts)
-    keys = ["succeeded", "failed_with_clear_error", "aborted_by_client", "lost"]
-    bottom = [0] * len(names)
-    for key in keys:
-        values = [counts[n].get(key, 0) for n in names]
-        axes[1].bar(names, values, bottom=bottom, label=key)
-        bottom = [b + v for b, v in zip(bottom, values)]
+                    title=f"load: {load['details']['clients']} clients, {load['counts']['sent']} requests")
+    keys = [("succeeded", "tab:blue"), ("failed_with_clear_error", "tab:orange"),
+            ("aborted_by_client", "tab:green"), ("lost", "tab:red")]
+    names = list(phases)
+    bottom = [0.0] * len(names)
+    for key, color in keys:
+        shares = [100 * phases[n]["counts"].get(key, 0) / max(phases[n]["counts"]["sent"], 1) for n in names]
+        axes[1].bar(names, shares, bottom=bottom, label=key, color=color)
+        bottom = [b + v for b, v in zip(bottom, shares)]
     for x, name in enumerate(names):
-        c = counts[name]
-        axes[1].annotate(f"ok {c['succeeded']}, err {c['failed_with_clear_error']}, lost {c['lost']}",
-                         (x, bottom[x]), ha="center", va="bottom", fontsize=8)
-    axes[1].set(title="outcomes per phase", ylabel="requests", yscale="log")
-    axes[1].legend(fontsize=8)
-    kill = next((r for r in reports if r.name == "kill"), None)
+        c = phases[name]["counts"]
+        axes[1].annotate(f"sent {c['sent']}: ok {c['succeeded']}, err {c['failed_with_clear_error']},\n"
+                         f"dropped {c['aborted_by_client']}, lost {c['lost']}, dup {c['duplicated']}",
+                         (x, 101), ha="center", va="bottom", fontsize=7)
+    axes[1].set(title="outcomes per phase", ylabel="% of requests sent", ylim=(0, 118))
+    axes[1].legend(fontsize=7, loc="lower right")
+    kill = phases.get("kill")
     if kill is not None:
         colors = {"ok": "tab:green", "clear_error": "tab:orange", "lost": "tab:red"}
-        for point in kill.details["timeline"]:
+        for point in kill["details"]["timeline"]:
             axes[2].scatter(point["t"], point["latency"], s=30 if point["victim"] else 10,
                             c=colors.get(point["kind"], "gray"), marker="x" if point["victim"] else "o")
-        axes[2].axvline(kill.details["kill_after_s"], color="k", linestyle="--", label="replica killed")
+        axes[2].axvline(kill["details"]["kill_after_s"], color="k", linestyle="--",
+                        label=f"replica killed (replaced after {kill['details']['seconds_to_replacement']} s)")
         axes[2].set(xlabel="request sent at (s)", ylabel="latency (s)",
                     title="kill: green ok, orange clear error, red lost; x = killed replica")
         axes[2].legend(fontsize=8)
@@ -450,7 +458,6 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     rng = random.Random(args.seed)
     reports: list[PhaseReport] = []
-    outcomes: dict[str, list[Outcome]] = {}
     started = time.monotonic()
     import ray
     from ray import serve
@@ -467,10 +474,9 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(("kill", lambda: kill_phase(url, args.kill_clients, args.request_timeout_s, rng)))
         for name, phase in phases:
             t0 = time.monotonic()
-            report, got = asyncio.run(phase())
+            report, _ = asyncio.run(phase())
             report.details["phase_s"] = round(time.monotonic() - t0, 1)
             reports.append(report)
-            outcomes[name] = got
             print(json.dumps({"phase": name, "counts": report.counts, "latency_s": report.latency_s,
                               "checks": report.checks}), flush=True)
     finally:
@@ -483,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
               "passed": passed, "phases": [asdict(r) for r in reports]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(reports, outcomes, args.out.with_suffix(".png"))
+    plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}; passed={passed}", flush=True)
     return 0 if passed else 1
 
