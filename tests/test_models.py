@@ -31,7 +31,8 @@ def test_vllm_answers_from_converted_smollm2_deterministically(smollm2_path: Pat
 
     from ltr.models import SERVED_DTYPE
 
-    llm = LLM(model=str(smollm2_path), max_model_len=1024, max_num_seqs=4, dtype=SERVED_DTYPE, seed=0)
+    llm = LLM(model=str(smollm2_path), max_model_len=1024, max_num_seqs=4, dtype=SERVED_DTYPE, seed=0,
+              enforce_eager=True)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=24)
         messages = [{"role": "user", "content": "What is the capital of France?"}]
