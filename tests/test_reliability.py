@@ -22,7 +22,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_serve import _assert_error, _free_port
+from test_serve import _assert_error, _free_port, _set_predictor
 
 MODEL_NAME = "tiny-llama"
 API_KEY = "reliability-key-789"
@@ -499,18 +499,6 @@ def test_long_request_finishes_within_starvation_bound(rel_app: RelApp) -> None:
 
 
 # ---- 2. predictor faults -----------------------------------------------------------------------------
-
-def _set_predictor(settings: dict | None) -> None:
-    from ray import serve
-
-    from deployments.app import build_predictor_app
-
-    if settings is None:
-        serve.delete("ltr-predictor")
-    else:
-        serve.run(build_predictor_app({"num_cpus": 0.25, "settings": settings}), name="ltr-predictor",
-                  route_prefix=None)
-
 
 @pytest.mark.parametrize("fault,reasons", [
     ({"fault": "raise"}, {"error", "circuit_open"}),
