@@ -201,7 +201,7 @@ def stage_finalize(args: argparse.Namespace) -> int:
                     "test_on_cpu": shipped_cpu, "max_length": model.config.max_length},
         "scoring_throughput_cpu": speed,
         "device_runs": [str(p) for p in args.train_json],
-        "note": "throughput measured on a 2-core CPU shared with other helpers' jobs, so it is a lower bound",
+        "note": "throughput on a 2-core CPU; load_average_1m_before/after say how busy the machine was",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     _write(RESULTS / "predictor_quality.json", result)
