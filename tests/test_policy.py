@@ -94,20 +94,6 @@ def test_starvation_promotes_after_threshold_for_quantum_scheduled_iterations() 
     assert long.served_tokens == 2
 
 
-def test_request_served_while_promoted_is_never_rank_preempted_again() -> None:
-    policy = RankPolicy(starvation=StarvationConfig(threshold=2, quantum=1))
-    short, long = RankState("s", 0.0, score=1.0), RankState("l", 1.0, score=9.0)
-    assert policy.preemption_victims([short], [long], free_seats=0, max_victims=1) == [long]
-    policy.observe_step([short, long], {"s": 1})
-    policy.observe_step([short, long], {"s": 1})
-    assert long.promoted and not long.protected
-    policy.observe_step([short, long], {"l": 1})  # its promoted iteration: it now holds a seat
-    assert not long.promoted and long.protected
-    newcomer = RankState("n", 2.0, score=0.5)
-    assert policy.order([newcomer, long])[0] is newcomer  # still ranked by score...
-    assert policy.preemption_victims([newcomer], [long], free_seats=0, max_victims=1) == []  # ...but kept
-
-
 def test_no_starvation_config_never_promotes() -> None:
     policy = RankPolicy(starvation=None)
     long = RankState("l", 0.0, score=9.0)

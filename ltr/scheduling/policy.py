@@ -45,9 +45,6 @@ class RankState:
     served_tokens: int = 0
     waited_iters: int = 0
     promoted_left: int = 0
-    #: Served while promoted: rank preemption never evicts it again, so aging cannot turn into
-    #: evict/recompute churn (promoted for a quantum, outranked, evicted, starved, promoted...).
-    protected: bool = False
 
     @property
     def promoted(self) -> bool:
@@ -109,7 +106,6 @@ class SchedulingPolicy(ABC):
                 state.waited_iters = 0
                 if state.promoted_left > 0:
                     state.promoted_left -= 1
-                    state.protected = True
                 continue
             state.waited_iters += 1
             if self.starvation and not state.promoted and state.waited_iters >= self.starvation.threshold:
@@ -128,13 +124,12 @@ class SchedulingPolicy(ABC):
 
         `free_seats` is how many waiting requests fit without evicting anyone (batch slots and KV
         blocks, as the caller measures them). The worst running request is evicted for each waiting
-        request beyond that which strictly outranks it, at most `max_victims` per step. Requests that
-        were served while promoted are never chosen (see `RankState.protected`).
+        request beyond that which strictly outranks it, at most `max_victims` per step.
         """
         if not self.preempts_running or max_victims <= 0:
             return []
         blocked = self.order(waiting)[max(free_seats, 0):]
-        worst_first = sorted((s for s in running if not s.protected), key=self.sort_key, reverse=True)
+        worst_first = sorted(running, key=self.sort_key, reverse=True)
         victims: list[RankState] = []
         for candidate, victim in zip(blocked, worst_first):
             if len(victims) >= max_victims or self.sort_key(candidate) >= self.sort_key(victim):
