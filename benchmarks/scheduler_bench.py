@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 
 from ltr.scheduling.engine import engine_kwargs, priority_for, scored_sampling_params  # noqa: E402
 from ltr.scheduling.policy import PolicyConfig, StarvationConfig  # noqa: E402
+from ltr.sim.workload import poisson_arrivals  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-nostarve", "oracle")
@@ -334,8 +335,7 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     loads: list[tuple[str, list[float]]] = []
     for rate in args.rates:
-        gaps = rng.exponential(1.0 / rate, size=len(requests))
-        loads.append((f"poisson-{rate:g}", list(np.cumsum(gaps) - gaps[0])))
+        loads.append((f"poisson-{rate:g}", list(poisson_arrivals(len(requests), rate, rng))))
     if not args.no_burst:
         loads.append(("burst", [0.0] * len(requests)))
 
