@@ -6,9 +6,12 @@ the same work and relative lengths are kept) are replayed for every policy:
 
 - load points: Poisson arrivals at each `--rates` value (requests/s) and a burst (all at t=0);
 - policies: fcfs (vLLM default), priority (vLLM's policy="priority", score quantized to int), mlfq,
-  ltr (predictor scores, starvation prevention on), ltr-nostarve (same, aging off), oracle (SJF:
-  the true capped length as the score);
-- synthetic data generation: the burst run, counting completions within `--budget-s` seconds.
+  ltr (predictor scores, the project's default policy: aged requests keep their seat, capped aged
+  share, preemption patience), ltr-paper (predictor scores, the paper's aging rule 200/10 with
+  immediate rank preemption), ltr-nostarve (aging off), oracle (SJF: the true capped length as the
+  score, aging off);
+- synthetic data generation (`--sdg-requests`): a separate, larger burst with its own output cap,
+  cut off at `--budget-s`; completions over time for fcfs / ltr / oracle.
 
 Reported per policy and load: mean/p90 per-token latency (e2e latency / output tokens, as in the
 paper), mean/p90/p99 e2e latency for short and long requests (split at the trace's median output
@@ -50,7 +53,10 @@ from ltr.scheduling.policy import PolicyConfig, StarvationConfig  # noqa: E402
 from ltr.sim.workload import poisson_arrivals  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-nostarve", "oracle")
+POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-paper", "ltr-nostarve", "oracle")
+SDG_POLICIES = ("fcfs", "ltr", "oracle")
+PAPER_RULE = PolicyConfig(name="ltr", starvation=StarvationConfig(200, 10, aged_share=None, keep_seat=False),
+                          preemption_patience=0)
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,9 @@ def policy_setup(name: str, scores: list[float]) -> tuple[PolicyConfig, str]:
     if name == "mlfq":
         return PolicyConfig(name="mlfq", starvation=None), "none"
     if name == "ltr":
-        return PolicyConfig(name="ltr", starvation=StarvationConfig()), "predicted"
+        return PolicyConfig(name="ltr"), "predicted"
+    if name == "ltr-paper":
+        return PAPER_RULE, "predicted"
     if name == "ltr-nostarve":
         return PolicyConfig(name="ltr", starvation=None), "predicted"
     if name == "oracle":
@@ -127,8 +135,11 @@ def policy_setup(name: str, scores: list[float]) -> tuple[PolicyConfig, str]:
 
 
 def replay(llm: Any, requests: list[BenchRequest], offsets: list[float], policy: PolicyConfig,
-           score_kind: str, tag: str) -> tuple[list[Outcome], float]:
-    """Inject each request at its wall-clock offset between engine steps; time first token/finish."""
+           score_kind: str, tag: str, horizon: float | None = None) -> tuple[list[Outcome], float]:
+    """Inject each request at its wall-clock offset between engine steps; time first token/finish.
+
+    With `horizon` (seconds) the replay stops there: unfinished requests are aborted and left out.
+    """
     engine = llm.llm_engine
     order = sorted(range(len(requests)), key=offsets.__getitem__)
     arrival: dict[str, float] = {}
@@ -139,6 +150,11 @@ def replay(llm: Any, requests: list[BenchRequest], offsets: list[float], policy:
     start = time.perf_counter()
     while len(done) < len(requests):
         now = time.perf_counter() - start
+        if horizon is not None and now > horizon:
+            engine.abort_request([r for r in arrival if r not in done])
+            while engine.has_unfinished_requests():
+                engine.step()
+            break
         while nxt < len(order) and offsets[order[nxt]] <= now:
             i = order[nxt]
             req = requests[i]
@@ -159,11 +175,11 @@ def replay(llm: Any, requests: list[BenchRequest], offsets: list[float], policy:
                 done[out.request_id] = (t, len(out.outputs[0].token_ids))
     makespan = time.perf_counter() - start
     outcomes = [Outcome(requests[index[r]].conv_id, requests[index[r]].output_len, arrival[r],
-                        first.get(r, done[r][0]), done[r][0], done[r][1]) for r in arrival]
+                        first.get(r, done[r][0]), done[r][0], done[r][1]) for r in arrival if r in done]
     return outcomes, makespan
 
 
-def summarize(outcomes: list[Outcome], makespan: float, split_len: int, budget_s: float | None) -> dict:
+def summarize(outcomes: list[Outcome], makespan: float, split_len: int) -> dict:
     e2e = np.array([o.finish - o.arrival for o in outcomes])
     per_token = np.array([(o.finish - o.arrival) / max(o.tokens, 1) for o in outcomes])
     ttft = np.array([o.first_token - o.arrival for o in outcomes])
@@ -187,14 +203,21 @@ def summarize(outcomes: list[Outcome], makespan: float, split_len: int, budget_s
         "e2e_long_s": stats(e2e[~short]),
         "ttft_s": stats(ttft),
     }
-    if budget_s is not None:
-        result["completions_within_budget"] = int(sum(o.finish <= budget_s for o in outcomes))
-        result["tokens_of_completed_within_budget"] = int(sum(o.tokens for o in outcomes if o.finish <= budget_s))
     return result
 
 
+def run_sdg(llm: Any, name: str, policy: PolicyConfig, score_kind: str, sdg: list[BenchRequest],
+            budget_s: float) -> dict:
+    """Synthetic data generation: the whole `sdg` set at t=0, cut off at `budget_s`; completion times."""
+    outcomes, _ = replay(llm, sdg, [0.0] * len(sdg), policy, score_kind, f"{name}-sdg", horizon=budget_s)
+    finish = sorted(o.finish for o in outcomes if o.tokens == o.output_len)
+    return {"requests": len(sdg), "budget_s": budget_s, "completion_times_s": finish,
+            "completions_within_budget": sum(t <= budget_s for t in finish),
+            "tokens_of_completed": int(sum(o.tokens for o in outcomes if o.tokens == o.output_len))}
+
+
 def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tuple[str, list[float]]],
-                 args: argparse.Namespace, split_len: int) -> dict:
+                 args: argparse.Namespace, split_len: int, sdg: list[BenchRequest]) -> dict:
     """fcfs and priority on vLLM's scheduler; adapter policies on one shared RankScheduler engine."""
     from vllm import LLM
 
@@ -225,8 +248,7 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
                             "scheduler_cls": type(scheduler).__name__, "engine_start_s": startup, "loads": {}}
             for load_name, offsets in loads:
                 outcomes, makespan = replay(llm, requests, offsets, policy, score_kind, f"{name}-{load_name}")
-                budget = args.budget_s if load_name == "burst" else None
-                report["loads"][load_name] = summarize(outcomes, makespan, split_len, budget)
+                report["loads"][load_name] = summarize(outcomes, makespan, split_len)
                 pt = report["loads"][load_name]["per_token_latency_s"]["mean"]
                 print(f"[{name}] {load_name}: mean per-token latency {pt:.3f}s, makespan {makespan:.1f}s",
                       flush=True)
@@ -238,6 +260,12 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
                     sched["schedule_fraction_of_model_step"] = (
                         sched["schedule_ms_per_step"] / sched["model_ms_per_step"])
                 report["scheduler"] = sched
+            if sdg and name in SDG_POLICIES:
+                if hasattr(scheduler, "set_policy"):
+                    scheduler.set_policy(policy)   # the loads' counters are in report['scheduler']
+                report["sdg"] = run_sdg(llm, name, policy, score_kind, sdg, args.budget_s)
+                print(f"[{name}] sdg: {report['sdg']['completions_within_budget']} completions in "
+                      f"{args.budget_s:g}s", flush=True)
             results[name] = report
         del llm, scheduler
         import gc
@@ -262,16 +290,21 @@ def targets(results: dict, rate_names: list[str]) -> dict:
         if o:
             r = l["per_token_latency_s"]["mean"] / o["per_token_latency_s"]["mean"]
             out[f"{load}: ltr/oracle mean per-token latency (<= 1.2)"] = {"value": r, "met": r <= 1.2}
-        r = l["e2e_long_s"]["p99"] / f["e2e_long_s"]["p99"]
-        out[f"{load}: ltr/fcfs long-request p99 e2e (<= 1.5)"] = {"value": r, "met": r <= 1.5}
+        if l["e2e_long_s"] and f["e2e_long_s"]:
+            r = l["e2e_long_s"]["p99"] / f["e2e_long_s"]["p99"]
+            out[f"{load}: ltr/fcfs long-request p99 e2e (<= 1.5)"] = {"value": r, "met": r <= 1.5}
         r = l["throughput_tok_s"] / f["throughput_tok_s"]
         out[f"{load}: ltr/fcfs throughput (>= 0.97)"] = {"value": r, "met": r >= 0.97}
-    f, l = ld("fcfs", "burst"), ld("ltr", "burst")
-    if f and l and "completions_within_budget" in f:
-        r = l["completions_within_budget"] / max(f["completions_within_budget"], 1)
-        out["synthetic data generation: ltr/fcfs completions within budget (>= 6.5)"] = {
-            "value": r, "met": r >= 6.5, "fcfs": f["completions_within_budget"],
-            "ltr": l["completions_within_budget"]}
+    f, l = results.get("fcfs", {}).get("sdg"), results.get("ltr", {}).get("sdg")
+    if f and l:
+        budget = f["budget_s"]
+        for share in (0.25, 0.5, 1.0):
+            b = share * budget
+            nf = sum(t <= b for t in f["completion_times_s"])
+            nl = sum(t <= b for t in l["completion_times_s"])
+            r = nl / max(nf, 1)
+            out[f"synthetic data generation: ltr/fcfs completions within {b:g} s (>= 6.5)"] = {
+                "value": r, "met": nf > 0 and r >= 6.5, "fcfs": nf, "ltr": nl}
     sched = results.get("ltr", {}).get("scheduler", {})
     if "adapter_overhead_fraction_of_model_step" in sched:
         r = sched["adapter_overhead_fraction_of_model_step"]
@@ -286,7 +319,7 @@ def plot(results: dict, load_names: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     policies = [p for p in POLICIES if p in results]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     width = 0.8 / max(len(policies), 1)
     x = np.arange(len(load_names))
     for k, p in enumerate(policies):
@@ -298,10 +331,14 @@ def plot(results: dict, load_names: list[str], path: Path) -> None:
         ax.set_title(title)
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    burst = [results[p]["loads"].get("burst", {}).get("completions_within_budget", 0) for p in policies]
-    axes[2].bar(policies, burst, color="tab:green")
-    axes[2].set_title("synthetic data gen: completions within budget (burst)")
-    axes[2].tick_params(axis="x", rotation=30)
+    for p in policies:
+        sdg = results[p].get("sdg")
+        if sdg:
+            times = sdg["completion_times_s"]
+            axes[2].step([0.0, *times], range(len(times) + 1), where="post", label=p)
+    axes[2].set_title("synthetic data generation: completions over time")
+    axes[2].set_xlabel("seconds since the burst")
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -323,6 +360,10 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (minutes of warm-up per engine on a busy 2-core box)")
     parser.add_argument("--budget-s", type=float, default=30.0, help="synthetic-data-generation time budget")
+    parser.add_argument("--sdg-requests", type=int, default=200,
+                        help="synthetic data generation burst size (0 = skip); a separate test-split sample")
+    parser.add_argument("--sdg-output-cap", type=int, default=256, help="max_tokens cap for the SDG burst")
+    parser.add_argument("--sdg-length-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="scheduler_bench", help="results/<out>.json and .png")
     args = parser.parse_args()
@@ -331,6 +372,12 @@ def main() -> int:
     print(f"loaded {len(requests)} requests", flush=True)
     requests, score_info = score_requests(requests, args.scores, args.seed)
     print(f"scores: {score_info}", flush=True)
+    sdg: list[BenchRequest] = []
+    sdg_info: dict = {}
+    if args.sdg_requests > 0:
+        sdg = load_requests(args.sdg_requests, args.sdg_output_cap, args.max_prompt, args.seed + 1,
+                            args.sdg_length_scale)
+        sdg, sdg_info = score_requests(sdg, args.scores, args.seed + 1)
     split_len = int(np.median([r.output_len for r in requests]))
     rng = np.random.default_rng(args.seed)
     loads: list[tuple[str, list[float]]] = []
@@ -340,7 +387,7 @@ def main() -> int:
         loads.append(("burst", [0.0] * len(requests)))
 
     wall = time.perf_counter()
-    results = run_policies(args.policies, requests, loads, args, split_len)
+    results = run_policies(args.policies, requests, loads, args, split_len, sdg)
 
     from ltr.sim.calibrate import machine_description
 
@@ -359,9 +406,13 @@ def main() -> int:
                   "mean_output_len": float(np.mean([r.output_len for r in requests])),
                   "mean_prompt_len": float(np.mean([r.prompt_len for r in requests]))},
         "scores": score_info,
+        "sdg_trace": {"requests": len(sdg), "output_cap": args.sdg_output_cap,
+                      "length_scale": args.sdg_length_scale, "budget_s": args.budget_s,
+                      "mean_output_len": float(np.mean([r.output_len for r in sdg])) if sdg else None,
+                      "scores": sdg_info},
         "notes": ("Policies run one after another on a shared 2-core machine; other jobs' load adds noise "
                   "between policies. Per-token latency = e2e latency / output tokens. Synthetic data "
-                  "generation = the burst load point, completions within budget_s of its start. "
+                  "generation = a separate burst of sdg_requests, cut off at budget_s. "
                   "Engines in-process, requests injected at wall-clock arrival times between steps; "
                   "model step time = wall time between the end of schedule() and update_from_output()."),
         "results": results,

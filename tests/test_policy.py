@@ -175,12 +175,70 @@ def test_preemption_victims_are_worst_running_and_outranked(
     assert FCFSPolicy().preemption_victims(w, r, free_seats, max_victims) == []
 
 
+@pytest.mark.parametrize("keep_seat", [True, False])
+def test_aged_requests_keep_their_seat_unless_the_paper_rule_is_chosen(keep_seat: bool) -> None:
+    policy = RankPolicy(starvation=StarvationConfig(threshold=2, quantum=1, keep_seat=keep_seat))
+    old = RankState("old", 0.0, score=50.0)
+    for _ in range(2):
+        policy.observe_step([old], {})
+    assert old.aged and old.promoted
+    policy.observe_step([old], {"old": 1})   # the quantum is spent; it now ranks by its score again
+    assert not old.promoted and old.aged
+    fresh = RankState("fresh", 1.0, score=40.0)
+    newcomer = RankState("new", 2.0, score=1.0)
+    victims = policy.preemption_victims([newcomer], [old, fresh], free_seats=0, max_victims=1)
+    assert victims == ([fresh] if keep_seat else [old])
+
+
+def test_aged_share_caps_aged_requests_in_flight_longest_waiter_first() -> None:
+    starvation = StarvationConfig(threshold=3, quantum=2, aged_share=0.25)
+    assert starvation.max_aged(8) == 2 and starvation.max_aged(2) == 1
+    policy = RankPolicy(starvation=starvation, max_num_seqs=8)
+    states = [RankState(f"r{i}", float(i), score=100.0 - i) for i in range(5)]
+    for i, state in enumerate(states):
+        state.waited_iters = i   # r4 has waited longest
+    for _ in range(3):
+        policy.observe_step(states, {})
+    assert [s.request_id for s in states if s.aged] == ["r3", "r4"]
+    assert policy.stats.promotions == 2
+    # Aged requests keep their cap slot until they leave the engine; then the next waiter ages.
+    policy.observe_step([s for s in states if s.request_id != "r4"], {})
+    assert [s.request_id for s in states if s.aged] == ["r2", "r3", "r4"]
+    # Unbounded when the policy is not told the batch size (pure ordering use).
+    unbounded = RankPolicy(starvation=starvation)
+    fresh = [RankState(f"u{i}", float(i), score=1.0, waited_iters=5) for i in range(5)]
+    unbounded.observe_step(fresh, {})
+    assert all(s.aged for s in fresh)
+
+
+def test_preemption_patience_lets_only_long_waiters_evict() -> None:
+    policy = RankPolicy(starvation=None, preemption_patience=3)
+    running = [RankState("long", 0.0, score=90.0)]
+    eager = RankState("eager", 1.0, score=1.0, waited_iters=2)
+    assert policy.preemption_victims([eager], running, free_seats=0, max_victims=1) == []
+    eager.waited_iters = 3
+    assert policy.preemption_victims([eager], running, free_seats=0, max_victims=1) == running
+    promoted = RankState("promoted", 2.0, score=95.0, promoted_left=1)
+    assert policy.preemption_victims([promoted], running, free_seats=0, max_victims=1) == running
+
+
 def test_policy_config_round_trip_and_clear_errors() -> None:
     for config in (PolicyConfig(), PolicyConfig(name="mlfq", starvation=None, mlfq_base_quantum=8),
-                   PolicyConfig(name="priority", priority_levels_per_unit=0.5)):
+                   PolicyConfig(name="priority", priority_levels_per_unit=0.5),
+                   PolicyConfig(starvation=StarvationConfig(50, 5, aged_share=0.5), preemption_patience=0),
+                   PolicyConfig(starvation=StarvationConfig(aged_share=None, keep_seat=False))):
         assert PolicyConfig.from_mapping(config.to_mapping()) == config
     assert isinstance(PolicyConfig(name="fcfs").build(), FCFSPolicy)
     assert PolicyConfig.from_mapping({"starvation": {"threshold": 5}}).starvation == StarvationConfig(5, 10)
+    assert PolicyConfig.from_mapping({"starvation": {"aged_share": 1}}).starvation == StarvationConfig(aged_share=1.0)
+    with pytest.raises(ValueError, match="aged_share must be in"):
+        PolicyConfig.from_mapping({"starvation": {"aged_share": 0}})
+    with pytest.raises(ValueError, match="aged_share must be a number"):
+        PolicyConfig.from_mapping({"starvation": {"aged_share": "half"}})
+    with pytest.raises(ValueError, match="keep_seat must be a bool"):
+        PolicyConfig.from_mapping({"starvation": {"keep_seat": "yes"}})
+    with pytest.raises(ValueError, match="preemption_patience must be >= 0"):
+        PolicyConfig.from_mapping({"preemption_patience": -1})
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         PolicyConfig.from_mapping({"name": "sjf"})
     with pytest.raises(ValueError, match="unknown policy config key"):

@@ -12,6 +12,7 @@ from ltr.sim import (
     EngineLimits,
     HardwareProfile,
     SimRequest,
+    SimResult,
     StepTimeModel,
     a100_llama3_8b,
     build_requests,
@@ -31,8 +32,10 @@ def unit_profile(max_num_seqs: int = 1, num_kv_blocks: int = 10_000, budget: int
 
 
 def run(requests: list[SimRequest], name: str, profile: HardwareProfile | None = None,
-        starvation: StarvationConfig | None = None, **cluster) -> dict[str, float]:
-    config = ClusterConfig(policy=PolicyConfig(name=name, starvation=starvation), **cluster)
+        starvation: StarvationConfig | None = None, preemption_patience: int = 0,
+        **cluster) -> SimResult:
+    policy = PolicyConfig(name=name, starvation=starvation, preemption_patience=preemption_patience)
+    config = ClusterConfig(policy=policy, **cluster)
     return simulate(requests, profile or unit_profile(), config, seed=0)
 
 
@@ -61,6 +64,15 @@ def test_rank_preemption_hand_computed() -> None:
     assert ltr.summary()["mean_per_token_latency"] == pytest.approx(4.55 / 3)
     assert {r.request_id: r.finish for r in fcfs.records} == {"r0": 10.0, "r1": 12.0, "r2": 13.0}
     assert fcfs.summary()["mean_per_token_latency"] == pytest.approx((10 / 10 + 11.5 / 2 + 12.5 / 1) / 3)
+
+
+def test_preemption_patience_delays_the_eviction() -> None:
+    # As above, but C may only evict A after waiting 2 whole iterations (steps 1-2 and 2-3 end with
+    # C unscheduled): A is evicted at t=3, C ends 4, B runs next and ends 6, A re-prefills and ends 13.
+    reqs = build_requests([1, 1, 1], [10, 2, 1], [0.0, 0.5, 0.5], scores=[10.0, 2.0, 1.0])
+    patient = run(reqs, "ltr", preemption_patience=2)
+    assert {r.request_id: r.finish for r in patient.records} == {"r2": 4.0, "r1": 6.0, "r0": 13.0}
+    assert patient.rank_preemptions == 1
 
 
 def test_priority_orders_waiting_but_never_preempts() -> None:
@@ -105,6 +117,25 @@ def test_out_of_kv_preempts_worst_ranked_and_completes() -> None:
     assert res.kv_preemptions >= 1
     assert by_id["r0"].preemptions >= 1 and by_id["r1"].preemptions == 0   # the worse-ranked one is evicted
     assert all(r.generated == r.output_len for r in res.records)
+
+
+@pytest.mark.parametrize(("c_prompt", "num_kv_blocks", "prefix_caching", "a_finish"), [
+    (1, 100, True, 13.0),    # both of A's full blocks survive: only its 9th token is recomputed
+    (1, 100, False, 22.0),   # no prefix caching: A re-prefills all 9 tokens
+    (12, 4, True, 29.0),     # C's 3-block prompt pops A's last block off the free queue: 5 recomputed
+])
+def test_recompute_reuses_the_evicted_prefix_left_in_the_free_queue(
+        c_prompt: int, num_kv_blocks: int, prefix_caching: bool, a_finish: float) -> None:
+    # 1 s per step + 1 s per prefill token; one seat; 4-token blocks. A (8-token prompt) runs its prefill
+    # t=0-9; C (better-ranked) arrives at 0.5 and evicts A at t=9 (A has 8 computed tokens = 2 full
+    # blocks and 1 generated); C's prefill + token take 1 + c_prompt s; then A resumes and decodes.
+    profile = HardwareProfile("unit", StepTimeModel(a=1.0, b=1.0, c=0.0, d=0.0),
+                              EngineLimits(max_num_seqs=1, max_num_batched_tokens=1000,
+                                           num_kv_blocks=num_kv_blocks, block_size=4,
+                                           prefix_caching=prefix_caching))
+    reqs = build_requests([8, c_prompt], [3, 1], [0.0, 0.5], scores=[10.0, 1.0])
+    finish = {r.request_id: r.finish for r in run(reqs, "ltr", profile).records}
+    assert finish == {"r1": 9.0 + 1 + c_prompt, "r0": a_finish}
 
 
 def _random_trace(n: int, seed: int, rate: float = 40.0) -> list[SimRequest]:

@@ -37,7 +37,7 @@ ENGINE_SETTINGS: dict[str, Any] = {
     "seed": 0,
 }
 # A fixed policy for most tests: no aging, so order is pure rank.
-PLAIN_LTR = PolicyConfig(name="ltr", starvation=None)
+PLAIN_LTR = PolicyConfig(name="ltr", starvation=None, preemption_patience=0)
 
 
 @dataclass(frozen=True)

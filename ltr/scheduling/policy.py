@@ -45,6 +45,8 @@ class RankState:
     served_tokens: int = 0
     waited_iters: int = 0
     promoted_left: int = 0
+    #: Set at the first promotion and kept (see StarvationConfig).
+    aged: bool = False
 
     @property
     def promoted(self) -> bool:
@@ -53,16 +55,33 @@ class RankState:
 
 @dataclass(frozen=True)
 class StarvationConfig:
-    """Aging rule: `threshold` unscheduled iterations in a row earn `quantum` promoted iterations."""
+    """Aging rule: `threshold` unscheduled iterations in a row earn `quantum` promoted iterations.
+
+    A promoted request becomes *aged*. With `keep_seat` it is never rank-preempted afterwards, so the
+    service its promotion started is not thrown away (evict + recompute) when the quantum ends. At most
+    `aged_share` of the batch's seats (at least one) are held by aged requests at a time, so under
+    overload aging serves the longest-waiting requests steadily instead of handing the whole batch
+    back to FCFS order. The paper's rule is `keep_seat=False, aged_share=None` (no cap).
+    """
 
     threshold: int = 200
     quantum: int = 10
+    aged_share: float | None = 0.25
+    keep_seat: bool = True
 
     def __post_init__(self) -> None:
         if self.threshold < 1:
             raise ValueError(f"starvation threshold must be >= 1, got {self.threshold}")
         if self.quantum < 1:
             raise ValueError(f"starvation quantum must be >= 1, got {self.quantum}")
+        if self.aged_share is not None and (isinstance(self.aged_share, bool) or not 0 < self.aged_share <= 1):
+            raise ValueError(f"starvation aged_share must be in (0, 1] or null, got {self.aged_share!r}")
+
+    def max_aged(self, max_num_seqs: int | None) -> float:
+        """Aged requests allowed in flight at once for a batch of `max_num_seqs` seats."""
+        if self.aged_share is None or max_num_seqs is None:
+            return math.inf
+        return max(1, math.floor(self.aged_share * max_num_seqs))
 
 
 @dataclass
@@ -81,8 +100,11 @@ class SchedulingPolicy(ABC):
     #: Whether a better-ranked waiting request may evict a running one.
     preempts_running: bool = False
 
-    def __init__(self, starvation: StarvationConfig | None = None) -> None:
+    def __init__(self, starvation: StarvationConfig | None = None, preemption_patience: int = 0,
+                 max_num_seqs: int | None = None) -> None:
         self.starvation = starvation
+        self.preemption_patience = preemption_patience
+        self.max_aged = starvation.max_aged(max_num_seqs) if starvation else math.inf
         self.stats = PolicyStats()
 
     @abstractmethod
@@ -97,8 +119,15 @@ class SchedulingPolicy(ABC):
         return sorted(states, key=self.sort_key)
 
     def observe_step(self, states: Iterable[RankState], scheduled: dict[str, int]) -> None:
-        """Account one iteration. `scheduled` maps request id -> tokens scheduled for it this step."""
+        """Account one iteration. `scheduled` maps request id -> tokens scheduled for it this step.
+
+        `states` must be every request the engine holds (waiting and running): the aged-seat cap counts
+        aged requests among them. When the cap is reached, the longest waiters are promoted first.
+        """
         self.stats.steps += 1
+        states = list(states)
+        aged_in_flight = sum(1 for s in states if s.aged)
+        starving: list[RankState] = []
         for state in states:
             tokens = scheduled.get(state.request_id, 0)
             if tokens > 0:
@@ -109,9 +138,17 @@ class SchedulingPolicy(ABC):
                 continue
             state.waited_iters += 1
             if self.starvation and not state.promoted and state.waited_iters >= self.starvation.threshold:
-                state.promoted_left = self.starvation.quantum
-                state.waited_iters = 0
-                self.stats.promotions += 1
+                starving.append(state)
+        starving.sort(key=lambda s: (-s.waited_iters, s.arrival))
+        for state in starving:
+            if not state.aged:
+                if aged_in_flight >= self.max_aged:
+                    continue
+                aged_in_flight += 1
+                state.aged = True
+            state.promoted_left = self.starvation.quantum
+            state.waited_iters = 0
+            self.stats.promotions += 1
 
     def preemption_victims(
         self,
@@ -124,12 +161,17 @@ class SchedulingPolicy(ABC):
 
         `free_seats` is how many waiting requests fit without evicting anyone (batch slots and KV
         blocks, as the caller measures them). The worst running request is evicted for each waiting
-        request beyond that which strictly outranks it, at most `max_victims` per step.
+        request beyond that which strictly outranks it and has waited `preemption_patience`
+        iterations (promoted ones need not wait), at most `max_victims` per step. Aged requests are
+        not victims when the starvation rule keeps their seat. Patience matters because eviction is recompute: a seat usually frees within a
+        few iterations, and re-prefilling the victim costs every request in the batch.
         """
         if not self.preempts_running or max_victims <= 0:
             return []
-        blocked = self.order(waiting)[max(free_seats, 0):]
-        worst_first = sorted(running, key=self.sort_key, reverse=True)
+        blocked = [s for s in self.order(waiting)[max(free_seats, 0):]
+                   if s.promoted or s.waited_iters >= self.preemption_patience]
+        keep_seat = self.starvation is not None and self.starvation.keep_seat
+        worst_first = sorted((s for s in running if not (keep_seat and s.aged)), key=self.sort_key, reverse=True)
         victims: list[RankState] = []
         for candidate, victim in zip(blocked, worst_first):
             if len(victims) >= max_victims or self.sort_key(candidate) >= self.sort_key(victim):
@@ -177,8 +219,9 @@ class MLFQPolicy(SchedulingPolicy):
     preempts_running = True
 
     def __init__(self, base_quantum: int = 32, num_levels: int = 8, skip_join: bool = True,
-                 starvation: StarvationConfig | None = None) -> None:
-        super().__init__(starvation=starvation)
+                 starvation: StarvationConfig | None = None, preemption_patience: int = 0,
+                 max_num_seqs: int | None = None) -> None:
+        super().__init__(starvation, preemption_patience, max_num_seqs)
         if base_quantum < 1 or num_levels < 1:
             raise ValueError("MLFQ needs base_quantum >= 1 and num_levels >= 1")
         self.base_quantum = base_quantum
@@ -226,24 +269,29 @@ class PolicyConfig:
     mlfq_base_quantum: int = 32
     mlfq_skip_join: bool = True
     priority_levels_per_unit: float = 1.0
+    preemption_patience: int = 100
 
     def __post_init__(self) -> None:
         if self.name not in ("fcfs", "priority", "mlfq", "ltr"):
             raise ValueError(f"unknown scheduling policy {self.name!r}; choose fcfs, priority, mlfq or ltr")
         if self.max_preemptions_per_step < 0:
             raise ValueError("max_preemptions_per_step must be >= 0")
+        if self.preemption_patience < 0:
+            raise ValueError("preemption_patience must be >= 0")
         if self.mlfq_base_quantum < 1:
             raise ValueError("mlfq_base_quantum must be >= 1")
 
-    _FIELDS = ("name", "starvation", "max_preemptions_per_step", "mlfq_base_quantum", "mlfq_skip_join",
-               "priority_levels_per_unit")
+    _FIELDS = ("name", "starvation", "max_preemptions_per_step", "preemption_patience", "mlfq_base_quantum",
+               "mlfq_skip_join", "priority_levels_per_unit")
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain JSON-able dict (what travels in vLLM's `additional_config`)."""
         starvation = None if self.starvation is None else {
-            "threshold": self.starvation.threshold, "quantum": self.starvation.quantum}
+            "threshold": self.starvation.threshold, "quantum": self.starvation.quantum,
+            "aged_share": self.starvation.aged_share, "keep_seat": self.starvation.keep_seat}
         return {"name": self.name, "starvation": starvation,
                 "max_preemptions_per_step": self.max_preemptions_per_step,
+                "preemption_patience": self.preemption_patience,
                 "mlfq_base_quantum": self.mlfq_base_quantum, "mlfq_skip_join": self.mlfq_skip_join,
                 "priority_levels_per_unit": self.priority_levels_per_unit}
 
@@ -263,36 +311,58 @@ class PolicyConfig:
             if raw is None or raw is False:
                 kwargs["starvation"] = None
             elif isinstance(raw, Mapping):
-                extra = sorted(set(raw) - {"threshold", "quantum"})
+                allowed = ["threshold", "quantum", "aged_share", "keep_seat"]
+                extra = sorted(set(raw) - set(allowed))
                 if extra:
-                    raise ValueError(f"unknown starvation key(s) {extra}; allowed: ['threshold', 'quantum']")
-                kwargs["starvation"] = StarvationConfig(
-                    **{k: _strict_int(f"starvation.{k}", v) for k, v in raw.items()})
+                    raise ValueError(f"unknown starvation key(s) {extra}; allowed: {allowed}")
+                values: dict[str, Any] = {k: _strict_int(f"starvation.{k}", raw[k])
+                                          for k in ("threshold", "quantum") if k in raw}
+                if raw.get("aged_share") is not None:
+                    values["aged_share"] = _number("starvation.aged_share", raw["aged_share"])
+                elif "aged_share" in raw:
+                    values["aged_share"] = None
+                if "keep_seat" in raw:
+                    values["keep_seat"] = _strict_bool("starvation.keep_seat", raw["keep_seat"])
+                kwargs["starvation"] = StarvationConfig(**values)
             else:
-                raise ValueError("starvation must be null or {'threshold': int, 'quantum': int}")
-        for key in ("max_preemptions_per_step", "mlfq_base_quantum"):
+                raise ValueError("starvation must be null or a mapping with keys threshold (int), "
+                                 "quantum (int), aged_share (float or null), keep_seat (bool)")
+        for key in ("max_preemptions_per_step", "preemption_patience", "mlfq_base_quantum"):
             if key in data:
                 kwargs[key] = _strict_int(key, data[key])
         if "mlfq_skip_join" in data:
-            if not isinstance(data["mlfq_skip_join"], bool):
-                raise ValueError("mlfq_skip_join must be a bool")
-            kwargs["mlfq_skip_join"] = data["mlfq_skip_join"]
+            kwargs["mlfq_skip_join"] = _strict_bool("mlfq_skip_join", data["mlfq_skip_join"])
         if "priority_levels_per_unit" in data:
-            value = data["priority_levels_per_unit"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            value = _number("priority_levels_per_unit", data["priority_levels_per_unit"])
+            if not value > 0:
                 raise ValueError("priority_levels_per_unit must be a positive number")
-            kwargs["priority_levels_per_unit"] = float(value)
+            kwargs["priority_levels_per_unit"] = value
         return cls(**kwargs)
 
-    def build(self) -> SchedulingPolicy:
+    def build(self, max_num_seqs: int | None = None) -> SchedulingPolicy:
+        """The policy object; `max_num_seqs` (the engine's batch seats) sizes the aged-seat cap."""
         if self.name == "fcfs":
             return FCFSPolicy()
         if self.name == "priority":
             return PriorityPolicy(self.priority_levels_per_unit)
         if self.name == "mlfq":
             return MLFQPolicy(self.mlfq_base_quantum, skip_join=self.mlfq_skip_join,
-                              starvation=self.starvation)
-        return RankPolicy(starvation=self.starvation)
+                              starvation=self.starvation, preemption_patience=self.preemption_patience,
+                              max_num_seqs=max_num_seqs)
+        return RankPolicy(starvation=self.starvation, preemption_patience=self.preemption_patience,
+                          max_num_seqs=max_num_seqs)
+
+
+def _strict_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be a bool, got {value!r}")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _strict_int(key: str, value: Any) -> int:

@@ -166,7 +166,7 @@ class RankScheduler(Scheduler):
                 f"scheduling_policy='fcfs' (got {self.policy.value!r}). Use vLLM's own scheduler for "
                 "the 'priority' baseline (ltr.scheduling.engine.engine_args does this).")
         self.adapter_config = AdapterConfig.from_additional_config(self.vllm_config.additional_config)
-        self.rank_policy: SchedulingPolicy = self.adapter_config.policy.build()
+        self.rank_policy: SchedulingPolicy = self.adapter_config.policy.build(self.max_num_running_reqs)
         self.max_preemptions_per_step = self.adapter_config.policy.max_preemptions_per_step
         self.rank_states: dict[str, RankState] = {}
         self.counters = AdapterCounters()
@@ -301,7 +301,7 @@ class RankScheduler(Scheduler):
             raise TypeError(f"set_policy expects a PolicyConfig, got {type(config).__name__}")
         self.adapter_config = AdapterConfig(config, self.adapter_config.stats_path,
                                             self.adapter_config.stats_every)
-        self.rank_policy = config.build()
+        self.rank_policy = config.build(self.max_num_running_reqs)
         self.max_preemptions_per_step = config.max_preemptions_per_step
         self.rank_states.clear()
         self.counters = AdapterCounters()

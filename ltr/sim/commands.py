@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ltr.scheduling.policy import PolicyConfig, StarvationConfig
+
 DEFAULT_CALIBRATION = Path("benchmarks/results/sim_calibration_cpu.json")
 
 
@@ -27,7 +29,6 @@ def _simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ltr.data import read_trace
-    from ltr.scheduling.policy import PolicyConfig, StarvationConfig
     from ltr.sim import ClusterConfig, a100_llama3_8b, build_requests, load_profile, poisson_arrivals, simulate
 
     profile = a100_llama3_8b() if args.profile == "a100-llama3-8b" else load_profile(Path(args.profile))
@@ -51,9 +52,12 @@ def _simulate(args: argparse.Namespace) -> int:
     arrivals = (np.zeros(len(rows)) if args.rate <= 0
                 else poisson_arrivals(len(rows), args.rate, np.random.default_rng(args.seed)))
     requests = build_requests([max(int(r["prompt_len"]), 1) for r in rows], output_lens, arrivals, scores=scores)
-    starvation = None if args.no_starvation else StarvationConfig(args.starvation_threshold, args.starvation_quantum)
-    config = ClusterConfig(num_replicas=args.replicas, router=args.router,
-                           policy=PolicyConfig(name=args.policy, starvation=starvation))
+    starvation = None if args.no_starvation else StarvationConfig(
+        args.starvation_threshold, args.starvation_quantum, args.aged_share)
+    policy = PolicyConfig(name=args.policy, starvation=starvation,
+                          max_preemptions_per_step=args.max_preemptions_per_step,
+                          preemption_patience=args.preemption_patience)
+    config = ClusterConfig(num_replicas=args.replicas, router=args.router, policy=policy)
     result = simulate(requests, profile, config, seed=args.seed)
     print(json.dumps({"profile": profile.name, "policy": args.policy, "scores": args.scores, "rate": args.rate,
                       "replicas": args.replicas, "router": args.router, **result.summary()}, indent=2))
@@ -79,8 +83,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--router", choices=("least_work", "pow2"), default="least_work")
     p.add_argument("--limit", type=int, default=0, help="first N trace rows (0 = all)")
     p.add_argument("--max-output", type=int, default=0, help="cap output lengths (0 = no cap)")
-    p.add_argument("--starvation-threshold", type=int, default=200)
-    p.add_argument("--starvation-quantum", type=int, default=10)
+    p.add_argument("--starvation-threshold", type=int, default=StarvationConfig.threshold)
+    p.add_argument("--starvation-quantum", type=int, default=StarvationConfig.quantum)
+    p.add_argument("--aged-share", type=float, default=StarvationConfig.aged_share,
+                   help="most seats aged (promoted) requests may hold at once, as a share of max_num_seqs")
     p.add_argument("--no-starvation", action="store_true")
+    p.add_argument("--max-preemptions-per-step", type=int, default=PolicyConfig.max_preemptions_per_step)
+    p.add_argument("--preemption-patience", type=int, default=PolicyConfig.preemption_patience,
+                   help="iterations a better-ranked request waits before it may evict a running one")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)

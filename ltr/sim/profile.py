@@ -53,6 +53,9 @@ class EngineLimits:
     block_size: int = 16
     #: vLLM's `long_prefill_token_threshold` (0 = off): caps one request's prefill chunk per step.
     long_prefill_token_threshold: int = 0
+    #: vLLM's automatic prefix caching (on by default in V1): a preempted request's full KV blocks stay
+    #: reusable in the free-block queue until allocation reaches them, so its recompute may be short.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

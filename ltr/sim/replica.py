@@ -14,7 +14,10 @@ Each `step()` mirrors vLLM V1's scheduler as the LTR adapter (ltr/scheduling/vll
    length sample one token; `policy.observe_step()` updates served tokens and starvation state.
 
 Preemption is by recompute, as in vLLM V1: the victim keeps its generated tokens, drops its KV blocks and
-later re-prefills prompt + generated tokens.
+later re-prefills prompt + generated tokens. With prefix caching (vLLM's default) freed blocks join the tail of
+a FIFO free-block queue, the victim's last block first, and keep their contents until allocation pops them
+from the head; on re-admission the victim's surviving full-block prefix is reused and only the rest is
+recomputed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class SimSeq:
     #: Longest run of consecutive steps this request sat unscheduled while in the replica.
     max_idle_steps: int = 0
     scheduled_tokens: int = 0
+    #: Where this request's blocks went in the free-block queue when it was last preempted:
+    #: (queue tail position before the push, blocks pushed, full blocks among them).
+    evicted_at: tuple[int, int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +84,7 @@ class Replica:
         self.index = index
         self.profile = profile
         self.limits = profile.limits
-        self.policy: SchedulingPolicy = policy_config.build()
+        self.policy: SchedulingPolicy = policy_config.build(profile.limits.max_num_seqs)
         self.max_victims = policy_config.max_preemptions_per_step
         self.waiting: dict[str, SimSeq] = {}
         self.running: dict[str, SimSeq] = {}
@@ -86,6 +92,9 @@ class Replica:
         self.stats = ReplicaStats()
         self.record_shapes = record_shapes
         self.outstanding_work = 0.0
+        # Free-block queue positions: blocks ever pushed to its tail / ever popped from its head.
+        self._pushed = self.limits.num_kv_blocks
+        self._popped = 0
 
     # -- queue -------------------------------------------------------------------------------------
     def add(self, seq: SimSeq) -> None:
@@ -111,13 +120,33 @@ class Replica:
     def _ordered(self, seqs: dict[str, SimSeq]) -> list[SimSeq]:
         return [seqs[s.request_id] for s in self.policy.order(s.state for s in seqs.values())]
 
+    def _allocate(self, seq: SimSeq, blocks: int) -> None:
+        self.free_blocks -= blocks
+        self._popped += blocks
+        seq.blocks += blocks
+
+    def _release(self, seq: SimSeq) -> None:
+        self.free_blocks += seq.blocks
+        self._pushed += seq.blocks
+        seq.blocks = 0
+
     def _preempt(self, seq: SimSeq) -> None:
         del self.running[seq.req.request_id]
-        self.free_blocks += seq.blocks
-        seq.blocks = 0
+        seq.evicted_at = (self._pushed, seq.blocks, seq.computed // self.limits.block_size)
+        self._release(seq)
         seq.computed = 0
         seq.preemptions += 1
         self.waiting[seq.req.request_id] = seq
+
+    def _cached_prefix_blocks(self, seq: SimSeq) -> int:
+        """Full blocks of an evicted request that allocation has not reached yet (reusable on re-admission)."""
+        if seq.evicted_at is None or not self.limits.prefix_caching:
+            return 0
+        tail, pushed, full = seq.evicted_at
+        # Pushed last-block-first, so prefix block k sits at queue position tail + pushed - 1 - k.
+        alive = min(full, max(0, tail + pushed - self._popped))
+        # vLLM always recomputes at least the last token.
+        return min(alive, (seq.num_tokens - 1) // self.limits.block_size)
 
     def _chunk(self, seq: SimSeq, token_budget: int, multiple: bool) -> int:
         num_new = seq.num_tokens - seq.computed
@@ -190,8 +219,7 @@ class Replica:
                     break
             if evicted_self:
                 break
-            self.free_blocks -= need
-            seq.blocks += need
+            self._allocate(seq, need)
             scheduled[seq.req.request_id] = num_new
             token_budget -= num_new
             i += 1
@@ -205,14 +233,19 @@ class Replica:
                     break
                 if seq.req.request_id in sitting_out:
                     continue
+                cached = self._cached_prefix_blocks(seq)
+                seq.computed = cached * limits.block_size
                 num_new = self._chunk(seq, token_budget, multiple)
-                need = self._blocks_for(num_new)
-                if need > self.free_blocks:
+                need = self._blocks_for(seq.computed + num_new) - cached
+                if cached + need > self.free_blocks:
+                    seq.computed = 0
                     break
                 del self.waiting[seq.req.request_id]
                 self.running[seq.req.request_id] = seq
-                self.free_blocks -= need
-                seq.blocks = need
+                seq.evicted_at = None
+                self.free_blocks -= cached   # reused in place: not popped from the queue head
+                seq.blocks = cached
+                self._allocate(seq, need)
                 scheduled[seq.req.request_id] = num_new
                 token_budget -= num_new
 
@@ -252,8 +285,7 @@ class Replica:
                     finished.append(seq)
         for seq in finished:
             del self.running[seq.req.request_id]
-            self.free_blocks += seq.blocks
-            seq.blocks = 0
+            self._release(seq)
 
         self.policy.observe_step([s.state for s in present], scheduled)
         self.stats.steps += 1
