@@ -178,6 +178,20 @@ async def overhead_pairs(url: str, model: str, model_path: str, prompts: list[st
         llm.shutdown()
 
 
+async def engine_stats(url: str, replicas: int, tries: int = 12) -> dict[str, dict]:
+    """Each engine replica's scheduler counters (the router picks which replica answers; ask until all did)."""
+    import httpx
+
+    seen: dict[str, dict] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for _ in range(tries):
+            if len(seen) >= replicas:
+                break
+            stats = (await http.get("/v1/ltr/engine_stats")).json()
+            seen[stats["replica"]] = {"counters": stats["counters"], "scheduler": stats["scheduler"]}
+    return seen
+
+
 async def sequential(url: str, model: str, prompts: list[str], max_tokens: int) -> list[float]:
     import httpx
 
@@ -223,8 +237,9 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-requests", type=int, default=40)
-    parser.add_argument("--rate", type=float, default=0.6, help="Poisson arrival rate (requests/s)")
+    parser.add_argument("--num-requests", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=1.6,
+                        help="Poisson arrival rate (requests/s); 2 replicas saturate near 1.1")
     parser.add_argument("--max-tokens", type=int, default=96, help="cap on each request's output length")
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
     parser.add_argument("--replicas", type=int, default=2)
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             results, wall = asyncio.run(replay(url, model_name, trace, oracle))
             summary = summarize(results, wall)
             summary["deploy_s"] = deploy_s
+            summary["engines"] = asyncio.run(engine_stats(url, args.replicas))
             report["configs"][name] = summary
             print(f"{name}: mean {summary['mean_latency_s']:.2f}s p90 {summary['p90_latency_s']:.2f}s "
                   f"ttft {summary['mean_ttft_s']:.2f}s ok {summary['succeeded']}/{summary['requests']} "

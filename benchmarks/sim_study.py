@@ -24,7 +24,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +53,22 @@ class Variant:
     scores: str   # "none" | "pred" | "oracle"
 
 
-def variants(threshold: int = 200, quantum: int = 10) -> list[Variant]:
-    starve = StarvationConfig(threshold, quantum)
+#: The paper's aging rule: promoted for the quantum, then evictable again; no cap; immediate rank preemption.
+PAPER_RULE = PolicyConfig(name="ltr", starvation=StarvationConfig(200, 10, aged_share=None, keep_seat=False),
+                          preemption_patience=0)
+
+
+def variants() -> list[Variant]:
+    """`ltr` is the project's default PolicyConfig; the others change one thing each."""
     return [
         Variant("fcfs", PolicyConfig(name="fcfs"), "none"),
         Variant("priority", PolicyConfig(name="priority"), "pred"),
         Variant("mlfq", PolicyConfig(name="mlfq", starvation=None), "none"),
-        Variant("ltr", PolicyConfig(name="ltr", starvation=starve), "pred"),
+        Variant("ltr", PolicyConfig(name="ltr"), "pred"),
+        Variant("ltr-paper-rule", PAPER_RULE, "pred"),
         Variant("ltr-no-starvation", PolicyConfig(name="ltr", starvation=None), "pred"),
-        Variant("ltr-no-rank-preempt", PolicyConfig(name="ltr", starvation=starve, max_preemptions_per_step=0), "pred"),
-        Variant("oracle-sjf", PolicyConfig(name="ltr", starvation=starve), "oracle"),
+        Variant("ltr-no-rank-preempt", PolicyConfig(name="ltr", max_preemptions_per_step=0), "pred"),
+        Variant("oracle-sjf", PolicyConfig(name="ltr", starvation=None), "oracle"),
     ]
 
 
@@ -136,6 +142,7 @@ def main() -> int:
     taus = [0.3, 0.55, 0.9] if args.quick else [0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9]
     thresholds = [50, 200, 1000] if args.quick else [25, 50, 100, 200, 400, 1000]
     quanta = [10] if args.quick else [5, 10, 40]
+    aged_shares = [0.125, 0.5] if args.quick else [0.0625, 0.125, 0.5, 1.0]
     replica_counts = [1, 4, 16] if args.quick else [1, 4, 16, 64]
     per_replica = 150 if args.quick else 250
     high = 64.0
@@ -156,9 +163,10 @@ def main() -> int:
     # 2. tau sensitivity (high and medium load)
     from scipy.stats import kendalltau
 
-    fcfs, ltr, ltr_np = variants()[0], variants()[3], variants()[5]
+    named = {v.label: v for v in variants()}
+    fcfs, ltr, ltr_np, paper = named["fcfs"], named["ltr"], named["ltr-no-rank-preempt"], named["ltr-paper-rule"]
     rows = []
-    for rate, variant in ((high, ltr), (high, ltr_np), (16.0, ltr)):
+    for rate, variant in ((high, ltr), (high, paper), (16.0, ltr)):
         base = run(wl, fcfs, n, rate, args.seed)
         for tau in taus:
             s = wl.with_tau(tau)
@@ -171,15 +179,22 @@ def main() -> int:
                          "ltr_p99_latency": r["p99_latency"], "fcfs_p99_latency": base["p99_latency"]})
     report["sections"]["tau"] = rows
 
-    # 3. starvation threshold x quantum (high load)
+    # 3. starvation threshold x quantum (high load), the project's rule and the paper's
     rows = []
-    for q in quanta:
-        for th in thresholds:
-            v = Variant(f"ltr-t{th}-q{q}", PolicyConfig(name="ltr", starvation=StarvationConfig(th, q)), "pred")
-            r = clean(run(wl, v, n, high, args.seed))
-            rows.append({"threshold": th, "quantum": q, **r})
-    r = clean(run(wl, variants()[4], n, high, args.seed))
-    rows.append({"threshold": None, "quantum": None, **r})
+    for rule in ("ours", "paper"):
+        for q in quanta:
+            for th in thresholds:
+                base = PolicyConfig() if rule == "ours" else PAPER_RULE
+                starvation = replace(base.starvation, threshold=th, quantum=q)
+                v = Variant(f"ltr-{rule}-t{th}-q{q}", replace(base, starvation=starvation), "pred")
+                r = clean(run(wl, v, n, high, args.seed))
+                rows.append({"rule": rule, "threshold": th, "quantum": q, **r})
+    for share in aged_shares:
+        v = Variant(f"ltr-aged-share-{share}", PolicyConfig(starvation=StarvationConfig(aged_share=share)), "pred")
+        rows.append({"rule": "ours", "threshold": 200, "quantum": 10, "aged_share": share,
+                     **clean(run(wl, v, n, high, args.seed))})
+    r = clean(run(wl, named["ltr-no-starvation"], n, high, args.seed))
+    rows.append({"rule": None, "threshold": None, "quantum": None, **r})
     report["sections"]["starvation"] = rows
 
     # 4. replicas x routers at a fixed per-replica rate
@@ -195,7 +210,7 @@ def main() -> int:
     # 5. synthetic data generation: one burst, completions within budgets
     burst = n
     results = {v.label: run(wl, v, burst, 0.0, args.seed)["_result"] for v in variants()
-               if v.label in ("fcfs", "ltr", "ltr-no-rank-preempt", "oracle-sjf", "mlfq")}
+               if v.label in ("fcfs", "ltr", "ltr-paper-rule", "oracle-sjf", "mlfq")}
     fcfs_makespan = results["fcfs"].makespan
     rows = []
     for frac in (0.05, 0.1, 0.25, 0.5, 1.0):
@@ -218,6 +233,10 @@ def main() -> int:
         / by[(top, "oracle-sjf")]["mean_per_token_latency"],
         "fcfs_over_ltr_no_rank_preempt_per_token_latency": by[(top, "fcfs")]["mean_per_token_latency"]
         / by[(top, "ltr-no-rank-preempt")]["mean_per_token_latency"],
+        "fcfs_over_ltr_paper_rule_per_token_latency": by[(top, "fcfs")]["mean_per_token_latency"]
+        / by[(top, "ltr-paper-rule")]["mean_per_token_latency"],
+        "ltr_over_fcfs_p99_latency": by[(top, "ltr")]["p99_latency"] / by[(top, "fcfs")]["p99_latency"],
+        "ltr_over_fcfs_throughput": by[(top, "ltr")]["throughput_tok_s"] / by[(top, "fcfs")]["throughput_tok_s"],
         "fcfs_over_priority_per_token_latency": by[(top, "fcfs")]["mean_per_token_latency"]
         / by[(top, "priority")]["mean_per_token_latency"],
         "synthetic_ltr_over_fcfs_at_5pct_budget": report["sections"]["synthetic"][0]["ltr_over_fcfs"],
@@ -267,12 +286,19 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=7)
 
     ax = axes[0, 2]
-    for q in dict.fromkeys(r["quantum"] for r in s["starvation"] if r["quantum"] is not None):
-        pts = [(r["mean_per_token_latency"], r["p99_latency"], r["threshold"]) for r in s["starvation"]
-               if r["quantum"] == q]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"quantum {q}")
+    sweep = [r for r in s["starvation"] if r["quantum"] is not None and "aged_share" not in r]
+    for key in dict.fromkeys((r["rule"], r["quantum"]) for r in sweep):
+        pts = [(r["mean_per_token_latency"], r["p99_latency"], r["threshold"]) for r in sweep
+               if (r["rule"], r["quantum"]) == key]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} rule, quantum {key[1]}")
         for x, y, th in pts:
             ax.annotate(str(th), (x, y), fontsize=6)
+    shares = [r for r in s["starvation"] if "aged_share" in r]
+    if shares:
+        ax.plot([r["mean_per_token_latency"] for r in shares], [r["p99_latency"] for r in shares], marker="s",
+                ls=":", label="ours, aged_share sweep")
+        for r in shares:
+            ax.annotate(f"share {r['aged_share']}", (r["mean_per_token_latency"], r["p99_latency"]), fontsize=6)
     off = [r for r in s["starvation"] if r["quantum"] is None]
     if off:
         ax.scatter([off[0]["mean_per_token_latency"]], [off[0]["p99_latency"]], marker="x", c="r", label="no starvation")
@@ -306,7 +332,9 @@ def plot(report: dict, path: Path) -> None:
         f"at {h['rate']} req/s: FCFS/LTR per-token latency {h['fcfs_over_ltr_per_token_latency']:.2f}x "
         f"(paper {PAPER['chatbot_per_token_latency_gain']}x)",
         f"FCFS/oracle {h['fcfs_over_oracle_per_token_latency']:.2f}x, LTR/oracle {h['ltr_over_oracle_per_token_latency']:.2f}x",
-        f"FCFS/LTR without rank preemption {h['fcfs_over_ltr_no_rank_preempt_per_token_latency']:.2f}x",
+        f"FCFS/LTR without rank preemption {h['fcfs_over_ltr_no_rank_preempt_per_token_latency']:.2f}x, "
+        f"with the paper's aging rule {h['fcfs_over_ltr_paper_rule_per_token_latency']:.2f}x",
+        f"LTR/FCFS p99 latency {h['ltr_over_fcfs_p99_latency']:.2f}x, throughput {h['ltr_over_fcfs_throughput']:.2f}x",
         f"synthetic, 5% / 10% budget: LTR/FCFS completions {h['synthetic_ltr_over_fcfs_at_5pct_budget']:.2f}x / "
         f"{h['synthetic_ltr_over_fcfs_at_10pct_budget']:.2f}x "
         f"(paper {PAPER['synthetic_throughput_gain']}x)",
