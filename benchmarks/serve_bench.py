@@ -2,15 +2,15 @@
 
     python benchmarks/serve_bench.py [--num-requests 60 --rate 1.0 --max-tokens 128 ...]
 
-Replays a Poisson-arrival trace of ShareGPT test-split prompts (output lengths from the real answers,
-reproduced exactly with `ignore_eos`, capped at --max-tokens) against the running Serve app, once per
-configuration, all on the same trace:
+Replays a Poisson-arrival trace of ShareGPT test-split prompts (output length = the real answer's length
+÷ --length-scale, capped at --max-tokens, reproduced exactly with `ignore_eos`) against the running Serve
+app, once per configuration, all on the same trace:
 
 - `ltr+least_work`: rank scheduler in the engines, least-predicted-work router (the project's design);
 - `fcfs+least_work`: vLLM's FCFS scheduler, same router — the scheduler's gain end to end;
 - `ltr+pow2`: rank scheduler, Ray Serve's default power-of-two-choices router — the router's gain.
 
-Then the HTTP+router overhead at low load: the same prompts one at a time through HTTP versus a bare
+Then the HTTP+router overhead at low load: the first trace requests one at a time through HTTP versus a bare
 `AsyncLLM` in this process. Scores come from the predictor application when its artifact is loaded,
 else (or with --scores oracle) from the true lengths via the ingress's score-override headers
 (recorded in the output). Results: benchmarks/results/serve_bench.{json,png}.
@@ -66,8 +66,13 @@ class Result:
     error: str | None = None
 
 
-def build_trace(num: int, rate: float, max_tokens: int, max_prompt_tokens: int, seed: int) -> list[TraceRequest]:
-    """ShareGPT test-split prompts with their real answer lengths and Poisson arrival times."""
+def build_trace(num: int, rate: float, max_tokens: int, max_prompt_tokens: int, seed: int,
+                length_scale: float) -> list[TraceRequest]:
+    """ShareGPT test-split prompts, answer lengths ÷ `length_scale` capped at `max_tokens`, Poisson arrivals.
+
+    Scaling keeps the lengths' order; a plain cap would make most requests the same length (ties), and
+    there would be nothing for a length ranking to do.
+    """
     from ltr.data import load_pairs, split_pairs
 
     test = [p for p in split_pairs(load_pairs()).test if 0 < p.prompt_len <= max_prompt_tokens]
@@ -77,7 +82,7 @@ def build_trace(num: int, rate: float, max_tokens: int, max_prompt_tokens: int, 
     for pair in chosen:
         arrival += rng.expovariate(rate)
         trace.append(TraceRequest(pair.conv_id, pair.prompt, pair.prompt_len,
-                                  max(1, min(pair.output_len, max_tokens)), arrival))
+                                  max(1, min(round(pair.output_len / length_scale), max_tokens)), arrival))
     return trace
 
 
@@ -143,7 +148,7 @@ async def replay(url: str, model: str, trace: list[TraceRequest], oracle: bool) 
         return list(results), time.perf_counter() - start
 
 
-async def overhead_pairs(url: str, model: str, model_path: str, prompts: list[str], max_tokens: int,
+async def overhead_pairs(url: str, model: str, model_path: str, requests: list[TraceRequest],
                          engine_kwargs: dict) -> tuple[list[float], list[float]]:
     """Each prompt through HTTP (whole Serve path, idle replicas) and on a bare in-process AsyncLLM
     (same engine settings, rank scheduler, no score), alternating so both see the same machine load."""
@@ -160,7 +165,7 @@ async def overhead_pairs(url: str, model: str, model_path: str, prompts: list[st
     http_lat, direct_lat = [], []
     try:
         async with httpx.AsyncClient(base_url=url, timeout=300) as http:
-            for i, prompt in enumerate(["Warm up."] + prompts):
+            for i, (prompt, max_tokens) in enumerate([("Warm up.", 8)] + [(r.prompt, r.output_len) for r in requests]):
                 t0 = time.perf_counter()
                 r = await http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
                                                               "ignore_eos": True, "temperature": 0})
@@ -240,14 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-requests", type=int, default=60)
     parser.add_argument("--rate", type=float, default=1.6,
                         help="Poisson arrival rate (requests/s); 2 replicas saturate near 1.1")
-    parser.add_argument("--max-tokens", type=int, default=96, help="cap on each request's output length")
+    parser.add_argument("--max-tokens", type=int, default=128, help="cap on each request's output length")
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--max-num-seqs", type=int, default=4, help="engine batch size (small: queues form)")
     parser.add_argument("--model", default="smollm2", help="'smollm2' or an HF folder")
     parser.add_argument("--scores", choices=["auto", "predictor", "oracle"], default="auto")
     parser.add_argument("--overhead-requests", type=int, default=8)
-    parser.add_argument("--overhead-max-tokens", type=int, default=32)
+    parser.add_argument("--length-scale", type=float, default=4.0,
+                        help="output length = true answer length / scale, then capped at --max-tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=0, help="Serve HTTP port (0: a free one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_bench.json")
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model_path = str(prepare_model()) if args.model == "smollm2" else args.model
     model_name = Path(model_path).name
-    trace = build_trace(args.num_requests, args.rate, args.max_tokens, args.max_prompt_tokens, args.seed)
+    trace = build_trace(args.num_requests, args.rate, args.max_tokens, args.max_prompt_tokens, args.seed,
+                        args.length_scale)
     predictor_present = (shipped_artifact_dir() / "config.json").is_file()
     oracle = args.scores == "oracle" or (args.scores == "auto" and not predictor_present)
     if args.scores == "predictor" and not predictor_present:
@@ -288,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                   "score_source": "oracle (log true length)" if oracle else "predictor deployment",
                   "transport": "HTTP, streaming SSE, ignore_eos with trace lengths"},
         "trace": {"split": "ShareGPT test", "num_requests": len(trace), "rate": args.rate, "seed": args.seed,
-                  "max_tokens": args.max_tokens, "max_prompt_tokens": args.max_prompt_tokens,
+                  "max_tokens": args.max_tokens, "length_scale": args.length_scale,
+                  "max_prompt_tokens": args.max_prompt_tokens,
                   "mean_output_tokens": statistics.fmean(r.output_len for r in trace),
                   "duration_s": trace[-1].arrival},
         "configs": {},
@@ -322,19 +330,19 @@ def main(argv: list[str] | None = None) -> None:
                   f"ttft {summary['mean_ttft_s']:.2f}s ok {summary['succeeded']}/{summary['requests']} "
                   f"per replica {summary['requests_per_replica']} ({wall:.0f}s)", flush=True)
         # Low load through the whole path, on the last deployed app (both replicas idle).
-        prompts = [r.prompt for r in trace[:args.overhead_requests]]
-        http_lat, direct_lat = asyncio.run(overhead_pairs(url, model_name, model_path, prompts,
-                                                          args.overhead_max_tokens, engine_kwargs))
+        sample = trace[:args.overhead_requests]
+        http_lat, direct_lat = asyncio.run(overhead_pairs(url, model_name, model_path, sample, engine_kwargs))
     finally:
         serve.shutdown()
         ray.shutdown()
     http_mean, direct_mean = statistics.fmean(http_lat), statistics.fmean(direct_lat)
-    report["overhead"] = {"requests": len(prompts), "max_tokens": args.overhead_max_tokens,
+    report["overhead"] = {"requests": len(sample), "output_tokens": [r.output_len for r in sample],
                           "http_mean_s": http_mean, "direct_mean_s": direct_mean,
                           "overhead_fraction": (http_mean - direct_mean) / direct_mean,
                           "http_latencies_s": http_lat, "direct_latencies_s": direct_lat,
-                          "note": "one request at a time, HTTP and direct alternating per prompt; direct = bare AsyncLLM "
-                                  "in the benchmark process, same engine settings"}
+                          "note": "one request at a time, HTTP and direct alternating per prompt, each with its "
+                                  "trace output length; direct = bare AsyncLLM in the benchmark process, same "
+                                  "engine settings"}
     if args.parts == "overhead":
         previous = json.loads(args.out.read_text())
         previous["overhead"] = report["overhead"]
@@ -349,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         "fcfs_over_ltr_mean_ttft": fcfs["mean_ttft_s"] / ltr["mean_ttft_s"],
         "pow2_over_least_work_mean_latency": pow2["mean_latency_s"] / ltr["mean_latency_s"],
         "pow2_over_least_work_p90_latency": pow2["p90_latency_s"] / ltr["p90_latency_s"],
+        "fcfs_over_ltr_mean_per_token_latency": fcfs["mean_latency_per_token_s"] / ltr["mean_latency_per_token_s"],
+        "pow2_over_least_work_mean_per_token_latency": pow2["mean_latency_per_token_s"] / ltr["mean_latency_per_token_s"],
         "http_router_overhead_fraction": report["overhead"]["overhead_fraction"],
     }
     report["targets"] = {"overhead_le_10pct": report["ratios"]["http_router_overhead_fraction"] <= 0.10,

@@ -1,0 +1,138 @@
+"""Saturated fidelity check: replay a real `scheduler_bench.py` run in the simulator and compare.
+
+The scheduler benchmark's requests, scores and arrival times are rebuilt from the parameters recorded in
+its JSON (same sampling, same seeds, same predictor), every policy x load is simulated on the calibrated
+CPU profile (`ltr calibrate` / sim_fidelity.py output) with the benchmark's `max_num_seqs`, and the
+simulated mean / p90 latency, per-token latency and throughput are set against the measured ones. No
+engine runs here: it checks the simulator where queues are long (past saturation) and policies differ.
+
+    python benchmarks/sim_vs_bench.py --bench results/scheduler_bench_v2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import scheduler_bench as bench
+from ltr.sim import ClusterConfig, build_requests, load_profile, poisson_arrivals, simulate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 0.15
+
+
+def rebuild(params: dict) -> tuple[list[bench.BenchRequest], list[tuple[str, np.ndarray]], int]:
+    """The benchmark's requests (with scores), its loads' arrival times, and its short/long split."""
+    requests = bench.load_requests(params["num_requests"], params["output_cap"], params["max_prompt"],
+                                   params["seed"], params["length_scale"])
+    requests, _ = bench.score_requests(requests, params["scores"], params["seed"])
+    rng = np.random.default_rng(params["seed"])
+    loads = [(f"poisson-{rate:g}", poisson_arrivals(len(requests), rate, rng)) for rate in params["rates"]]
+    if not params["no_burst"]:
+        loads.append(("burst", np.zeros(len(requests))))
+    return requests, loads, int(np.median([r.output_len for r in requests]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", type=Path, default=RESULTS / "scheduler_bench_v2.json")
+    ap.add_argument("--profile", type=Path, default=RESULTS / "sim_calibration_cpu.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "sim_vs_bench.json")
+    args = ap.parse_args()
+    real = json.loads(args.bench.read_text())
+    params = real["parameters"]
+    profile = load_profile(args.profile)
+    profile = dataclasses.replace(profile, limits=dataclasses.replace(
+        profile.limits, max_num_seqs=params["max_num_seqs"]))
+    requests, loads, split = rebuild(params)
+    scores = [r.score for r in requests]
+    rows = []
+    for name, result in real["results"].items():
+        policy, score_kind = bench.policy_setup(name, scores, params.get("aged_share"))
+        sim_scores = {"none": None, "predicted": scores, "true": [float(r.output_len) for r in requests]}[score_kind]
+        for load_name, arrivals in loads:
+            measured = result["loads"][load_name]
+            sim_requests = build_requests([r.prompt_len for r in requests], [r.output_len for r in requests],
+                                          arrivals, sim_scores)
+            sim = simulate(sim_requests, profile, ClusterConfig(policy=policy))
+            lat = np.array([r.latency for r in sim.records])
+            row = {"policy": name, "load": load_name,
+                   "real_mean_latency": measured["e2e_s"]["mean"], "sim_mean_latency": float(lat.mean()),
+                   "real_p90_latency": measured["e2e_s"]["p90"], "sim_p90_latency": float(np.percentile(lat, 90)),
+                   "real_mean_per_token_latency": measured["per_token_latency_s"]["mean"],
+                   "sim_mean_per_token_latency": float(np.mean([r.per_token_latency for r in sim.records])),
+                   "real_throughput_tok_s": measured["throughput_tok_s"],
+                   "sim_throughput_tok_s": sim.summary()["throughput_tok_s"],
+                   "sim_rank_preemptions": sim.rank_preemptions, "sim_promotions": sim.promotions}
+            for key in ("mean_latency", "p90_latency", "mean_per_token_latency", "throughput_tok_s"):
+                row[f"{key}_error"] = row[f"sim_{key}"] / row[f"real_{key}"] - 1
+            rows.append(row)
+            print(f"{name:13s} {load_name:11s} mean latency real {row['real_mean_latency']:6.2f}s "
+                  f"sim {row['sim_mean_latency']:6.2f}s ({100 * row['mean_latency_error']:+.0f}%)", flush=True)
+
+    def ratio(kind: str, load: str, num: str, den: str) -> float:
+        by = {(r["policy"], r["load"]): r for r in rows}
+        return by[(num, load)][f"{kind}_mean_per_token_latency"] / by[(den, load)][f"{kind}_mean_per_token_latency"]
+
+    gains = [{"load": load, "policy": p,
+              "real_fcfs_over_policy": ratio("real", load, "fcfs", p),
+              "sim_fcfs_over_policy": ratio("sim", load, "fcfs", p)}
+             for load, _ in loads for p in real["results"] if p != "fcfs" and "fcfs" in real["results"]]
+    errors = [abs(r["mean_latency_error"]) for r in rows]
+    report = {
+        "command": "python " + shlex.join(["benchmarks/sim_vs_bench.py", *sys.argv[1:]]),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "bench": {"file": args.bench.name, "command": real["command"], "machine": real["machine"]},
+        "profile": profile.to_json(), "profile_file": args.profile.name, "short_long_split": split,
+        "rows": rows, "gains_per_token": gains, "target_abs_mean_latency_error": TARGET,
+        "max_abs_mean_latency_error": max(errors), "median_abs_mean_latency_error": float(np.median(errors)),
+        "rows_within_target": sum(e <= TARGET for e in errors),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps({k: report[k] for k in ("max_abs_mean_latency_error", "median_abs_mean_latency_error",
+                                             "rows_within_target")}))
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(16, 4.8))
+    x = np.arange(len(rows))
+    ax = axes[0]
+    ax.bar(x - 0.2, [r["real_mean_latency"] for r in rows], 0.4, label="real vLLM (CPU)")
+    ax.bar(x + 0.2, [r["sim_mean_latency"] for r in rows], 0.4, label="simulator")
+    for xi, r in zip(x, rows):
+        ax.annotate(f"{100 * r['mean_latency_error']:+.0f}%", (xi, max(r["real_mean_latency"], r["sim_mean_latency"])),
+                    ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(x, [f"{r['policy']}\n{r['load']}" for r in rows], fontsize=5, rotation=90)
+    ax.set_ylabel("mean latency (s)")
+    ax.set_title("mean latency per policy and load")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    gains = report["gains_per_token"]
+    ax.scatter([g["real_fcfs_over_policy"] for g in gains], [g["sim_fcfs_over_policy"] for g in gains])
+    for g in gains:
+        ax.annotate(f"{g['policy']} {g['load']}", (g["real_fcfs_over_policy"], g["sim_fcfs_over_policy"]), fontsize=6)
+    top = max(max(g["real_fcfs_over_policy"], g["sim_fcfs_over_policy"]) for g in gains) * 1.1
+    ax.plot([0, top], [0, top], ls="--", c="gray")
+    ax.set(xlabel="real FCFS / policy per-token latency", ylabel="simulated", title="gains: real vs simulated")
+    fig.suptitle(f"Simulator replay of {report['bench']['file']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
