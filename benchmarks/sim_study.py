@@ -144,7 +144,7 @@ def main() -> int:
     quanta = [10] if args.quick else [5, 10, 40]
     aged_shares = [0.125, 0.5] if args.quick else [0.0625, 0.125, 0.5, 1.0]
     replica_counts = [1, 4, 16] if args.quick else [1, 4, 16, 64]
-    per_replica = 150 if args.quick else 250
+    per_replica = 150 if args.quick else 600
     high = 64.0
     report: dict = {"sections": {}}
 
