@@ -5,6 +5,7 @@ its JSON (same sampling, same seeds, same predictor), every policy x load is sim
 CPU profile (`ltr calibrate` / sim_fidelity.py output) with the benchmark's `max_num_seqs`, and the
 simulated mean / p90 latency, per-token latency and throughput are set against the measured ones. No
 engine runs here: it checks the simulator where queues are long (past saturation) and policies differ.
+It then sweeps the starvation rule (threshold x aged_share) on the same trace: the mean-vs-tail trade-off.
 
     python benchmarks/sim_vs_bench.py --bench results/scheduler_bench_v2.json
 """
@@ -22,10 +23,13 @@ from pathlib import Path
 import numpy as np
 
 import scheduler_bench as bench
+from ltr.scheduling.policy import PolicyConfig, StarvationConfig
 from ltr.sim import ClusterConfig, build_requests, load_profile, poisson_arrivals, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.15
+THRESHOLDS = (25, 50, 100, 200, 400)
+AGED_SHARES = (0.125, 0.25, 0.375, 0.5)
 
 
 def rebuild(params: dict) -> tuple[list[bench.BenchRequest], list[tuple[str, np.ndarray]], int]:
@@ -85,6 +89,7 @@ def main() -> int:
               "real_fcfs_over_policy": ratio("real", load, "fcfs", p),
               "sim_fcfs_over_policy": ratio("sim", load, "fcfs", p)}
              for load, _ in loads for p in real["results"] if p != "fcfs" and "fcfs" in real["results"]]
+    grid = starvation_grid(requests, loads, profile, split)
     errors = [abs(r["mean_latency_error"]) for r in rows]
     report = {
         "command": "python " + shlex.join(["benchmarks/sim_vs_bench.py", *sys.argv[1:]]),
@@ -93,7 +98,7 @@ def main() -> int:
         "profile": profile.to_json(), "profile_file": args.profile.name, "short_long_split": split,
         "rows": rows, "gains_per_token": gains, "target_abs_mean_latency_error": TARGET,
         "max_abs_mean_latency_error": max(errors), "median_abs_mean_latency_error": float(np.median(errors)),
-        "rows_within_target": sum(e <= TARGET for e in errors),
+        "rows_within_target": sum(e <= TARGET for e in errors), "starvation_grid": grid,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -103,13 +108,37 @@ def main() -> int:
     return 0
 
 
+def starvation_grid(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
+                    profile, split: int) -> list[dict]:
+    """Simulated LTR (predicted scores) over threshold x aged_share at each Poisson load, against FCFS."""
+    def summary(policy: PolicyConfig, scores: list[float] | None, arrivals: np.ndarray) -> dict:
+        sim_requests = build_requests([r.prompt_len for r in requests], [r.output_len for r in requests],
+                                      arrivals, scores)
+        return simulate(sim_requests, profile, ClusterConfig(policy=policy)).summary(long_threshold=split + 1)
+
+    rows = []
+    for load_name, arrivals in loads:
+        if load_name == "burst":
+            continue
+        fcfs = summary(PolicyConfig(name="fcfs"), None, arrivals)
+        for threshold in THRESHOLDS:
+            for share in AGED_SHARES:
+                policy = PolicyConfig(starvation=StarvationConfig(threshold, aged_share=share))
+                ltr = summary(policy, [r.score for r in requests], arrivals)
+                rows.append({"load": load_name, "threshold": threshold, "aged_share": share,
+                             "fcfs_over_ltr_per_token": fcfs["mean_per_token_latency"] / ltr["mean_per_token_latency"],
+                             "ltr_over_fcfs_long_p99": ltr["long_p99_latency"] / fcfs["long_p99_latency"],
+                             "ltr_over_fcfs_throughput": ltr["throughput_tok_s"] / fcfs["throughput_tok_s"]})
+    return rows
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(21, 4.8))
     x = np.arange(len(rows))
     ax = axes[0]
     ax.bar(x - 0.2, [r["real_mean_latency"] for r in rows], 0.4, label="real vLLM (CPU)")
@@ -129,6 +158,18 @@ def plot(report: dict, path: Path) -> None:
     top = max(max(g["real_fcfs_over_policy"], g["sim_fcfs_over_policy"]) for g in gains) * 1.1
     ax.plot([0, top], [0, top], ls="--", c="gray")
     ax.set(xlabel="real FCFS / policy per-token latency", ylabel="simulated", title="gains: real vs simulated")
+    ax = axes[2]
+    for (load, share) in dict.fromkeys((g["load"], g["aged_share"]) for g in report["starvation_grid"]):
+        pts = [g for g in report["starvation_grid"] if (g["load"], g["aged_share"]) == (load, share)]
+        ax.plot([g["fcfs_over_ltr_per_token"] for g in pts], [g["ltr_over_fcfs_long_p99"] for g in pts],
+                marker="o", label=f"{load}, aged_share {share}")
+        for g in pts:
+            ax.annotate(str(g["threshold"]), (g["fcfs_over_ltr_per_token"], g["ltr_over_fcfs_long_p99"]), fontsize=6)
+    ax.axvline(3.0, ls="--", c="gray")
+    ax.axhline(1.5, ls="--", c="gray")
+    ax.set(xlabel="FCFS / LTR per-token latency (higher is better)", ylabel="LTR / FCFS long-request p99",
+           title="simulated starvation sweep (labels: threshold)")
+    ax.legend(fontsize=6)
     fig.suptitle(f"Simulator replay of {report['bench']['file']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
