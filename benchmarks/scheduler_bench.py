@@ -35,7 +35,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +113,11 @@ def score_requests(requests: list[BenchRequest], source: str, seed: int) -> tupl
     return scored, info
 
 
-def policy_setup(name: str, scores: list[float], aged_share: float | None = None) -> tuple[PolicyConfig, str]:
+def policy_setup(name: str, scores: list[float], aged_share: float | None = None,
+                 patience: int | None = None) -> tuple[PolicyConfig, str]:
     """(PolicyConfig, which score each request carries) for a benchmark policy name.
 
-    `aged_share` overrides the default starvation rule's share of seats for aged requests (`ltr` only).
+    `aged_share` and `patience` override the default starvation share and preemption patience (`ltr` only).
     """
     if name == "fcfs":
         return PolicyConfig(name="fcfs"), "none"
@@ -127,9 +128,12 @@ def policy_setup(name: str, scores: list[float], aged_share: float | None = None
     if name == "mlfq":
         return PolicyConfig(name="mlfq", starvation=None), "none"
     if name == "ltr":
-        if aged_share is None:
-            return PolicyConfig(name="ltr"), "predicted"
-        return PolicyConfig(name="ltr", starvation=StarvationConfig(aged_share=aged_share)), "predicted"
+        policy = PolicyConfig(name="ltr")
+        if aged_share is not None:
+            policy = replace(policy, starvation=StarvationConfig(aged_share=aged_share))
+        if patience is not None:
+            policy = replace(policy, preemption_patience=patience)
+        return policy, "predicted"
     if name == "ltr-paper":
         return PAPER_RULE, "predicted"
     if name == "ltr-nostarve":
@@ -235,14 +239,14 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
         groups.append(adapter)
     results: dict = {}
     for group in groups:
-        first_policy, _ = policy_setup(group[0], scores, args.aged_share)
+        first_policy, _ = policy_setup(group[0], scores, args.aged_share, args.preemption_patience)
         t0 = time.perf_counter()
         llm = LLM(**engine_kwargs(args.model, first_policy, **common))
         startup = time.perf_counter() - t0
         print(f"[{'/'.join(group)}] engine started in {startup:.1f}s", flush=True)
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         for name in group:
-            policy, score_kind = policy_setup(name, scores, args.aged_share)
+            policy, score_kind = policy_setup(name, scores, args.aged_share, args.preemption_patience)
             if hasattr(scheduler, "set_policy"):
                 scheduler.set_policy(policy)
             warm = [BenchRequest("warmup", "Hello", 1, 4, None)] * 2
@@ -371,6 +375,8 @@ def main() -> int:
     parser.add_argument("--sdg-length-scale", type=float, default=1.0)
     parser.add_argument("--aged-share", type=float, default=None,
                         help="the ltr policy's starvation aged_share (default: the PolicyConfig default)")
+    parser.add_argument("--preemption-patience", type=int, default=None,
+                        help="the ltr policy's preemption_patience (default: the PolicyConfig default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="scheduler_bench", help="results/<out>.json and .png")
     args = parser.parse_args()

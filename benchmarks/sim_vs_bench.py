@@ -59,7 +59,8 @@ def main() -> int:
     scores = [r.score for r in requests]
     rows = []
     for name, result in real["results"].items():
-        policy, score_kind = bench.policy_setup(name, scores, params.get("aged_share"))
+        policy, score_kind = bench.policy_setup(name, scores, params.get("aged_share"),
+                                                params.get("preemption_patience"))
         sim_scores = {"none": None, "predicted": scores, "true": [float(r.output_len) for r in requests]}[score_kind]
         for load_name, arrivals in loads:
             measured = result["loads"][load_name]
