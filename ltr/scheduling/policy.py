@@ -163,8 +163,9 @@ class SchedulingPolicy(ABC):
         blocks, as the caller measures them). The worst running request is evicted for each waiting
         request beyond that which strictly outranks it and has waited `preemption_patience`
         iterations (promoted ones need not wait), at most `max_victims` per step. Aged requests are
-        not victims when the starvation rule keeps their seat. Patience matters because eviction is recompute: a seat usually frees within a
-        few iterations, and re-prefilling the victim costs every request in the batch.
+        not victims when the starvation rule keeps their seat. Patience matters because eviction is
+        recompute: a seat usually frees within a few iterations, and re-prefilling the victim costs
+        every request in the batch.
         """
         if not self.preempts_running or max_victims <= 0:
             return []
