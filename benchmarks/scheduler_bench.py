@@ -49,14 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ltr.scheduling.engine import engine_kwargs, priority_for, scored_sampling_params  # noqa: E402
-from ltr.scheduling.policy import PolicyConfig, StarvationConfig  # noqa: E402
+from ltr.scheduling.policy import PAPER_RULE, PolicyConfig, StarvationConfig  # noqa: E402
 from ltr.sim.workload import poisson_arrivals  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-paper", "ltr-nostarve", "oracle")
 SDG_POLICIES = ("fcfs", "ltr", "oracle")
-PAPER_RULE = PolicyConfig(name="ltr", starvation=StarvationConfig(200, 10, aged_share=None, keep_seat=False),
-                          preemption_patience=0)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ltr.data import load_pairs, split_pairs
-from ltr.scheduling.policy import PolicyConfig, StarvationConfig
+from ltr.scheduling.policy import PAPER_RULE, PolicyConfig, StarvationConfig
 from ltr.sim import (
     ClusterConfig,
     a100_llama3_8b,
@@ -51,11 +51,6 @@ class Variant:
     label: str
     policy: PolicyConfig
     scores: str   # "none" | "pred" | "oracle"
-
-
-#: The paper's aging rule: promoted for the quantum, then evictable again; no cap; immediate rank preemption.
-PAPER_RULE = PolicyConfig(name="ltr", starvation=StarvationConfig(200, 10, aged_share=None, keep_seat=False),
-                          preemption_patience=0)
 
 
 def variants() -> list[Variant]:

@@ -24,7 +24,7 @@ import numpy as np
 
 import scheduler_bench as bench
 from ltr.scheduling.policy import PolicyConfig, StarvationConfig
-from ltr.sim import ClusterConfig, build_requests, load_profile, poisson_arrivals, simulate
+from ltr.sim import ClusterConfig, HardwareProfile, SimResult, build_requests, load_profile, poisson_arrivals, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.15
@@ -42,6 +42,14 @@ def rebuild(params: dict) -> tuple[list[bench.BenchRequest], list[tuple[str, np.
     if not params["no_burst"]:
         loads.append(("burst", np.zeros(len(requests))))
     return requests, loads, int(np.median([r.output_len for r in requests]))
+
+
+def replay(requests: list[bench.BenchRequest], arrivals: np.ndarray, scores: list[float] | None,
+           profile: HardwareProfile, policy: PolicyConfig) -> SimResult:
+    """The benchmark's requests at the given arrival times, simulated on one replica."""
+    sim_requests = build_requests([r.prompt_len for r in requests], [r.output_len for r in requests],
+                                  arrivals, scores)
+    return simulate(sim_requests, profile, ClusterConfig(policy=policy))
 
 
 def main() -> int:
@@ -64,9 +72,7 @@ def main() -> int:
         sim_scores = {"none": None, "predicted": scores, "true": [float(r.output_len) for r in requests]}[score_kind]
         for load_name, arrivals in loads:
             measured = result["loads"][load_name]
-            sim_requests = build_requests([r.prompt_len for r in requests], [r.output_len for r in requests],
-                                          arrivals, sim_scores)
-            sim = simulate(sim_requests, profile, ClusterConfig(policy=policy))
+            sim = replay(requests, arrivals, sim_scores, profile, policy)
             lat = np.array([r.latency for r in sim.records])
             row = {"policy": name, "load": load_name,
                    "real_mean_latency": measured["e2e_s"]["mean"], "sim_mean_latency": float(lat.mean()),
@@ -110,12 +116,10 @@ def main() -> int:
 
 
 def starvation_grid(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
-                    profile, split: int) -> list[dict]:
+                    profile: HardwareProfile, split: int) -> list[dict]:
     """Simulated LTR (predicted scores) over threshold x aged_share at each Poisson load, against FCFS."""
     def summary(policy: PolicyConfig, scores: list[float] | None, arrivals: np.ndarray) -> dict:
-        sim_requests = build_requests([r.prompt_len for r in requests], [r.output_len for r in requests],
-                                      arrivals, scores)
-        return simulate(sim_requests, profile, ClusterConfig(policy=policy)).summary(long_threshold=split + 1)
+        return replay(requests, arrivals, scores, profile, policy).summary(long_threshold=split + 1)
 
     rows = []
     for load_name, arrivals in loads:

@@ -354,6 +354,12 @@ class PolicyConfig:
                           max_num_seqs=max_num_seqs)
 
 
+#: The paper's aging rule, kept for comparison: promoted for the quantum, then evictable again; no cap on
+#: aged requests; rank preemption as soon as a better-ranked request is blocked.
+PAPER_RULE = PolicyConfig(name="ltr", starvation=StarvationConfig(200, 10, aged_share=None, keep_seat=False),
+                          preemption_patience=0)
+
+
 def _strict_bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be a bool, got {value!r}")
