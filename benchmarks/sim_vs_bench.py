@@ -5,7 +5,8 @@ its JSON (same sampling, same seeds, same predictor), every policy x load is sim
 CPU profile (`ltr calibrate` / sim_fidelity.py output) with the benchmark's `max_num_seqs`, and the
 simulated mean / p90 latency, per-token latency and throughput are set against the measured ones. No
 engine runs here: it checks the simulator where queues are long (past saturation) and policies differ.
-It then sweeps the starvation rule (threshold x aged_share) on the same trace: the mean-vs-tail trade-off.
+It then sweeps the starvation rule (threshold x aged_share) on the same trace: the mean-vs-tail trade-off,
+and sets it against an aging rule that knows every request's FCFS latency in advance (a reference point).
 
     python benchmarks/sim_vs_bench.py --bench results/scheduler_bench_v2.json
 """
@@ -23,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 import scheduler_bench as bench
-from ltr.scheduling.policy import PolicyConfig, StarvationConfig
+from ltr.scheduling.policy import PolicyConfig, RankPolicy, RankState, SchedulingPolicy, SortKey, StarvationConfig
 from ltr.sim import ClusterConfig, HardwareProfile, SimResult, build_requests, load_profile, poisson_arrivals, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.15
 THRESHOLDS = (25, 50, 100, 200, 400)
 AGED_SHARES = (0.125, 0.25, 0.375, 0.5)
+DEADLINE_SLACKS = (0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 def rebuild(params: dict) -> tuple[list[bench.BenchRequest], list[tuple[str, np.ndarray]], int]:
@@ -97,6 +99,7 @@ def main() -> int:
               "sim_fcfs_over_policy": ratio("sim", load, "fcfs", p)}
              for load, _ in loads for p in real["results"] if p != "fcfs" and "fcfs" in real["results"]]
     grid = starvation_grid(requests, loads, profile, split)
+    reference = fcfs_deadline_reference(requests, loads, profile, split)
     errors = [abs(r["mean_latency_error"]) for r in rows]
     report = {
         "command": "python " + shlex.join(["benchmarks/sim_vs_bench.py", *sys.argv[1:]]),
@@ -106,6 +109,7 @@ def main() -> int:
         "rows": rows, "gains_per_token": gains, "target_abs_mean_latency_error": TARGET,
         "max_abs_mean_latency_error": max(errors), "median_abs_mean_latency_error": float(np.median(errors)),
         "rows_within_target": sum(e <= TARGET for e in errors), "starvation_grid": grid,
+        "fcfs_deadline_reference": reference,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -134,6 +138,69 @@ def starvation_grid(requests: list[bench.BenchRequest], loads: list[tuple[str, n
                              "fcfs_over_ltr_per_token": fcfs["mean_per_token_latency"] / ltr["mean_per_token_latency"],
                              "ltr_over_fcfs_long_p99": ltr["long_p99_latency"] / fcfs["long_p99_latency"],
                              "ltr_over_fcfs_throughput": ltr["throughput_tok_s"] / fcfs["throughput_tok_s"]})
+    return rows
+
+
+class FCFSDeadlinePolicy(RankPolicy):
+    """Analysis only, not deployable: LTR order, but each request has a deadline of `slack` x its own FCFS
+    latency, known in advance (in iterations after it is first seen). A request past its deadline is
+    promoted for good, keeps its seat, and promoted requests go earliest-deadline first. It shows what aging
+    reaches when it knows exactly what FCFS would give each request, which no deployable rule does.
+    """
+
+    def __init__(self, deadline_iters: dict[str, float], slack: float) -> None:
+        super().__init__(starvation=StarvationConfig(keep_seat=True, aged_share=None), preemption_patience=100)
+        self.deadline_iters = deadline_iters
+        self.slack = slack
+        self.due: dict[str, float] = {}
+
+    def sort_key(self, state: RankState) -> SortKey:
+        if state.aged:
+            return (0.0, self.due[state.request_id], state.arrival)
+        return (1.0, *self.rank_key(state), state.arrival)
+
+    def observe_step(self, states, scheduled: dict[str, int]) -> None:
+        step = self.stats.steps
+        self.stats.steps += 1
+        for state in states:
+            self.due.setdefault(state.request_id, step + self.slack * self.deadline_iters[state.request_id])
+            state.served_tokens += scheduled.get(state.request_id, 0)
+            if not state.aged and self.stats.steps >= self.due[state.request_id]:
+                state.aged = True
+                state.promoted_left = 1 << 62
+                self.stats.promotions += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FCFSDeadlineConfig(PolicyConfig):
+    """Builds `FCFSDeadlinePolicy` where the simulator builds a policy."""
+
+    deadline_iters: dict[str, float] = dataclasses.field(default_factory=dict)
+    slack: float = 1.0
+
+    def build(self, max_num_seqs: int | None = None) -> SchedulingPolicy:
+        return FCFSDeadlinePolicy(self.deadline_iters, self.slack)
+
+
+def fcfs_deadline_reference(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
+                   profile: HardwareProfile, split: int) -> list[dict]:
+    """`FCFSDeadlinePolicy` (predicted scores) over DEADLINE_SLACKS at each Poisson load, against FCFS."""
+    rows = []
+    scores = [r.score for r in requests]
+    for load_name, arrivals in loads:
+        if load_name == "burst":
+            continue
+        fcfs_run = replay(requests, arrivals, None, profile, PolicyConfig(name="fcfs"))
+        fcfs = fcfs_run.summary(long_threshold=split + 1)
+        step_s = fcfs_run.makespan / sum(fcfs_run.steps)
+        deadline_iters = {r.request_id: r.latency / step_s for r in fcfs_run.records}
+        for slack in DEADLINE_SLACKS:
+            ltr = replay(requests, arrivals, scores, profile,
+                         FCFSDeadlineConfig(deadline_iters=deadline_iters, slack=slack)).summary(long_threshold=split + 1)
+            rows.append({"load": load_name, "slack": slack,
+                         "fcfs_over_policy_per_token": fcfs["mean_per_token_latency"] / ltr["mean_per_token_latency"],
+                         "policy_over_fcfs_long_p99": ltr["long_p99_latency"] / fcfs["long_p99_latency"],
+                         "policy_over_fcfs_throughput": ltr["throughput_tok_s"] / fcfs["throughput_tok_s"]})
     return rows
 
 
@@ -170,6 +237,12 @@ def plot(report: dict, path: Path) -> None:
                 marker="o", label=f"{load}, aged_share {share}")
         for g in pts:
             ax.annotate(str(g["threshold"]), (g["fcfs_over_ltr_per_token"], g["ltr_over_fcfs_long_p99"]), fontsize=6)
+    for load in dict.fromkeys(g["load"] for g in report["fcfs_deadline_reference"]):
+        pts = [g for g in report["fcfs_deadline_reference"] if g["load"] == load]
+        ax.plot([g["fcfs_over_policy_per_token"] for g in pts], [g["policy_over_fcfs_long_p99"] for g in pts],
+                marker="s", ls=":", c="k", label=f"{load}, FCFS-deadline reference (labels: slack)")
+        for g in pts:
+            ax.annotate(f"{g['slack']:g}x", (g["fcfs_over_policy_per_token"], g["policy_over_fcfs_long_p99"]), fontsize=6)
     ax.axvline(3.0, ls="--", c="gray")
     ax.axhline(1.5, ls="--", c="gray")
     ax.set(xlabel="FCFS / LTR per-token latency (higher is better)", ylabel="LTR / FCFS long-request p99",
