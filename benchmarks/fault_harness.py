@@ -186,19 +186,14 @@ async def _stream(http: httpx.AsyncClient, outcome: Outcome, body: dict, max_tok
 MODEL_NAME = "tiny-llama"
 
 
-async def engine_stats(url: str, rounds: int = 10) -> dict[str, dict]:
-    """Debug stats of every engine replica (concurrent polls spread over replicas by the router)."""
-    seen: dict[str, dict] = {}
+async def engine_stats(url: str) -> dict[str, dict]:
+    """Debug stats of every engine replica (one sweep by the ingress); {} while the route errors."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-        for _ in range(rounds):
-            replies = await asyncio.gather(*[http.get("/v1/ltr/engine_stats") for _ in range(6)],
-                                           return_exceptions=True)
-            for reply in replies:
-                if isinstance(reply, httpx.Response) and reply.status_code == 200:
-                    seen[reply.json()["replica"]] = reply.json()
-            if len(seen) >= 2:
-                break
-    return seen
+        try:
+            reply = await http.get("/v1/ltr/engine_stats")
+        except httpx.HTTPError:
+            return {}
+    return reply.json()["replicas"] if reply.status_code == 200 else {}
 
 
 def summarize(name: str, outcomes: list[Outcome]) -> PhaseReport:

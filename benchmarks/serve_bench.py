@@ -183,18 +183,15 @@ async def overhead_pairs(url: str, model: str, model_path: str, requests: list[T
         llm.shutdown()
 
 
-async def engine_stats(url: str, replicas: int, tries: int = 12) -> dict[str, dict]:
-    """Each engine replica's scheduler counters (the router picks which replica answers; ask until all did)."""
+async def engine_stats(url: str) -> dict[str, dict]:
+    """Each engine replica's scheduler counters (the ingress sweeps every replica in one call)."""
     import httpx
 
-    seen: dict[str, dict] = {}
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        for _ in range(tries):
-            if len(seen) >= replicas:
-                break
-            stats = (await http.get("/v1/ltr/engine_stats")).json()
-            seen[stats["replica"]] = {"counters": stats["counters"], "scheduler": stats["scheduler"]}
-    return seen
+        reply = await http.get("/v1/ltr/engine_stats")
+    reply.raise_for_status()
+    return {replica: {"counters": stats["counters"], "scheduler": stats["scheduler"]}
+            for replica, stats in reply.json()["replicas"].items()}
 
 
 async def sequential(url: str, model: str, prompts: list[str], max_tokens: int) -> list[float]:
@@ -324,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             results, wall = asyncio.run(replay(url, model_name, trace, oracle))
             summary = summarize(results, wall)
             summary["deploy_s"] = deploy_s
-            summary["engines"] = asyncio.run(engine_stats(url, args.replicas))
+            summary["engines"] = asyncio.run(engine_stats(url))
             report["configs"][name] = summary
             print(f"{name}: mean {summary['mean_latency_s']:.2f}s p90 {summary['p90_latency_s']:.2f}s "
                   f"ttft {summary['mean_ttft_s']:.2f}s ok {summary['succeeded']}/{summary['requests']} "

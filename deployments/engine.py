@@ -22,7 +22,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP
+from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP, ReplicaProbe
 from ltr.scheduling.policy import PolicyConfig
 
 logger = logging.getLogger("ray.serve")
@@ -167,8 +167,11 @@ class LLMEngine:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def debug_stats(self) -> dict[str, Any]:
-        """What this replica saw: request counters, current load, and the scheduler's own counters."""
+    def debug_stats(self, probe: ReplicaProbe | None = None) -> dict[str, Any]:
+        """What this replica saw: request counters, current load, and the scheduler's own counters.
+
+        `probe` is only read by `LeastWorkRouter`, to steer the call to a replica not yet visited.
+        """
         return {"replica": self.replica, "policy": self.policy.name, "counters": dict(self.counters),
                 "in_flight": len(self._tracked), "outstanding_work": self.outstanding_work(),
                 "scheduler": self.scheduler_stats(), "engine_core": dict(self.core_stats),

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.engine import EngineChunk, EngineRequest
 from deployments.predictor import Prediction, PredictorUnavailable
+from deployments.router import ReplicaProbe
 from ltr.routing import request_work
 
 logger = logging.getLogger("ray.serve")
@@ -38,6 +39,9 @@ REPLICA_HEADER = "x-ltr-replica"
 FALLBACK_HEADER = "x-ltr-fallback"
 SCORE_OVERRIDE_HEADER = "x-ltr-score-override"
 EXPECTED_OVERRIDE_HEADER = "x-ltr-expected-tokens-override"
+#: `/v1/ltr/engine_stats` sweep: stop after this many already-seen replicas in a row, or this many calls.
+ENGINE_STATS_REPEATS = 3
+ENGINE_STATS_MAX_CALLS = 256
 
 
 # ---- settings --------------------------------------------------------------------------------------
@@ -555,6 +559,22 @@ class OpenAIIngress:
 
     @api.get("/v1/ltr/engine_stats")
     async def engine_stats(self, request: Request) -> dict[str, Any]:
-        """One engine replica's debug stats (the router picks which; call repeatedly to see others)."""
+        """Every engine replica's debug stats, keyed by replica id, from one sweep of probe calls.
+
+        Each call carries the replicas seen so far and the least-work router sends it to an unseen one;
+        the sweep ends at the first few repeats in a row. (Ray's default router ignores the probe, so
+        with it the sweep samples replicas at random and may miss some.)
+        """
         self._check_auth(request)
-        return await self.engine.debug_stats.remote()
+        replicas: dict[str, Any] = {}
+        repeats = 0
+        for _ in range(ENGINE_STATS_MAX_CALLS):
+            try:
+                stats = await self.engine.debug_stats.remote(ReplicaProbe(frozenset(replicas)))
+            except Exception as exc:
+                raise self._engine_error(exc) from exc
+            repeats = repeats + 1 if stats["replica"] in replicas else 0
+            replicas[stats["replica"]] = stats
+            if repeats >= ENGINE_STATS_REPEATS:
+                break
+        return {"replicas": replicas}

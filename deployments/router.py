@@ -12,7 +12,9 @@ router sends each request to the replica holding the least predicted outstanding
   has in flight on it (exact for a single ingress, a lower bound with several).
 
 The choice itself is the shared pure rule `ltr.routing.choose_replica("least_work", ...)`; the
-remaining replicas follow as fallback ranks, so a full replica never blocks routing.
+remaining replicas follow as fallback ranks, so a full replica never blocks routing. A call carrying a
+`ReplicaProbe` goes to a replica it has not visited yet, so the ingress can collect every replica's debug
+stats in one sweep (Serve handles have no broadcast).
 """
 
 from __future__ import annotations
@@ -43,6 +45,27 @@ def predicted_work_of(pending_request: PendingRequest | None) -> float:
             if isinstance(work, (int, float)) and work >= 0:
                 return float(work)
     return request_work(None, 0)
+
+
+@dataclass(frozen=True)
+class ReplicaProbe:
+    """Argument of a debug call that should reach a replica not in `visited_replicas` (unique ids)."""
+
+    visited_replicas: frozenset[str] = frozenset()
+
+
+def visited_by_probe(pending_request: PendingRequest | None) -> frozenset[str] | None:
+    """The replicas a `ReplicaProbe` argument has visited, or None for an ordinary request.
+
+    Read by attribute, not isinstance: Serve ships the router class to the caller by value, so the
+    class object it sees is not the one the ingress imported.
+    """
+    if pending_request is not None:
+        for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
+            visited = getattr(arg, "visited_replicas", None)
+            if isinstance(visited, frozenset):
+                return visited
+    return None
 
 
 @dataclass
@@ -100,6 +123,11 @@ class LeastWorkRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        visited_ids = visited_by_probe(pending_request)
+        if visited_ids is not None:
+            unvisited = [r for r in candidate_replicas if r.replica_id.unique_id not in visited_ids]
+            visited = [r for r in candidate_replicas if r.replica_id.unique_id in visited_ids]
+            return [ranked for ranked in (unvisited, visited) if ranked]
         loads = self.replica_loads(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         best = choose_replica("least_work", loads, self._rng)

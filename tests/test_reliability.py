@@ -103,19 +103,12 @@ def _check_success(response: httpx.Response, streamed: bool) -> None:
         assert body["usage"]["completion_tokens"] >= 0
 
 
-async def _engine_stats(url: str, rounds: int = 10) -> dict[str, dict]:
-    """Debug stats of every engine replica. Concurrent polls make the least-work router spread them."""
-    seen: dict[str, dict] = {}
+async def _engine_stats(url: str) -> dict[str, dict]:
+    """Debug stats of every engine replica (one call: the ingress sweeps the replicas)."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-        for _ in range(rounds):
-            replies = await asyncio.gather(*[http.get("/v1/ltr/engine_stats") for _ in range(6)])
-            for reply in replies:
-                assert reply.status_code == 200, reply.text
-                stats = reply.json()
-                seen[stats["replica"]] = stats
-            if len(seen) >= 2:
-                break
-    return seen
+        reply = await http.get("/v1/ltr/engine_stats")
+    assert reply.status_code == 200, reply.text
+    return reply.json()["replicas"]
 
 
 # ---- 1. bad input ---------------------------------------------------------------------------------

@@ -204,33 +204,44 @@ def test_least_work_router_avoids_the_replica_holding_long_work(serve_app: dict)
     assert len(set(short_replicas)) == 1
 
 
-def _scheduler_totals(client: httpx.Client, polls: int = 12) -> dict[str, dict]:
-    """Latest scheduler counters per engine replica (the debug route answers from one replica a call)."""
-    seen: dict[str, dict] = {}
-    for _ in range(polls):
-        stats = client.get("/v1/ltr/engine_stats").json()
-        seen[stats["replica"]] = stats
-    return seen
+def _scheduler_totals(client: httpx.Client) -> dict[str, dict]:
+    """Latest debug stats per engine replica, from the ingress's one-sweep debug route."""
+    response = client.get("/v1/ltr/engine_stats")
+    assert response.status_code == 200, response.text
+    return response.json()["replicas"]
+
+
+def test_engine_stats_covers_every_replica_in_one_call(client: httpx.Client) -> None:
+    # Without the probe, the least-work router sends every idle-time call to the same replica.
+    for _ in range(3):
+        per_replica = _scheduler_totals(client)
+        assert len(per_replica) == 2, sorted(per_replica)
+        assert all(stats["replica"] == replica for replica, stats in per_replica.items())
 
 
 def test_score_reaches_engine_scheduler(client: httpx.Client) -> None:
-    # The engine core runs in its own process; its rank scheduler dumps counters every 50 steps.
-    deadline = time.monotonic() + 90
-    scored = 0
-    while time.monotonic() < deadline:
-        response = _completion(client, "Scored request", max_tokens=64, ignore_eos=True,
-                               headers={"x-ltr-score-override": "2.5"})
-        assert response.status_code == 200
-        assert response.headers["x-ltr-score"] == "2.5"
-        assert response.headers["x-ltr-fallback"] == "override"
-        per_replica = _scheduler_totals(client)
-        scored = sum(s["scheduler"].get("scored_requests", 0) for s in per_replica.values())
-        if scored > 0:
+    # The rank scheduler runs in the engine-core process and dumps its counters to a file: every 50
+    # steps, and whenever the engine runs out of requests. So once the replica is idle the file is exact:
+    # one more scored request, nothing running. (A periodic dump during the request would show it running.)
+    before = {r: s["scheduler"].get("scored_requests", 0) for r, s in _scheduler_totals(client).items()}
+    response = _completion(client, "Scored request", max_tokens=16, ignore_eos=True,
+                           headers={"x-ltr-score-override": "2.5"})
+    assert response.status_code == 200
+    assert response.headers["x-ltr-score"] == "2.5"
+    assert response.headers["x-ltr-fallback"] == "override"
+    replica = response.headers["x-ltr-replica"]
+    deadline = time.monotonic() + 30
+    while True:
+        stats = _scheduler_totals(client)[replica]
+        scheduler = stats["scheduler"]
+        settled = stats["in_flight"] == 0 and scheduler.get("running") == 0 and scheduler.get("waiting") == 0
+        if settled or time.monotonic() > deadline:
             break
-    assert scored > 0
-    stats = next(iter(per_replica.values()))
-    assert stats["policy"] == "ltr" and stats["scheduler"]["policy"]["name"] == "ltr"
-    assert sum(s["counters"]["scored"] for s in per_replica.values()) > 0
+        time.sleep(0.2)
+    assert settled, scheduler
+    assert scheduler["scored_requests"] == before.get(replica, 0) + 1, (before, scheduler)
+    assert stats["policy"] == "ltr" and scheduler["policy"]["name"] == "ltr"
+    assert stats["counters"]["scored"] > 0
 
 
 def test_client_disconnect_aborts_in_engine(serve_app: dict, client: httpx.Client) -> None:
@@ -242,7 +253,7 @@ def test_client_disconnect_aborts_in_engine(serve_app: dict, client: httpx.Clien
             next(response.iter_lines())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        per_replica = _scheduler_totals(client, polls=6)
+        per_replica = _scheduler_totals(client)
         if len(per_replica) == 2 and all(s["in_flight"] == 0 for s in per_replica.values()):
             break
         time.sleep(0.5)

@@ -35,7 +35,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy as VllmQueuePolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from ltr.scheduling.engine import ADDITIONAL_CONFIG_KEY, SCORE_KEY
 from ltr.scheduling.policy import PolicyConfig, RankState, SchedulingPolicy, SortKey, usable_score
@@ -250,7 +250,19 @@ class RankScheduler(Scheduler):
             self.counters.model_s += time.perf_counter() - self._last_schedule_end
             self.counters.model_steps += 1
             self._last_schedule_end = None
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._dump_if_idle()
+        return outputs
+
+    def finish_requests(self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus) -> list[Request]:
+        finished = super().finish_requests(request_ids, finished_status)
+        self._dump_if_idle()
+        return finished
+
+    def _dump_if_idle(self) -> None:
+        """An idle engine takes no more steps, so leave its final counters behind, not the last periodic dump."""
+        if self.adapter_config.stats_path and not self.requests:
+            self.dump_stats()
 
     def _prune_states(self) -> None:
         if len(self.rank_states) > len(self.requests):
