@@ -22,12 +22,14 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.engine import EngineChunk, EngineRequest
+from deployments.metrics import prometheus_text
 from deployments.predictor import Prediction, PredictorUnavailable
 from deployments.router import ReplicaProbe
 from ltr.routing import request_work
@@ -553,19 +555,33 @@ class OpenAIIngress:
     async def stats(self, request: Request) -> dict[str, Any]:
         """Debug counters of this ingress replica: fallbacks by reason and replicas that served it."""
         self._check_auth(request)
+        return self._ingress_stats()
+
+    @api.get("/v1/ltr/engine_stats")
+    async def engine_stats(self, request: Request) -> dict[str, Any]:
+        """Every engine replica's debug stats, keyed by replica id (see `_sweep_engines`)."""
+        self._check_auth(request)
+        return {"replicas": await self._sweep_engines()}
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format of this ingress's and every engine replica's counters."""
+        self._check_auth(request)
+        body = prometheus_text(self._ingress_stats(), await self._sweep_engines())
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    def _ingress_stats(self) -> dict[str, Any]:
         return {"requests": dict(self.requests), "predictor_fallbacks": dict(self.fallbacks),
                 "replicas_seen": dict(self.replicas_seen),
                 "breaker_open": time.monotonic() < self._breaker_open_until}
 
-    @api.get("/v1/ltr/engine_stats")
-    async def engine_stats(self, request: Request) -> dict[str, Any]:
-        """Every engine replica's debug stats, keyed by replica id, from one sweep of probe calls.
+    async def _sweep_engines(self) -> dict[str, Any]:
+        """Every engine replica's debug stats, from one sweep of probe calls.
 
         Each call carries the replicas seen so far and the least-work router sends it to an unseen one;
         the sweep ends at the first few repeats in a row. (Ray's default router ignores the probe, so
         with it the sweep samples replicas at random and may miss some.)
         """
-        self._check_auth(request)
         replicas: dict[str, Any] = {}
         repeats = 0
         for _ in range(ENGINE_STATS_MAX_CALLS):
@@ -577,4 +593,4 @@ class OpenAIIngress:
             replicas[stats["replica"]] = stats
             if repeats >= ENGINE_STATS_REPEATS:
                 break
-        return {"replicas": replicas}
+        return replicas

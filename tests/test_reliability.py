@@ -306,13 +306,14 @@ def test_api_key_mode(client: httpx.Client) -> None:
                     {"x-api-key": API_KEY}):
         error = _assert_error(client.post("/secure/v1/completions", json=body, headers=headers), 401)
         assert error["type"] == "authentication_error"
-    for path in ("/secure/v1/models", "/secure/v1/ltr/stats", "/secure/v1/ltr/engine_stats"):
+    for path in ("/secure/v1/models", "/secure/v1/ltr/stats", "/secure/v1/ltr/engine_stats", "/secure/metrics"):
         _assert_error(client.get(path), 401)
     _assert_error(client.post(f"/secure/v1/completions?api_key={API_KEY}", json=body), 401)
     good = {"Authorization": f"Bearer {API_KEY}"}
     response = client.post("/secure/v1/completions", json=body, headers=good)
     assert response.status_code == 200, response.text
     assert client.get("/secure/v1/models", headers=good).status_code == 200
+    assert client.get("/secure/metrics", headers=good).status_code == 200
     assert client.get("/secure/health").status_code == 200  # liveness stays open for load balancers
     # The secure ingress does not trust client-supplied scores.
     _assert_error(client.post("/secure/v1/completions", json=body,

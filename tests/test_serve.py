@@ -219,6 +219,24 @@ def test_engine_stats_covers_every_replica_in_one_call(client: httpx.Client) -> 
         assert all(stats["replica"] == replica for replica, stats in per_replica.items())
 
 
+def test_metrics_expose_every_replica_in_prometheus_format(client: httpx.Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert _completion(client, "Metrics").status_code == 200
+    engines = _scheduler_totals(client)
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    assert families["ltr_engine_requests"].type == "counter"
+    in_flight = families["ltr_engine_in_flight_requests"]
+    assert in_flight.type == "gauge"
+    assert {s.labels["replica"] for s in in_flight.samples} == set(engines)
+    received = {s.labels["replica"]: s.value for s in families["ltr_engine_requests"].samples}
+    assert received == {r: float(stats["counters"]["requests"]) for r, stats in engines.items()}
+    assert sum(s.value for s in families["ltr_ingress_requests"].samples) >= 1
+
+
 def test_score_reaches_engine_scheduler(client: httpx.Client) -> None:
     # The rank scheduler runs in the engine-core process and dumps its counters to a file: every 50
     # steps, and whenever the engine runs out of requests. So once the replica is idle the file is exact:
