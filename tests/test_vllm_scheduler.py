@@ -231,8 +231,30 @@ def test_out_of_kv_preemption_evicts_the_worst_ranked(engines: dict[str, Any], r
     assert steps == sorted(steps) and steps[0] < steps[-1]
 
 
+@pytest.fixture
+def queue_order_violations(rank_scheduler: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Checks, each time vLLM's own schedule() reads the waiting queue, that it is in current key order.
+
+    The adapter re-sorts only what promotions changed, so this is where a stale order would show.
+    """
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    violations: list[str] = []
+    upstream = Scheduler.schedule
+
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self is rank_scheduler:
+            keys = [self._sort_key(r) for r in self.waiting]
+            if keys != sorted(keys) or keys != self.waiting._keys:
+                violations.append(f"step {self.rank_policy.stats.steps}: {[r.request_id for r in self.waiting]}")
+        return upstream(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "schedule", checked)
+    return violations
+
+
 def test_starvation_prevention_bounds_the_wait_of_a_long_request(
-        engines: dict[str, Any], rank_scheduler: Any) -> None:
+        engines: dict[str, Any], rank_scheduler: Any, queue_order_violations: list[str]) -> None:
     llm = engines["ltr"]
     long = Spec("s-long", "A long request that everybody outranks.", 6, 1e6)
     # An endless stream: every step four better-ranked one-token requests fill all four seats.
@@ -249,6 +271,7 @@ def test_starvation_prevention_bounds_the_wait_of_a_long_request(
     # for the re-prefill after a rank preemption and promoted stream requests ahead of it.
     bound = (long.max_tokens // starvation.quantum + 2) * (starvation.threshold + starvation.quantum + 2)
     assert aged.steps <= bound
+    assert queue_order_violations == []
 
     rank_scheduler.set_policy(PolicyConfig(name="ltr", starvation=None))
     unaged = _drive(llm, [long], stream, max_steps=bound, stop_when=long.request_id)

@@ -11,10 +11,12 @@ ahead of ranked work, so a predictor outage degrades to FCFS instead of starving
 
 from __future__ import annotations
 
+import heapq
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice, takewhile
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -47,6 +49,8 @@ class RankState:
     promoted_left: int = 0
     #: Set at the first promotion and kept (see StarvationConfig).
     aged: bool = False
+    #: (policy, key while promoted, key otherwise), filled by a policy whose rank key is static.
+    key_cache: tuple[Any, SortKey, SortKey] | None = field(default=None, repr=False, compare=False)
 
     @property
     def promoted(self) -> bool:
@@ -99,6 +103,9 @@ class SchedulingPolicy(ABC):
     name: PolicyName
     #: Whether a better-ranked waiting request may evict a running one.
     preempts_running: bool = False
+    #: Whether `rank_key` reads only what is fixed at arrival (score, arrival); its keys are then cached
+    #: on the RankState, since sorting thousands of waiting requests every step is the adapter's main cost.
+    static_rank_key: bool = True
 
     def __init__(self, starvation: StarvationConfig | None = None, preemption_patience: int = 0,
                  max_num_seqs: int | None = None) -> None:
@@ -106,14 +113,21 @@ class SchedulingPolicy(ABC):
         self.preemption_patience = preemption_patience
         self.max_aged = starvation.max_aged(max_num_seqs) if starvation else math.inf
         self.stats = PolicyStats()
+        #: Requests promoted by the latest `observe_step` (their sort keys changed).
+        self.last_promoted: list[RankState] = []
 
     @abstractmethod
     def rank_key(self, state: RankState) -> SortKey:
         """The policy's own order, before starvation promotion."""
 
     def sort_key(self, state: RankState) -> SortKey:
-        promoted = 0.0 if state.promoted else 1.0
-        return (promoted, *self.rank_key(state), state.arrival)
+        if not self.static_rank_key:
+            return (0.0 if state.promoted_left > 0 else 1.0, *self.rank_key(state), state.arrival)
+        cache = state.key_cache
+        if cache is None or cache[0] is not self:
+            rank = self.rank_key(state)
+            cache = state.key_cache = (self, (0.0, *rank, state.arrival), (1.0, *rank, state.arrival))
+        return cache[1] if state.promoted_left > 0 else cache[2]
 
     def order(self, states: Iterable[RankState]) -> list[RankState]:
         return sorted(states, key=self.sort_key)
@@ -125,10 +139,12 @@ class SchedulingPolicy(ABC):
         aged requests among them. When the cap is reached, the longest waiters are promoted first.
         """
         self.stats.steps += 1
-        states = list(states)
-        aged_in_flight = sum(1 for s in states if s.aged)
+        self.last_promoted = []
+        aged_in_flight = 0
+        threshold = self.starvation.threshold if self.starvation else math.inf
         starving: list[RankState] = []
         for state in states:
+            aged_in_flight += state.aged
             tokens = scheduled.get(state.request_id, 0)
             if tokens > 0:
                 state.served_tokens += tokens
@@ -137,28 +153,34 @@ class SchedulingPolicy(ABC):
                     state.promoted_left -= 1
                 continue
             state.waited_iters += 1
-            if self.starvation and not state.promoted and state.waited_iters >= self.starvation.threshold:
+            if state.waited_iters >= threshold and state.promoted_left <= 0:
                 starving.append(state)
-        starving.sort(key=lambda s: (-s.waited_iters, s.arrival))
-        for state in starving:
-            if not state.aged:
-                if aged_in_flight >= self.max_aged:
-                    continue
-                aged_in_flight += 1
-                state.aged = True
+        if not starving:
+            return
+        # Aged requests are promoted again freely; new ones only into the room left under the cap,
+        # longest waiters first (selected, not sorted: under overload nearly every waiter starves).
+        fresh = [s for s in starving if not s.aged]
+        room = self.max_aged - aged_in_flight
+        if room < len(fresh):
+            fresh = heapq.nsmallest(max(int(room), 0), fresh, key=lambda s: (-s.waited_iters, s.arrival))
+        self.last_promoted = [*(s for s in starving if s.aged), *fresh]
+        for state in self.last_promoted:
+            state.aged = True
             state.promoted_left = self.starvation.quantum
             state.waited_iters = 0
-            self.stats.promotions += 1
+        self.stats.promotions += len(self.last_promoted)
 
     def preemption_victims(
         self,
-        waiting: Sequence[RankState],
+        waiting: Iterable[RankState],
         running: Sequence[RankState],
         free_seats: int,
         max_victims: int,
     ) -> list[RankState]:
         """Running requests to evict so better-ranked waiting ones can run this step.
 
+        `waiting` must come in this policy's order (as `order()` returns it); it is read lazily, only as
+        far as candidates are needed, so a caller may pass a generator over a long queue.
         `free_seats` is how many waiting requests fit without evicting anyone (batch slots and KV
         blocks, as the caller measures them). The worst running request is evicted for each waiting
         request beyond that which strictly outranks it and has waited `preemption_patience`
@@ -169,10 +191,14 @@ class SchedulingPolicy(ABC):
         """
         if not self.preempts_running or max_victims <= 0:
             return []
-        blocked = [s for s in self.order(waiting)[max(free_seats, 0):]
-                   if s.promoted or s.waited_iters >= self.preemption_patience]
         keep_seat = self.starvation is not None and self.starvation.keep_seat
         worst_first = sorted((s for s in running if not (keep_seat and s.aged)), key=self.sort_key, reverse=True)
+        if not worst_first:
+            return []
+        # Waiting requests come best first: once one does not outrank the worst victim, none after it does.
+        worst_key = self.sort_key(worst_first[0])
+        outranking = takewhile(lambda s: self.sort_key(s) < worst_key, islice(waiting, max(free_seats, 0), None))
+        blocked = (s for s in outranking if s.promoted or s.waited_iters >= self.preemption_patience)
         victims: list[RankState] = []
         for candidate, victim in zip(blocked, worst_first):
             if len(victims) >= max_victims or self.sort_key(candidate) >= self.sort_key(victim):
@@ -218,6 +244,7 @@ class MLFQPolicy(SchedulingPolicy):
 
     name: PolicyName = "mlfq"
     preempts_running = True
+    static_rank_key = False
 
     def __init__(self, base_quantum: int = 32, num_levels: int = 8, skip_join: bool = True,
                  starvation: StarvationConfig | None = None, preemption_patience: int = 0,

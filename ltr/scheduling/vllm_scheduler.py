@@ -80,9 +80,9 @@ class AdapterConfig:
 class RankedRequestQueue(RequestQueue):
     """Waiting queue kept in the policy's order (lowest sort key first).
 
-    Keys change between steps (aging, MLFQ demotion), so the owner calls ``resort()`` once per step;
-    insertions in between go to their current rank. "Prepend" also inserts by rank: a preempted
-    request resumes where its rank puts it, not ahead of better-ranked work.
+    Keys change between steps (aging, MLFQ demotion), so the owner calls ``resort()`` before a step
+    when they may have; insertions in between go to their current rank. "Prepend" also inserts by
+    rank: a preempted request resumes where its rank puts it, not ahead of better-ranked work.
     """
 
     def __init__(self, key: Callable[[Request], SortKey]) -> None:
@@ -91,9 +91,10 @@ class RankedRequestQueue(RequestQueue):
         self._keys: list[SortKey] = []
 
     def resort(self) -> None:
-        pairs = sorted(((self._key(r), r) for r in self._items), key=lambda p: p[0])
-        self._keys = [k for k, _ in pairs]
-        self._items = [r for _, r in pairs]
+        keys = [self._key(r) for r in self._items]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        self._keys = [keys[i] for i in order]
+        self._items = [self._items[i] for i in order]
 
     def add_request(self, request: Request) -> None:
         key = self._key(request)
@@ -119,6 +120,14 @@ class RankedRequestQueue(RequestQueue):
         for request in requests:
             self.add_request(request)
 
+    def reposition(self, request: Request) -> None:
+        """Move a queued request to where its current key puts it (no-op if it is not queued)."""
+        try:
+            self.remove_request(request)
+        except ValueError:
+            return
+        self.add_request(request)
+
     def remove_request(self, request: Request) -> None:
         index = self._items.index(request)
         del self._items[index]
@@ -138,6 +147,10 @@ class RankedRequestQueue(RequestQueue):
 
     def __iter__(self) -> Iterator[Request]:
         return iter(list(self._items))
+
+
+#: Promotions in one step beyond which a full re-sort is cheaper than moving each promoted request.
+REPOSITION_LIMIT = 32
 
 
 @dataclass
@@ -215,8 +228,7 @@ class RankScheduler(Scheduler):
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         start = time.perf_counter()
         self._prune_states()
-        self.waiting.resort()
-        self.kv_holding_waiting.resort()
+        self._reorder_waiting()
         self.running.sort(key=self._sort_key)
         victims = self._rank_preempt()
         # Victims sit out this step so no request is preempted and resumed in the same output.
@@ -229,9 +241,8 @@ class RankScheduler(Scheduler):
             self.waiting.add_request(victim)
         preempted = len(output.preempted_req_ids or ())
         self.counters.kv_preemptions += max(preempted - len(victims), 0)
-        self.rank_policy.observe_step(
-            [self.rank_states[r] for r in self.requests if r in self.rank_states],
-            output.num_scheduled_tokens)
+        # rank_states holds exactly the engine's requests here (pruned at the top of this step).
+        self.rank_policy.observe_step(self.rank_states.values(), output.num_scheduled_tokens)
         self.counters.max_waiting = max(self.counters.max_waiting, len(self.waiting))
         self.counters.max_running = max(self.counters.max_running, len(self.running))
         end = time.perf_counter()
@@ -269,6 +280,23 @@ class RankScheduler(Scheduler):
             for request_id in [r for r in self.rank_states if r not in self.requests]:
                 del self.rank_states[request_id]
 
+    def _reorder_waiting(self) -> None:
+        """Bring the waiting queues up to date with keys changed by the last step.
+
+        A static rank key changes only when its request is promoted, so only the promoted requests move
+        (re-sorting thousands of waiting requests every step would cost more than the model step).
+        """
+        promoted = self.rank_policy.last_promoted
+        if not self.rank_policy.static_rank_key or len(promoted) > REPOSITION_LIMIT:
+            self.waiting.resort()
+            self.kv_holding_waiting.resort()
+            return
+        for state in promoted:
+            request = self.requests.get(state.request_id)
+            if request is not None:
+                for queue in (self.waiting, self.kv_holding_waiting):
+                    queue.reposition(request)
+
     def _free_seats(self) -> int:
         """How many best-ranked waiting requests fit now without evicting anyone (slots and KV)."""
         seats = self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
@@ -293,7 +321,7 @@ class RankScheduler(Scheduler):
         preemptible = [self.rank_states[r.request_id] for r in self.running
                        if self._request_blocks_can_be_freed(r)]
         victims = self.rank_policy.preemption_victims(
-            [self._state(r) for r in self.waiting], preemptible, self._free_seats(),
+            (self._state(r) for r in self.waiting), preemptible, self._free_seats(),
             self.max_preemptions_per_step)
         if not victims:
             return []
