@@ -279,6 +279,20 @@ def test_starvation_prevention_bounds_the_wait_of_a_long_request(
     assert long.request_id not in unaged.tokens
 
 
+def test_mlfq_waiting_queue_stays_in_key_order(
+        engines: dict[str, Any], rank_scheduler: Any, queue_order_violations: list[str]) -> None:
+    # MLFQ keys move with served tokens and promotions move keys too: the queue must follow both.
+    rank_scheduler.set_policy(PolicyConfig(name="mlfq", mlfq_base_quantum=2,
+                                           starvation=StarvationConfig(threshold=5, quantum=2)))
+    specs = [Spec(f"q-{i}", f"Queue order {i}", 3 + 5 * (i % 3), None) for i in range(12)]
+    stream = {step: [Spec(f"q-{step}-s", f"short {step}", 1, None)] for step in range(0, 60, 3)}
+    run = _drive(engines["ltr"], specs, stream, max_steps=400)
+    _abort_all(engines["ltr"])
+    assert all(len(run.tokens[s.request_id]) == s.max_tokens for s in specs)
+    assert rank_scheduler.stats()["promotions"] >= 1
+    assert queue_order_violations == []
+
+
 def test_missing_nan_inf_scores_fall_back_to_fcfs_logged_once(
         engines: dict[str, Any], rank_scheduler: Any, caplog: pytest.LogCaptureFixture) -> None:
     scored = [Spec(f"u-scored{i}", f"Scored {i}", 8, s) for i, s in enumerate([5.0, 0.5, 3.0, 9.0, 1.0])]

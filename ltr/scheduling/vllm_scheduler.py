@@ -283,11 +283,13 @@ class RankScheduler(Scheduler):
     def _reorder_waiting(self) -> None:
         """Bring the waiting queues up to date with keys changed by the last step.
 
-        A static rank key changes only when its request is promoted, so only the promoted requests move
-        (re-sorting thousands of waiting requests every step would cost more than the model step).
+        A waiting request's key changes only when it is promoted: everything else a key reads (score,
+        arrival, served tokens) changes only while a request runs, and a request re-enters the queue
+        with its key of that moment. So only the promoted requests move; re-sorting thousands of waiting
+        requests every step would cost more than the model step.
         """
         promoted = self.rank_policy.last_promoted
-        if not self.rank_policy.static_rank_key or len(promoted) > REPOSITION_LIMIT:
+        if len(promoted) > REPOSITION_LIMIT:
             self.waiting.resort()
             self.kv_holding_waiting.resort()
             return
