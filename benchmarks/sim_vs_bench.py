@@ -149,26 +149,35 @@ class FCFSDeadlinePolicy(RankPolicy):
     """
 
     def __init__(self, deadline_iters: dict[str, float], slack: float) -> None:
-        super().__init__(starvation=StarvationConfig(keep_seat=True, aged_share=None), preemption_patience=100)
+        # The threshold never fires: the deadline rule below replaces aging; keep_seat protects the promoted.
+        super().__init__(starvation=StarvationConfig(threshold=1 << 62, keep_seat=True, aged_share=None),
+                         preemption_patience=100)
         self.deadline_iters = deadline_iters
         self.slack = slack
         self.due: dict[str, float] = {}
+        self.open: dict[str, RankState] = {}
 
     def sort_key(self, state: RankState) -> SortKey:
         if state.aged:
             return (0.0, self.due[state.request_id], state.arrival)
         return (1.0, *self.rank_key(state), state.arrival)
 
-    def observe_step(self, states, scheduled: dict[str, int]) -> None:
-        step = self.stats.steps
-        self.stats.steps += 1
-        for state in states:
-            self.due.setdefault(state.request_id, step + self.slack * self.deadline_iters[state.request_id])
-            state.served_tokens += scheduled.get(state.request_id, 0)
-            if not state.aged and self.stats.steps >= self.due[state.request_id]:
-                state.aged = True
-                state.promoted_left = 1 << 62
-                self.stats.promotions += 1
+    def track(self, state: RankState) -> None:
+        super().track(state)
+        self.due[state.request_id] = self.stats.steps + self.slack * self.deadline_iters[state.request_id]
+        self.open[state.request_id] = state
+
+    def forget(self, request_id: str) -> None:
+        super().forget(request_id)
+        self.open.pop(request_id, None)
+
+    def observe_step(self, scheduled: dict[str, int]) -> None:
+        super().observe_step(scheduled)
+        for request_id in [r for r, s in self.open.items() if self.stats.steps >= self.due[r]]:
+            state = self.open.pop(request_id)
+            state.aged = True
+            state.promoted_left = 1 << 62
+            self.stats.promotions += 1
 
 
 @dataclasses.dataclass(frozen=True)

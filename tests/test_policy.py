@@ -82,14 +82,16 @@ def test_mlfq_demotes_with_service_and_skip_join_places_long_prompts_lower() -> 
 def test_starvation_promotes_after_threshold_for_quantum_scheduled_iterations() -> None:
     policy = RankPolicy(starvation=StarvationConfig(threshold=3, quantum=2))
     short, long = RankState("s", 0.0, score=1.0), RankState("l", 1.0, score=9.0)
+    policy.track(short)
+    policy.track(long)
     for _ in range(3):
-        policy.observe_step([short, long], {"s": 1})
+        policy.observe_step({"s": 1})
     assert long.promoted and policy.stats.promotions == 1
     assert policy.order([short, long])[0] is long
-    policy.observe_step([short, long], {"l": 1})
-    policy.observe_step([short, long], {"s": 1})  # not scheduled: quantum is not spent
+    policy.observe_step({"l": 1})
+    policy.observe_step({"s": 1})  # not scheduled: quantum is not spent
     assert long.promoted_left == 1
-    policy.observe_step([short, long], {"l": 1})
+    policy.observe_step({"l": 1})
     assert not long.promoted and policy.order([short, long])[0] is short
     assert long.served_tokens == 2
 
@@ -97,8 +99,9 @@ def test_starvation_promotes_after_threshold_for_quantum_scheduled_iterations() 
 def test_no_starvation_config_never_promotes() -> None:
     policy = RankPolicy(starvation=None)
     long = RankState("l", 0.0, score=9.0)
+    policy.track(long)
     for _ in range(1000):
-        policy.observe_step([long], {})
+        policy.observe_step({})
     assert not long.promoted and policy.stats.promotions == 0
 
 
@@ -114,6 +117,7 @@ def _simulate(policy: SchedulingPolicy, capacity: int, long_len: int, arrivals: 
     long = RankState("long", arrival=0.0, score=1e6)
     remaining = {"long": long_len}
     live = [long]
+    policy.track(long)
     streak = longest = 0
     seq = 0
     for it in range(max_iters):
@@ -122,13 +126,16 @@ def _simulate(policy: SchedulingPolicy, capacity: int, long_len: int, arrivals: 
             state = RankState(f"s{seq}", arrival=it + seq * 1e-6, score=float(seq))
             remaining[state.request_id] = 1
             live.append(state)
+            policy.track(state)
         batch = policy.order(live)[:capacity]
         scheduled = {s.request_id: 1 for s in batch}
-        policy.observe_step(live, scheduled)
+        policy.observe_step(scheduled)
         streak = 0 if "long" in scheduled else streak + 1
         longest = max(longest, streak)
         for s in batch:
             remaining[s.request_id] -= 1
+            if remaining[s.request_id] == 0:
+                policy.forget(s.request_id)
         live = [s for s in live if remaining[s.request_id] > 0]
         if remaining["long"] == 0:
             return it, longest
@@ -179,10 +186,11 @@ def test_preemption_victims_are_worst_running_and_outranked(
 def test_aged_requests_keep_their_seat_unless_the_paper_rule_is_chosen(keep_seat: bool) -> None:
     policy = RankPolicy(starvation=StarvationConfig(threshold=2, quantum=1, keep_seat=keep_seat))
     old = RankState("old", 0.0, score=50.0)
+    policy.track(old)
     for _ in range(2):
-        policy.observe_step([old], {})
+        policy.observe_step({})
     assert old.aged and old.promoted
-    policy.observe_step([old], {"old": 1})   # the quantum is spent; it now ranks by its score again
+    policy.observe_step({"old": 1})   # the quantum is spent; it now ranks by its score again
     assert not old.promoted and old.aged
     fresh = RankState("fresh", 1.0, score=40.0)
     newcomer = RankState("new", 2.0, score=1.0)
@@ -194,29 +202,47 @@ def test_aged_share_caps_aged_requests_in_flight_longest_waiter_first() -> None:
     starvation = StarvationConfig(threshold=3, quantum=2, aged_share=0.25)
     assert starvation.max_aged(8) == 2 and starvation.max_aged(2) == 1
     policy = RankPolicy(starvation=starvation, max_num_seqs=8)
-    states = [RankState(f"r{i}", float(i), score=100.0 - i) for i in range(5)]
-    for i, state in enumerate(states):
-        state.waited_iters = i   # r4 has waited longest
-    for _ in range(3):
-        policy.observe_step(states, {})
-    assert [s.request_id for s in states if s.aged] == ["r3", "r4"]
+    states = [RankState(f"r{i}", float(i), score=100.0 - i) for i in reversed(range(5))]
+    for state in states:   # one arrival per step: r4 has waited longest
+        policy.track(state)
+        policy.observe_step({})
+    assert [s.request_id for s in states if s.aged] == ["r4", "r3"]
     assert policy.stats.promotions == 2
     # Aged requests keep their cap slot until they leave the engine; then the next waiter ages.
-    policy.observe_step([s for s in states if s.request_id != "r4"], {})
-    assert [s.request_id for s in states if s.aged] == ["r2", "r3", "r4"]
+    policy.observe_step({})
+    assert [s.request_id for s in states if s.aged] == ["r4", "r3"]
+    policy.forget("r4")
+    policy.observe_step({})
+    assert [s.request_id for s in states if s.aged] == ["r4", "r3", "r2"]
+    # Equal waits: the earlier arrival ages first, also when both last ran in the same step.
+    tied = RankPolicy(starvation=starvation, max_num_seqs=4)
+    early, late = RankState("early", 1.0, score=1.0), RankState("late", 2.0, score=1.0)
+    tied.track(early)
+    tied.track(late)
+    tied.observe_step({"late": 1, "early": 1})
+    for _ in range(3):
+        tied.observe_step({})
+    assert early.aged and not late.aged
     # Unbounded when the policy is not told the batch size (pure ordering use).
     unbounded = RankPolicy(starvation=starvation)
-    fresh = [RankState(f"u{i}", float(i), score=1.0, waited_iters=5) for i in range(5)]
-    unbounded.observe_step(fresh, {})
+    fresh = [RankState(f"u{i}", float(i), score=1.0) for i in range(5)]
+    for state in fresh:
+        unbounded.track(state)
+    for _ in range(3):
+        unbounded.observe_step({})
     assert all(s.aged for s in fresh)
 
 
 def test_preemption_patience_lets_only_long_waiters_evict() -> None:
     policy = RankPolicy(starvation=None, preemption_patience=3)
     running = [RankState("long", 0.0, score=90.0)]
-    eager = RankState("eager", 1.0, score=1.0, waited_iters=2)
+    eager = RankState("eager", 1.0, score=1.0)
+    policy.track(eager)
+    for _ in range(2):
+        policy.observe_step({"long": 1})
+    assert policy.waited(eager) == 2
     assert policy.preemption_victims([eager], running, free_seats=0, max_victims=1) == []
-    eager.waited_iters = 3
+    policy.observe_step({"long": 1})
     assert policy.preemption_victims([eager], running, free_seats=0, max_victims=1) == running
     promoted = RankState("promoted", 2.0, score=95.0, promoted_left=1)
     assert policy.preemption_victims([promoted], running, free_seats=0, max_victims=1) == running

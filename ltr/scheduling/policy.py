@@ -2,7 +2,9 @@
 
 Nothing here imports vLLM or Ray. A policy turns per-request state into a sort key (lower is served
 first), keeps starvation/aging state up to date once per engine iteration, and picks which running
-requests to evict when better-ranked waiting requests cannot get a seat.
+requests to evict when better-ranked waiting requests cannot get a seat. The caller `track`s each request
+when it enters the engine, reports every step with `observe_step`, and `forget`s a request when it leaves;
+per step the policy then costs O(scheduled), not O(queued), which matters with thousands waiting.
 
 Score convention (the whole project): higher score = longer predicted output; requests are served in
 ascending score order, ties broken by arrival. A request without a usable score is ordered by arrival
@@ -11,7 +13,6 @@ ahead of ranked work, so a predictor outage degrades to FCFS instead of starving
 
 from __future__ import annotations
 
-import heapq
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -45,7 +46,8 @@ class RankState:
     score: float | None = None
     prompt_len: int = 0
     served_tokens: int = 0
-    waited_iters: int = 0
+    #: The policy step at which the current run of unscheduled iterations began (`SchedulingPolicy.waited`).
+    wait_start: int = 0
     promoted_left: int = 0
     #: Set at the first promotion and kept (see StarvationConfig).
     aged: bool = False
@@ -115,6 +117,11 @@ class SchedulingPolicy(ABC):
         self.stats = PolicyStats()
         #: Requests promoted by the latest `observe_step` (their sort keys changed).
         self.last_promoted: list[RankState] = []
+        # Every tracked request, and the same split by aged / not aged in order of wait_start (a request
+        # whose wait restarts moves to the end), so aging reads only the longest waiters, not all of them.
+        self._held: dict[str, RankState] = {}
+        self._by_wait: tuple[dict[str, RankState], dict[str, RankState]] = ({}, {})   # (not aged, aged)
+        self._aged_held = 0
 
     @abstractmethod
     def rank_key(self, state: RankState) -> SortKey:
@@ -132,42 +139,65 @@ class SchedulingPolicy(ABC):
     def order(self, states: Iterable[RankState]) -> list[RankState]:
         return sorted(states, key=self.sort_key)
 
-    def observe_step(self, states: Iterable[RankState], scheduled: dict[str, int]) -> None:
+    # -- the requests an engine holds --------------------------------------------------------------
+
+    def track(self, state: RankState) -> None:
+        """Start accounting a request that entered the engine; its wait starts now."""
+        self._held[state.request_id] = state
+        self._aged_held += state.aged
+        self._restart_wait(state)
+
+    def forget(self, request_id: str) -> None:
+        """Stop accounting a request that left the engine (finished or aborted); unknown ids are ignored."""
+        state = self._held.pop(request_id, None)
+        if state is not None:
+            self._aged_held -= state.aged
+            for queue in self._by_wait:
+                queue.pop(request_id, None)
+
+    def waited(self, state: RankState) -> int:
+        """Iterations in a row the request has gone unscheduled (since it arrived, ran or was promoted)."""
+        return self.stats.steps - state.wait_start
+
+    def _restart_wait(self, state: RankState) -> None:
+        queue = self._by_wait[state.aged]
+        queue.pop(state.request_id, None)
+        queue[state.request_id] = state
+        state.wait_start = self.stats.steps
+
+    def observe_step(self, scheduled: Mapping[str, int]) -> None:
         """Account one iteration. `scheduled` maps request id -> tokens scheduled for it this step.
 
-        `states` must be every request the engine holds (waiting and running): the aged-seat cap counts
-        aged requests among them. When the cap is reached, the longest waiters are promoted first.
+        Costs O(scheduled + promoted), not O(held): waits are kept as start steps, and only the longest
+        waiters are read. At most `aged_share` of the seats go to aged requests; the longest waiters age
+        first, and equal waits in the order they began (arrival order, as requests are tracked in it).
         """
         self.stats.steps += 1
         self.last_promoted = []
-        aged_in_flight = 0
-        threshold = self.starvation.threshold if self.starvation else math.inf
-        starving: list[RankState] = []
-        for state in states:
-            aged_in_flight += state.aged
-            tokens = scheduled.get(state.request_id, 0)
-            if tokens > 0:
-                state.served_tokens += tokens
-                state.waited_iters = 0
-                if state.promoted_left > 0:
-                    state.promoted_left -= 1
-                continue
-            state.waited_iters += 1
-            if state.waited_iters >= threshold and state.promoted_left <= 0:
-                starving.append(state)
-        if not starving:
+        ran = [self._held[r] for r, tokens in scheduled.items() if tokens > 0 and r in self._held]
+        for state in sorted(ran, key=lambda s: s.arrival):   # equal waits stay in arrival order
+            state.served_tokens += scheduled[state.request_id]
+            if state.promoted_left > 0:
+                state.promoted_left -= 1
+            self._restart_wait(state)
+        if self.starvation is None:
             return
-        # Aged requests are promoted again freely; new ones only into the room left under the cap,
-        # longest waiters first (selected, not sorted: under overload nearly every waiter starves).
-        fresh = [s for s in starving if not s.aged]
-        room = self.max_aged - aged_in_flight
-        if room < len(fresh):
-            fresh = heapq.nsmallest(max(int(room), 0), fresh, key=lambda s: (-s.waited_iters, s.arrival))
-        self.last_promoted = [*(s for s in starving if s.aged), *fresh]
-        for state in self.last_promoted:
+        due_start = self.stats.steps - self.starvation.threshold   # waited >= threshold from here back
+        fresh_queue, aged_queue = self._by_wait
+        # Aged requests are promoted again freely; new ones only into the room left under the cap.
+        again = [s for s in takewhile(lambda s: s.wait_start <= due_start, aged_queue.values())
+                 if s.promoted_left <= 0]
+        room = self.max_aged - self._aged_held
+        due = takewhile(lambda s: s.wait_start <= due_start, fresh_queue.values())
+        fresh = list(due if room == math.inf else islice(due, max(int(room), 0)))
+        self.last_promoted = again + fresh
+        for state in fresh:
+            del fresh_queue[state.request_id]
             state.aged = True
+            self._aged_held += 1
+        for state in self.last_promoted:
             state.promoted_left = self.starvation.quantum
-            state.waited_iters = 0
+            self._restart_wait(state)
         self.stats.promotions += len(self.last_promoted)
 
     def preemption_victims(
@@ -198,7 +228,7 @@ class SchedulingPolicy(ABC):
         # Waiting requests come best first: once one does not outrank the worst victim, none after it does.
         worst_key = self.sort_key(worst_first[0])
         outranking = takewhile(lambda s: self.sort_key(s) < worst_key, islice(waiting, max(free_seats, 0), None))
-        blocked = (s for s in outranking if s.promoted or s.waited_iters >= self.preemption_patience)
+        blocked = (s for s in outranking if s.promoted or self.waited(s) >= self.preemption_patience)
         victims: list[RankState] = []
         for candidate, victim in zip(blocked, worst_first):
             if len(victims) >= max_victims or self.sort_key(candidate) >= self.sort_key(victim):

@@ -197,6 +197,7 @@ class RankScheduler(Scheduler):
             state = RankState(request_id=request.request_id, arrival=request.arrival_time,
                               score=self._score_of(request), prompt_len=request.num_prompt_tokens)
             self.rank_states[request.request_id] = state
+            self.rank_policy.track(state)
         return state
 
     def _score_of(self, request: Request) -> float | None:
@@ -241,8 +242,7 @@ class RankScheduler(Scheduler):
             self.waiting.add_request(victim)
         preempted = len(output.preempted_req_ids or ())
         self.counters.kv_preemptions += max(preempted - len(victims), 0)
-        # rank_states holds exactly the engine's requests here (pruned at the top of this step).
-        self.rank_policy.observe_step(self.rank_states.values(), output.num_scheduled_tokens)
+        self.rank_policy.observe_step(output.num_scheduled_tokens)
         self.counters.max_waiting = max(self.counters.max_waiting, len(self.waiting))
         self.counters.max_running = max(self.counters.max_running, len(self.running))
         end = time.perf_counter()
@@ -276,9 +276,15 @@ class RankScheduler(Scheduler):
             self.dump_stats()
 
     def _prune_states(self) -> None:
+        """Drop the states of requests that left the engine: those finished since the last step (vLLM's
+        own set), then, only if any remain, by a full scan."""
+        for request_id in self.finished_req_ids:
+            if request_id not in self.requests and self.rank_states.pop(request_id, None) is not None:
+                self.rank_policy.forget(request_id)
         if len(self.rank_states) > len(self.requests):
             for request_id in [r for r in self.rank_states if r not in self.requests]:
                 del self.rank_states[request_id]
+                self.rank_policy.forget(request_id)
 
     def _reorder_waiting(self) -> None:
         """Bring the waiting queues up to date with keys changed by the last step.

@@ -104,6 +104,7 @@ class Replica:
                              f"the replica has {self.limits.num_kv_blocks}")
         seq.last_step = self.stats.steps - 1
         self.waiting[seq.req.request_id] = seq
+        self.policy.track(seq.state)
 
     @property
     def has_work(self) -> bool:
@@ -287,7 +288,9 @@ class Replica:
             del self.running[seq.req.request_id]
             self._release(seq)
 
-        self.policy.observe_step([s.state for s in present], scheduled)
+        self.policy.observe_step(scheduled)
+        for seq in finished:   # after the step: they still counted toward it (as in the engine)
+            self.policy.forget(seq.req.request_id)
         self.stats.steps += 1
         self.stats.busy_time += duration
         if self.record_shapes:
