@@ -171,10 +171,10 @@ def test_preemption_victims_are_worst_running_and_outranked(
     policy = RankPolicy(starvation=None)
     w = [RankState(f"w{i}", 100.0 + i, score=v) for i, v in enumerate(waiting)]
     r = [RankState(f"r{i}", float(i), score=v) for i, v in enumerate(running)]
-    victims = policy.preemption_victims(policy.order(w), r, free_seats, max_victims)
+    worst_first = sorted(r, key=policy.sort_key, reverse=True)
+    victims = policy.preemption_victims(policy.order(w), worst_first, free_seats, max_victims)
     assert len(victims) <= max_victims
     assert len(victims) <= max(len(w) - free_seats, 0)
-    worst_first = sorted(r, key=policy.sort_key, reverse=True)
     assert victims == worst_first[:len(victims)]
     blocked = policy.order(w)[free_seats:]
     for candidate, victim in zip(blocked, victims):

@@ -17,7 +17,8 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice, takewhile
+from itertools import chain, islice, takewhile
+from operator import attrgetter
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -174,8 +175,9 @@ class SchedulingPolicy(ABC):
         """
         self.stats.steps += 1
         self.last_promoted = []
-        ran = [self._held[r] for r, tokens in scheduled.items() if tokens > 0 and r in self._held]
-        for state in sorted(ran, key=lambda s: s.arrival):   # equal waits stay in arrival order
+        held = self._held
+        ran = [held[r] for r, tokens in scheduled.items() if tokens > 0 and r in held]
+        for state in sorted(ran, key=attrgetter("arrival")):   # equal waits stay in arrival order
             state.served_tokens += scheduled[state.request_id]
             if state.promoted_left > 0:
                 state.promoted_left -= 1
@@ -203,15 +205,15 @@ class SchedulingPolicy(ABC):
     def preemption_victims(
         self,
         waiting: Iterable[RankState],
-        running: Sequence[RankState],
+        running_worst_first: Iterable[RankState],
         free_seats: int,
         max_victims: int,
     ) -> list[RankState]:
         """Running requests to evict so better-ranked waiting ones can run this step.
 
-        `waiting` must come in this policy's order (as `order()` returns it); it is read lazily, only as
-        far as candidates are needed, so a caller may pass a generator over a long queue.
-        `free_seats` is how many waiting requests fit without evicting anyone (batch slots and KV
+        `waiting` must come in this policy's order (as `order()` returns it) and `running_worst_first` in
+        the reverse order. Both are read lazily, only as far as candidates and victims are needed, so a
+        caller may pass generators over a long queue and a full batch. `free_seats` is how many waiting requests fit without evicting anyone (batch slots and KV
         blocks, as the caller measures them). The worst running request is evicted for each waiting
         request beyond that which strictly outranks it and has waited `preemption_patience`
         iterations (promoted ones need not wait), at most `max_victims` per step. Aged requests are
@@ -222,15 +224,16 @@ class SchedulingPolicy(ABC):
         if not self.preempts_running or max_victims <= 0:
             return []
         keep_seat = self.starvation is not None and self.starvation.keep_seat
-        worst_first = sorted((s for s in running if not (keep_seat and s.aged)), key=self.sort_key, reverse=True)
-        if not worst_first:
+        worst_first = (s for s in running_worst_first if not (keep_seat and s.aged))
+        worst = next(worst_first, None)
+        if worst is None:
             return []
         # Waiting requests come best first: once one does not outrank the worst victim, none after it does.
-        worst_key = self.sort_key(worst_first[0])
+        worst_key = self.sort_key(worst)
         outranking = takewhile(lambda s: self.sort_key(s) < worst_key, islice(waiting, max(free_seats, 0), None))
         blocked = (s for s in outranking if s.promoted or self.waited(s) >= self.preemption_patience)
         victims: list[RankState] = []
-        for candidate, victim in zip(blocked, worst_first):
+        for candidate, victim in zip(blocked, chain((worst,), worst_first)):
             if len(victims) >= max_victims or self.sort_key(candidate) >= self.sort_key(victim):
                 break
             victims.append(victim)

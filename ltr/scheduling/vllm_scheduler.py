@@ -325,15 +325,16 @@ class RankScheduler(Scheduler):
         if (not self.rank_policy.preempts_running or self.max_preemptions_per_step <= 0
                 or not self.waiting or not self.running):
             return []
-        by_id = {r.request_id: r for r in self.running}
-        preemptible = [self.rank_states[r.request_id] for r in self.running
-                       if self._request_blocks_can_be_freed(r)]
+        # self.running is sorted best-first at the top of the step, so reversed it is worst-first.
+        preemptible = (self.rank_states[r.request_id] for r in reversed(self.running)
+                       if self._request_blocks_can_be_freed(r))
         victims = self.rank_policy.preemption_victims(
             (self._state(r) for r in self.waiting), preemptible, self._free_seats(),
             self.max_preemptions_per_step)
         if not victims:
             return []
         now = time.monotonic()
+        by_id = {r.request_id: r for r in self.running}
         evicted = [by_id[v.request_id] for v in victims]
         for request in evicted:
             self.running.remove(request)

@@ -190,7 +190,8 @@ class Replica:
             free_seats = self._free_seats(ordered_waiting)
             if free_seats < len(ordered_waiting):
                 victims = self.policy.preemption_victims(
-                    [s.state for s in ordered_waiting], [s.state for s in self.running.values()],
+                    [s.state for s in ordered_waiting],
+                    sorted((s.state for s in self.running.values()), key=self.policy.sort_key, reverse=True),
                     free_seats, self.max_victims)
                 for state in victims:
                     self._preempt(self.running[state.request_id])
