@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain, islice, takewhile
 from operator import attrgetter
-from collections.abc import Mapping
 from typing import Any, Literal
 
 PolicyName = Literal["fcfs", "priority", "mlfq", "ltr"]
@@ -213,13 +212,13 @@ class SchedulingPolicy(ABC):
 
         `waiting` must come in this policy's order (as `order()` returns it) and `running_worst_first` in
         the reverse order. Both are read lazily, only as far as candidates and victims are needed, so a
-        caller may pass generators over a long queue and a full batch. `free_seats` is how many waiting requests fit without evicting anyone (batch slots and KV
-        blocks, as the caller measures them). The worst running request is evicted for each waiting
-        request beyond that which strictly outranks it and has waited `preemption_patience`
-        iterations (promoted ones need not wait), at most `max_victims` per step. Aged requests are
-        not victims when the starvation rule keeps their seat. Patience matters because eviction is
-        recompute: a seat usually frees within a few iterations, and re-prefilling the victim costs
-        every request in the batch.
+        caller may pass generators over a long queue and a full batch. `free_seats` is how many waiting
+        requests fit without evicting anyone (batch slots and KV blocks, as the caller measures them).
+        The worst running request is evicted for each waiting request beyond that which strictly
+        outranks it and has waited `preemption_patience` iterations (promoted ones need not wait), at
+        most `max_victims` per step. Aged requests are not victims when the starvation rule keeps their
+        seat. Patience matters because eviction is recompute: a seat usually frees within a few
+        iterations, and re-prefilling the victim costs every request in the batch.
         """
         if not self.preempts_running or max_victims <= 0:
             return []

@@ -265,7 +265,8 @@ class RankScheduler(Scheduler):
         self._dump_if_idle()
         return outputs
 
-    def finish_requests(self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus) -> list[Request]:
+    def finish_requests(self, request_ids: str | Iterable[str] | None,
+                        finished_status: RequestStatus) -> list[Request]:
         finished = super().finish_requests(request_ids, finished_status)
         self._dump_if_idle()
         return finished
