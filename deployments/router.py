@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -37,14 +39,26 @@ STAT_NUM_REQUESTS = "num_requests"
 STAT_TIMESTAMP = "timestamp"
 
 
+def _argument_attribute(pending_request: PendingRequest | None, name: str,
+                        accept: Callable[[Any], bool]) -> Any:
+    """The first accepted value of attribute `name` among a request's arguments, or None.
+
+    Read by attribute, not isinstance: Serve ships the router class to the caller by value, so the
+    classes it sees are not the ones the ingress imported.
+    """
+    if pending_request is not None:
+        for arg in chain(pending_request.args, pending_request.kwargs.values()):
+            value = getattr(arg, name, None)
+            if accept(value):
+                return value
+    return None
+
+
 def predicted_work_of(pending_request: PendingRequest | None) -> float:
     """The predicted work carried by a request's arguments (default work when none carries it)."""
-    if pending_request is not None:
-        for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
-            work = getattr(arg, "predicted_work", None)
-            if isinstance(work, (int, float)) and work >= 0:
-                return float(work)
-    return request_work(None, 0)
+    work = _argument_attribute(pending_request, "predicted_work",
+                               lambda v: isinstance(v, (int, float)) and v >= 0)
+    return request_work(None, 0) if work is None else float(work)
 
 
 @dataclass(frozen=True)
@@ -55,17 +69,8 @@ class ReplicaProbe:
 
 
 def visited_by_probe(pending_request: PendingRequest | None) -> frozenset[str] | None:
-    """The replicas a `ReplicaProbe` argument has visited, or None for an ordinary request.
-
-    Read by attribute, not isinstance: Serve ships the router class to the caller by value, so the
-    class object it sees is not the one the ingress imported.
-    """
-    if pending_request is not None:
-        for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
-            visited = getattr(arg, "visited_replicas", None)
-            if isinstance(visited, frozenset):
-                return visited
-    return None
+    """The replicas a `ReplicaProbe` argument has visited, or None for an ordinary request."""
+    return _argument_attribute(pending_request, "visited_replicas", lambda v: isinstance(v, frozenset))
 
 
 @dataclass
