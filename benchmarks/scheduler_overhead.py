@@ -28,12 +28,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+# The scheduler benchmark's import sets the rest of the in-process vLLM environment and the import path.
+import scheduler_bench as bench  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ltr.models import build_tiny_llama, cache_dir  # noqa: E402
@@ -41,7 +37,6 @@ from ltr.scheduling.engine import engine_kwargs, scored_sampling_params  # noqa:
 from ltr.scheduling.policy import PolicyConfig  # noqa: E402
 from ltr.sim import a100_llama3_8b  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEPTH_BINS = (0, 256, 1024, 2048, 4096, 1 << 30)
 POLICIES = {"ltr": PolicyConfig(), "mlfq": PolicyConfig(name="mlfq")}
 
@@ -87,7 +82,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS / "scheduler_overhead.json")
+    ap.add_argument("--out", type=Path, default=bench.RESULTS / "scheduler_overhead.json")
     args = ap.parse_args()
     if args.requests < 1 or args.max_num_seqs < 1:
         ap.error("--requests and --max-num-seqs must be >= 1")
