@@ -98,8 +98,11 @@ def main() -> int:
               "real_fcfs_over_policy": ratio("real", load, "fcfs", p),
               "sim_fcfs_over_policy": ratio("sim", load, "fcfs", p)}
              for load, _ in loads for p in real["results"] if p != "fcfs" and "fcfs" in real["results"]]
-    grid = starvation_grid(requests, loads, profile, split)
-    reference = fcfs_deadline_reference(requests, loads, profile, split)
+    # FCFS at each Poisson load, the baseline of both studies below (simulated once).
+    fcfs_runs = {name: replay(requests, arrivals, None, profile, PolicyConfig(name="fcfs"))
+                 for name, arrivals in loads if name != "burst"}
+    grid = starvation_grid(requests, loads, fcfs_runs, profile, split)
+    reference = fcfs_deadline_reference(requests, loads, fcfs_runs, profile, split)
     errors = [abs(r["mean_latency_error"]) for r in rows]
     report = {
         "command": "python " + shlex.join(["benchmarks/sim_vs_bench.py", *sys.argv[1:]]),
@@ -119,25 +122,28 @@ def main() -> int:
     return 0
 
 
-def starvation_grid(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
-                    profile: HardwareProfile, split: int) -> list[dict]:
-    """Simulated LTR (predicted scores) over threshold x aged_share at each Poisson load, against FCFS."""
-    def summary(policy: PolicyConfig, scores: list[float] | None, arrivals: np.ndarray) -> dict:
-        return replay(requests, arrivals, scores, profile, policy).summary(long_threshold=split + 1)
+def against_fcfs(summary: dict, fcfs: dict, label: str) -> dict[str, float]:
+    """Per-token gain, long-request p99 ratio and throughput ratio of a policy's summary against FCFS's."""
+    return {f"fcfs_over_{label}_per_token": fcfs["mean_per_token_latency"] / summary["mean_per_token_latency"],
+            f"{label}_over_fcfs_long_p99": summary["long_p99_latency"] / fcfs["long_p99_latency"],
+            f"{label}_over_fcfs_throughput": summary["throughput_tok_s"] / fcfs["throughput_tok_s"]}
 
+
+def starvation_grid(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
+                    fcfs_runs: dict[str, SimResult], profile: HardwareProfile, split: int) -> list[dict]:
+    """Simulated LTR (predicted scores) over threshold x aged_share at each Poisson load, against FCFS."""
     rows = []
+    scores = [r.score for r in requests]
     for load_name, arrivals in loads:
-        if load_name == "burst":
+        if load_name not in fcfs_runs:
             continue
-        fcfs = summary(PolicyConfig(name="fcfs"), None, arrivals)
+        fcfs = fcfs_runs[load_name].summary(long_threshold=split + 1)
         for threshold in THRESHOLDS:
             for share in AGED_SHARES:
                 policy = PolicyConfig(starvation=StarvationConfig(threshold, aged_share=share))
-                ltr = summary(policy, [r.score for r in requests], arrivals)
+                ltr = replay(requests, arrivals, scores, profile, policy).summary(long_threshold=split + 1)
                 rows.append({"load": load_name, "threshold": threshold, "aged_share": share,
-                             "fcfs_over_ltr_per_token": fcfs["mean_per_token_latency"] / ltr["mean_per_token_latency"],
-                             "ltr_over_fcfs_long_p99": ltr["long_p99_latency"] / fcfs["long_p99_latency"],
-                             "ltr_over_fcfs_throughput": ltr["throughput_tok_s"] / fcfs["throughput_tok_s"]})
+                             **against_fcfs(ltr, fcfs, "ltr")})
     return rows
 
 
@@ -192,24 +198,21 @@ class FCFSDeadlineConfig(PolicyConfig):
 
 
 def fcfs_deadline_reference(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
-                   profile: HardwareProfile, split: int) -> list[dict]:
+                            fcfs_runs: dict[str, SimResult], profile: HardwareProfile, split: int) -> list[dict]:
     """`FCFSDeadlinePolicy` (predicted scores) over DEADLINE_SLACKS at each Poisson load, against FCFS."""
     rows = []
     scores = [r.score for r in requests]
     for load_name, arrivals in loads:
-        if load_name == "burst":
+        if load_name not in fcfs_runs:
             continue
-        fcfs_run = replay(requests, arrivals, None, profile, PolicyConfig(name="fcfs"))
+        fcfs_run = fcfs_runs[load_name]
         fcfs = fcfs_run.summary(long_threshold=split + 1)
         step_s = fcfs_run.makespan / sum(fcfs_run.steps)
         deadline_iters = {r.request_id: r.latency / step_s for r in fcfs_run.records}
         for slack in DEADLINE_SLACKS:
-            ltr = replay(requests, arrivals, scores, profile,
-                         FCFSDeadlineConfig(deadline_iters=deadline_iters, slack=slack)).summary(long_threshold=split + 1)
-            rows.append({"load": load_name, "slack": slack,
-                         "fcfs_over_policy_per_token": fcfs["mean_per_token_latency"] / ltr["mean_per_token_latency"],
-                         "policy_over_fcfs_long_p99": ltr["long_p99_latency"] / fcfs["long_p99_latency"],
-                         "policy_over_fcfs_throughput": ltr["throughput_tok_s"] / fcfs["throughput_tok_s"]})
+            policy = FCFSDeadlineConfig(deadline_iters=deadline_iters, slack=slack)
+            summary = replay(requests, arrivals, scores, profile, policy).summary(long_threshold=split + 1)
+            rows.append({"load": load_name, "slack": slack, **against_fcfs(summary, fcfs, "policy")})
     return rows
 
 
