@@ -86,13 +86,15 @@ def test_starvation_promotes_after_threshold_for_quantum_scheduled_iterations() 
     policy.track(long)
     for _ in range(3):
         policy.observe_step({"s": 1})
-    assert long.promoted and policy.stats.promotions == 1
+    assert long.promoted and policy.stats.promotions == 1 and policy.last_promoted == [long]
     assert policy.order([short, long])[0] is long
     policy.observe_step({"l": 1})
+    assert policy.last_promoted == [] and policy.last_expired == []
     policy.observe_step({"s": 1})  # not scheduled: quantum is not spent
     assert long.promoted_left == 1
     policy.observe_step({"l": 1})
-    assert not long.promoted and policy.order([short, long])[0] is short
+    # The promotion ran out: its key changed, which callers keeping requests in order must hear of.
+    assert not long.promoted and policy.order([short, long])[0] is short and policy.last_expired == [long]
     assert long.served_tokens == 2
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ltr.scheduling.engine import (
     SCORE_KEY,
@@ -196,7 +198,7 @@ class _VictimSpy:
 
 
 def test_preemption_and_readmission_keep_every_output_complete(
-        engines: dict[str, Any], rank_scheduler: Any) -> None:
+        engines: dict[str, Any], rank_scheduler: Any, queue_order_violations: list[str]) -> None:
     # Four 85-token requests fill every seat and outgrow the 6-block KV cache (vLLM's own
     # preemption); better-ranked short ones arriving later evict them by rank.
     longs = [Spec(f"p-long{i}", f"Long story {i} " * 6, 60, 100.0 + i) for i in range(4)]
@@ -215,6 +217,7 @@ def test_preemption_and_readmission_keep_every_output_complete(
         assert run.tokens[spec.request_id] == reference.tokens["ref-" + spec.request_id], spec.request_id
     # Shorts arrived while longs ran, yet all finish before any long one.
     assert set(run.finish_order[:4]) == {s.request_id for s in shorts}
+    assert queue_order_violations == []
 
 
 def test_out_of_kv_preemption_evicts_the_worst_ranked(engines: dict[str, Any], rank_scheduler: Any) -> None:
@@ -233,9 +236,10 @@ def test_out_of_kv_preemption_evicts_the_worst_ranked(engines: dict[str, Any], r
 
 @pytest.fixture
 def queue_order_violations(rank_scheduler: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Checks, each time vLLM's own schedule() reads the waiting queue, that it is in current key order.
+    """Checks, each time vLLM's own schedule() reads them, that the waiting queue and the running batch are
+    in current key order.
 
-    The adapter re-sorts only what promotions changed, so this is where a stale order would show.
+    The adapter moves only what admissions and promotions changed, so this is where a stale order would show.
     """
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -247,6 +251,10 @@ def queue_order_violations(rank_scheduler: Any, monkeypatch: pytest.MonkeyPatch)
             keys = [self._sort_key(r) for r in self.waiting]
             if keys != sorted(keys) or keys != self.waiting._keys:
                 violations.append(f"step {self.rank_policy.stats.steps}: {[r.request_id for r in self.waiting]}")
+            running = [self._sort_key(r) for r in self.running]
+            if running != sorted(running):
+                violations.append(f"step {self.rank_policy.stats.steps} running: "
+                                  f"{[r.request_id for r in self.running]}")
         return upstream(self, *args, **kwargs)
 
     monkeypatch.setattr(Scheduler, "schedule", checked)
@@ -293,6 +301,20 @@ def test_mlfq_waiting_queue_stays_in_key_order(
     assert queue_order_violations == []
 
 
+def test_running_batch_follows_a_promotion_that_runs_out(
+        engines: dict[str, Any], rank_scheduler: Any, queue_order_violations: list[str]) -> None:
+    # The long request waits behind four better-ranked ones, is promoted (evicting the worst of them),
+    # keeps its seat once its quantum runs out, and must then fall back behind the others in the batch.
+    rank_scheduler.set_policy(PolicyConfig(name="ltr", starvation=StarvationConfig(threshold=3, quantum=2)))
+    mediums = [Spec(f"e-m{i}", f"Medium {i}", 20, float(i + 1)) for i in range(4)]
+    long = Spec("e-long", "Long one", 8, 1e6)
+    run = _drive(engines["ltr"], mediums, {1: [long]})
+    stats = rank_scheduler.stats()
+    assert stats["promotions"] >= 1 and stats["rank_preemptions"] >= 1
+    assert all(len(run.tokens[s.request_id]) == s.max_tokens for s in [*mediums, long])
+    assert queue_order_violations == []
+
+
 def test_missing_nan_inf_scores_fall_back_to_fcfs_logged_once(
         engines: dict[str, Any], rank_scheduler: Any, caplog: pytest.LogCaptureFixture) -> None:
     scored = [Spec(f"u-scored{i}", f"Scored {i}", 8, s) for i, s in enumerate([5.0, 0.5, 3.0, 9.0, 1.0])]
@@ -318,6 +340,51 @@ def test_chunked_prefill_and_prefix_caching_still_work(engines: dict[str, Any], 
     assert first.first_token_step["c1"] >= 1
     assert second.cached_tokens["c2"] > 0
     assert second.tokens["c2"] == first.tokens["c1"]
+
+
+class _Queued:
+    """A stand-in request: the queue reads only identity and, in errors, the id."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "pop", "remove", "rekey"]), st.integers(0, 7),
+                          st.integers(0, 3)), max_size=60))
+def test_ranked_queue_matches_a_sorted_list(ops: list[tuple[str, int, int]]) -> None:
+    # Few distinct keys, so requests share keys and the binary search must step past equal ones.
+    from ltr.scheduling.vllm_scheduler import RankedRequestQueue
+
+    requests = [_Queued(f"q{i}") for i in range(8)]
+    keys = {r: (0.0,) for r in requests}
+    queue = RankedRequestQueue(keys.__getitem__)
+    reference: list[_Queued] = []   # in insertion order; stable sort by key = the queue's order
+    for op, i, k in ops:
+        request = requests[i]
+        if op == "add" and request not in reference:
+            queue.add_request(request)
+            reference.append(request)
+        elif op == "pop" and reference:
+            expected = min(reference, key=keys.__getitem__)
+            assert queue.pop_request() is expected
+            reference.remove(expected)
+        elif op == "remove":
+            if request in reference:
+                queue.remove_request(request)
+                reference.remove(request)
+            else:
+                with pytest.raises(ValueError):
+                    queue.remove_request(request)
+        elif op == "rekey":
+            keys[request] = (float(k),)
+            queue.reposition(request)
+            if request in reference:   # moves behind requests already queued under an equal key
+                reference.remove(request)
+                reference.append(request)
+        assert list(queue) == sorted(reference, key=keys.__getitem__)
+    queue.remove_requests(requests)
+    assert not queue and len(queue) == 0
 
 
 def test_engine_kwargs_select_scheduler_per_policy() -> None:
