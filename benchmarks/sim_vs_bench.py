@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.15
 THRESHOLDS = (25, 50, 100, 200, 400)
 AGED_SHARES = (0.125, 0.25, 0.375, 0.5)
-DEADLINE_SLACKS = (0.75, 1.0, 1.25, 1.5, 2.0)
+DEADLINE_SLACKS = (0.75, 1.0, 1.1, 1.2, 1.25, 1.5, 2.0)
 
 
 def rebuild(params: dict) -> tuple[list[bench.BenchRequest], list[tuple[str, np.ndarray]], int]:
