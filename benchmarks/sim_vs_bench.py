@@ -19,6 +19,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,8 @@ def main() -> int:
     # FCFS at each Poisson load, the baseline of both studies below (simulated once).
     fcfs_runs = {name: replay(requests, arrivals, None, profile, PolicyConfig(name="fcfs"))
                  for name, arrivals in loads if name != "burst"}
-    grid = starvation_grid(requests, loads, fcfs_runs, profile, split)
-    reference = fcfs_deadline_reference(requests, loads, fcfs_runs, profile, split)
+    grid = sweep_against_fcfs(requests, loads, fcfs_runs, profile, split, "ltr", starvation_variants)
+    reference = sweep_against_fcfs(requests, loads, fcfs_runs, profile, split, "policy", deadline_variants)
     errors = [abs(r["mean_latency_error"]) for r in rows]
     report = {
         "command": "python " + shlex.join(["benchmarks/sim_vs_bench.py", *sys.argv[1:]]),
@@ -129,22 +130,31 @@ def against_fcfs(summary: dict, fcfs: dict, label: str) -> dict[str, float]:
             f"{label}_over_fcfs_throughput": summary["throughput_tok_s"] / fcfs["throughput_tok_s"]}
 
 
-def starvation_grid(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
-                    fcfs_runs: dict[str, SimResult], profile: HardwareProfile, split: int) -> list[dict]:
-    """Simulated LTR (predicted scores) over threshold x aged_share at each Poisson load, against FCFS."""
+def sweep_against_fcfs(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
+                       fcfs_runs: dict[str, SimResult], profile: HardwareProfile, split: int, label: str,
+                       variants: Callable[[SimResult], Iterable[tuple[dict, PolicyConfig]]]) -> list[dict]:
+    """Simulate each policy variant (predicted scores) at each Poisson load, against FCFS at that load.
+
+    `variants` maps the load's FCFS run to (row fields, policy) pairs, so a variant may read it.
+    """
     rows = []
     scores = [r.score for r in requests]
     for load_name, arrivals in loads:
         if load_name not in fcfs_runs:
             continue
         fcfs = fcfs_runs[load_name].summary(long_threshold=split + 1)
-        for threshold in THRESHOLDS:
-            for share in AGED_SHARES:
-                policy = PolicyConfig(starvation=StarvationConfig(threshold, aged_share=share))
-                ltr = replay(requests, arrivals, scores, profile, policy).summary(long_threshold=split + 1)
-                rows.append({"load": load_name, "threshold": threshold, "aged_share": share,
-                             **against_fcfs(ltr, fcfs, "ltr")})
+        for fields, policy in variants(fcfs_runs[load_name]):
+            summary = replay(requests, arrivals, scores, profile, policy).summary(long_threshold=split + 1)
+            rows.append({"load": load_name, **fields, **against_fcfs(summary, fcfs, label)})
     return rows
+
+
+def starvation_variants(_: SimResult) -> Iterator[tuple[dict, PolicyConfig]]:
+    """LTR over threshold x aged_share."""
+    for threshold in THRESHOLDS:
+        for share in AGED_SHARES:
+            yield ({"threshold": threshold, "aged_share": share},
+                   PolicyConfig(starvation=StarvationConfig(threshold, aged_share=share)))
 
 
 class FCFSDeadlinePolicy(RankPolicy):
@@ -197,23 +207,12 @@ class FCFSDeadlineConfig(PolicyConfig):
         return FCFSDeadlinePolicy(self.deadline_iters, self.slack)
 
 
-def fcfs_deadline_reference(requests: list[bench.BenchRequest], loads: list[tuple[str, np.ndarray]],
-                            fcfs_runs: dict[str, SimResult], profile: HardwareProfile, split: int) -> list[dict]:
-    """`FCFSDeadlinePolicy` (predicted scores) over DEADLINE_SLACKS at each Poisson load, against FCFS."""
-    rows = []
-    scores = [r.score for r in requests]
-    for load_name, arrivals in loads:
-        if load_name not in fcfs_runs:
-            continue
-        fcfs_run = fcfs_runs[load_name]
-        fcfs = fcfs_run.summary(long_threshold=split + 1)
-        step_s = fcfs_run.makespan / sum(fcfs_run.steps)
-        deadline_iters = {r.request_id: r.latency / step_s for r in fcfs_run.records}
-        for slack in DEADLINE_SLACKS:
-            policy = FCFSDeadlineConfig(deadline_iters=deadline_iters, slack=slack)
-            summary = replay(requests, arrivals, scores, profile, policy).summary(long_threshold=split + 1)
-            rows.append({"load": load_name, "slack": slack, **against_fcfs(summary, fcfs, "policy")})
-    return rows
+def deadline_variants(fcfs_run: SimResult) -> Iterator[tuple[dict, PolicyConfig]]:
+    """`FCFSDeadlinePolicy` over DEADLINE_SLACKS, deadlines from this load's FCFS latencies (in iterations)."""
+    step_s = fcfs_run.makespan / sum(fcfs_run.steps)
+    deadline_iters = {r.request_id: r.latency / step_s for r in fcfs_run.records}
+    for slack in DEADLINE_SLACKS:
+        yield {"slack": slack}, FCFSDeadlineConfig(deadline_iters=deadline_iters, slack=slack)
 
 
 def plot(report: dict, path: Path) -> None:
