@@ -395,7 +395,6 @@ class RankScheduler(Scheduler):
         self.rank_policy = config.build(self.max_num_running_reqs)
         self.max_preemptions_per_step = config.max_preemptions_per_step
         self.rank_states.clear()
-        self._unsorted_tail = len(self.running)
         self.counters = AdapterCounters()
         self._warned_unscored = False
 
