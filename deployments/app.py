@@ -15,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from deployments.engine import CPU_ENGINE_ENV, LLMEngine
+from deployments.engine import CPU_ENGINE_ENV, EngineSpec, LLMEngine
 from deployments.ingress import IngressSettings, OpenAIIngress
 from deployments.predictor import Predictor
 from deployments.router import LeastWorkRouter
@@ -59,15 +59,29 @@ class AppArgs(BaseModel):
     #: Extra environment for ingress replicas (e.g. the variable named by ingress.api_key_env).
     ingress_env: dict[str, str] = Field(default_factory=dict)
 
-    def model_path(self) -> str:
-        if self.model == "smollm2":
-            from ltr.models import prepare_model
+    @field_validator("policy")
+    @classmethod
+    def _valid_policy(cls, value: dict[str, Any]) -> dict[str, Any]:
+        PolicyConfig.from_mapping(value)   # ValueError names the key
+        return value
 
-            return str(prepare_model())
+    def model_path(self, prepare: bool = True) -> str:
+        """The model folder; "smollm2" is converted on first use (`prepare=False`: only where it goes)."""
+        if self.model == "smollm2":
+            from ltr.models import SERVED_MODEL_NAME, cache_dir, prepare_model
+
+            return str(prepare_model()) if prepare else str(cache_dir() / "models" / SERVED_MODEL_NAME)
         return self.model
 
-    def policy_config(self) -> PolicyConfig:
-        return PolicyConfig.from_mapping(self.policy)
+    def engine_spec(self, model_path: str) -> EngineSpec:
+        """What each engine replica is built from; GPU replicas get vLLM's defaults, CPU ones the CPU set."""
+        return EngineSpec(model=model_path, policy=PolicyConfig.from_mapping(self.policy),
+                          platform="gpu" if self.engine_num_gpus > 0 else "cpu",
+                          overrides=dict(self.engine_kwargs))
+
+    def replica_env(self) -> dict[str, str]:
+        """Environment of each engine replica: the CPU engine settings under the configured ones on CPU."""
+        return dict(self.engine_env) if self.engine_num_gpus > 0 else {**CPU_ENGINE_ENV, **self.engine_env}
 
 
 class PredictorArgs(BaseModel):
@@ -84,10 +98,6 @@ class PredictorArgs(BaseModel):
 
 def engine_deployment(args: AppArgs, model_path: str) -> Application:
     """The engine deployment bound to its model and policy (exposed for benchmarks and tests)."""
-    args.policy_config()  # validate at the edge, before any replica starts
-    env = dict(args.engine_env)
-    if args.engine_num_gpus == 0:
-        env = {**CPU_ENGINE_ENV, **env}
     router_config = RequestRouterConfig(request_routing_stats_period_s=args.routing_stats_period_s,
                                         request_routing_stats_timeout_s=max(args.routing_stats_period_s, 5.0))
     if args.router == "least_work":
@@ -96,16 +106,13 @@ def engine_deployment(args: AppArgs, model_path: str) -> Application:
             request_router_kwargs={"stats_staleness_s": args.stats_staleness_s},
             request_routing_stats_period_s=args.routing_stats_period_s,
             request_routing_stats_timeout_s=max(args.routing_stats_period_s, 5.0))
-    engine_kwargs = dict(args.engine_kwargs)
-    if args.engine_num_gpus == 0:
-        engine_kwargs.setdefault("max_model_len", 2048)
     deployment = serve.deployment(
         LLMEngine, name=ENGINE_DEPLOYMENT, num_replicas=args.num_engine_replicas,
         max_ongoing_requests=args.max_ongoing_requests, request_router_config=router_config,
         health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=20,
         ray_actor_options={"num_cpus": args.engine_num_cpus, "num_gpus": args.engine_num_gpus,
-                           "runtime_env": {"env_vars": env}})
-    return deployment.bind(model_path, args.policy, engine_kwargs)
+                           "runtime_env": {"env_vars": args.replica_env()}})
+    return deployment.bind(args.engine_spec(model_path))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -114,7 +121,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     model_path = parsed.model_path()
     # The folder name is the served name ("SmolLM2-135M-Instruct" for the default model).
     served_name = parsed.served_model_name or Path(model_path).name
-    max_model_len = int(parsed.engine_kwargs.get("max_model_len", 2048))
+    max_model_len = parsed.engine_spec(model_path).max_model_len()
+    if max_model_len is None:
+        raise ValueError("engine_kwargs.max_model_len must be set for GPU engines: the ingress checks prompt + "
+                         "max_tokens against it before a request reaches an engine")
     settings = IngressSettings(**{"served_model_name": served_name, "tokenizer_path": model_path,
                                   "max_model_len": max_model_len, **parsed.ingress})
     actor_options: dict[str, Any] = {"num_cpus": parsed.ingress_num_cpus}

@@ -23,12 +23,40 @@ from typing import Any
 from ray import serve
 
 from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP, ReplicaProbe
+from ltr.scheduling.engine import Platform, engine_kwargs, scheduler_class_for
 from ltr.scheduling.policy import PolicyConfig
 
 logger = logging.getLogger("ray.serve")
 
 #: Environment every CPU engine replica needs on a shared small machine (see README).
 CPU_ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What every replica of an engine deployment is built from: typed and validated in `app.py`, before
+    it crosses into Serve, and the one source of the keyword arguments each replica passes to vLLM."""
+
+    model: str
+    policy: PolicyConfig
+    platform: Platform
+    #: `engine_kwargs` overrides from the config (vLLM `AsyncEngineArgs` fields).
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def vllm_kwargs(self, stats_path: str | None = None) -> dict[str, Any]:
+        """The exact `AsyncEngineArgs` keyword arguments of a replica whose scheduler dumps to `stats_path`."""
+        overrides = {"disable_log_stats": True, **self.overrides}
+        return engine_kwargs(self.model, self.policy, platform=self.platform, stats_path=stats_path,
+                             **overrides)
+
+    def scheduler_class(self) -> str:
+        """The scheduler class vLLM will run, from its resolved async-scheduling setting."""
+        return scheduler_class_for(self.policy, self.vllm_kwargs(), self.platform)
+
+    def max_model_len(self) -> int | None:
+        """The configured context length (None: vLLM derives it from the model at start)."""
+        value = self.vllm_kwargs().get("max_model_len")
+        return None if value is None else int(value)
 
 
 @dataclass
@@ -90,29 +118,32 @@ def _latest_stats_logger(sink: dict[str, Any]) -> type:
 class LLMEngine:
     """The engine deployment's class; `app.py` wraps it with `serve.deployment` options."""
 
-    def __init__(self, model: str, policy: dict[str, Any] | None = None,
-                 engine_overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, spec: EngineSpec) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from ltr.scheduling.engine import engine_args
+        from ltr.scheduling.upstream import version_problem
 
-        self.policy = PolicyConfig.from_mapping(policy or {})
+        if not isinstance(spec, EngineSpec):
+            raise TypeError(f"LLMEngine takes an EngineSpec (deployments.app builds it), got {type(spec).__name__}")
+        self.policy = spec.policy
+        if self.policy.name not in ("fcfs", "priority") and (problem := version_problem()):
+            raise RuntimeError(problem)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (benchmarks calling it directly)
             self.replica = f"local-{uuid.uuid4().hex[:8]}"
         self._stats_dir = Path(tempfile.mkdtemp(prefix=f"ltr-engine-{self.replica}-"))
         self.stats_path = self._stats_dir / "scheduler_stats.json"
-        overrides = dict(engine_overrides or {})
-        overrides.setdefault("disable_log_stats", True)
-        args = engine_args(model, self.policy, stats_path=str(self.stats_path), **overrides)
+        args = AsyncEngineArgs(**spec.vllm_kwargs(str(self.stats_path)))
         #: The engine core's latest SchedulerStats (running/waiting/KV use), for `debug_stats`.
         self.core_stats: dict[str, Any] = {}
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self._tracked: dict[str, _Tracked] = {}
         self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0}
-        logger.info("engine replica %s ready: model=%s policy=%s", self.replica, model, self.policy.name)
+        logger.info("engine replica %s ready: model=%s policy=%s async_scheduling=%s", self.replica, spec.model,
+                    self.policy.name, self.llm.vllm_config.scheduler_config.async_scheduling)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream deltas for one request; cancellation (client gone) aborts it in the engine."""

@@ -56,7 +56,8 @@ class IngressSettings(BaseModel):
     served_model_name: str
     #: Folder with the served model's tokenizer (and chat template); fixed by config, never by a request.
     tokenizer_path: str
-    max_model_len: int = Field(2048, ge=16)
+    #: The engines' context length (`EngineSpec.max_model_len`, filled in by `app.build_app`).
+    max_model_len: int = Field(ge=16)
     max_tokens_cap: int = Field(1024, ge=1)
     default_completion_max_tokens: int = Field(16, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -30,8 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-cpus", type=float, default=0.5, help="Ray CPUs per engine replica")
     parser.add_argument("--policy", default="ltr", choices=["ltr", "fcfs", "priority", "mlfq"])
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
-    parser.add_argument("--max-num-seqs", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="engine batch seats (default: ltr.scheduling.engine.CPU_ENGINE_DEFAULTS)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (default: ltr.scheduling.engine.CPU_MAX_MODEL_LEN)")
     parser.add_argument("--compile", action="store_true",
                         help="let vLLM torch.compile the model (faster steps, minutes more startup on CPU)")
     parser.add_argument("--no-predictor", action="store_true", help="serve without the predictor (FCFS)")
@@ -58,8 +60,10 @@ def app_args(args: argparse.Namespace) -> dict:
         ingress_env[args.api_key_env] = os.environ[args.api_key_env]
     return {"model": args.model, "policy": {"name": args.policy}, "router": args.router,
             "num_engine_replicas": args.replicas, "engine_num_cpus": args.engine_cpus,
-            "engine_kwargs": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                              "enforce_eager": not args.compile},
+            "engine_kwargs": {"enforce_eager": not args.compile,
+                              **{key: value for key, value in (("max_num_seqs", args.max_num_seqs),
+                                                               ("max_model_len", args.max_model_len))
+                                 if value is not None}},
             "ingress": ingress, "ingress_env": ingress_env}
 
 

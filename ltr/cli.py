@@ -13,6 +13,7 @@ from pathlib import Path
 _COMMAND_MODULES = (
     "ltr.predictor.commands",
     "ltr.sim.commands",
+    "deployments.resolve",
 )
 
 

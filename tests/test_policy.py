@@ -17,6 +17,8 @@ from ltr.scheduling.policy import (
     RankState,
     SchedulingPolicy,
     StarvationConfig,
+    UNSCORED_PRIORITY,
+    admissible_count,
     usable_score,
 )
 
@@ -57,11 +59,12 @@ def test_fcfs_ignores_scores(values: list[float | None]) -> None:
 def test_priority_quantizes_score_and_orders_like_vllm() -> None:
     policy = PriorityPolicy(levels_per_unit=2.0)
     assert policy.priority_of(1.3) == 2
-    assert policy.priority_of(None) == 0
-    assert policy.priority_of(float("nan")) == 0
-    ordered = policy.order(_states([3.0, 0.2, 1.4, 0.4]))
-    # 0.2 and 0.4 share level 0 -> arrival breaks the tie.
-    assert [s.request_id for s in ordered] == ["r1", "r3", "r2", "r0"]
+    # Unscored requests go ahead of every ranked one (the score convention), even very negative scores.
+    assert policy.priority_of(None) == policy.priority_of(float("nan")) == UNSCORED_PRIORITY
+    assert policy.priority_of(None) < policy.priority_of(-1e30)
+    ordered = policy.order(_states([3.0, 0.2, 1.4, 0.4, None, -50.0, None]))
+    # 0.2 and 0.4 share level 0 -> arrival breaks the tie; unscored first, in arrival order.
+    assert [s.request_id for s in ordered] == ["r4", "r6", "r5", "r1", "r3", "r2", "r0"]
 
 
 def test_mlfq_demotes_with_service_and_skip_join_places_long_prompts_lower() -> None:
@@ -198,6 +201,21 @@ def test_aged_requests_keep_their_seat_unless_the_paper_rule_is_chosen(keep_seat
     newcomer = RankState("new", 2.0, score=1.0)
     victims = policy.preemption_victims([newcomer], [old, fresh], free_seats=0, max_victims=1)
     assert victims == ([fresh] if keep_seat else [old])
+    # Out of KV, engines evict from the end of the running batch: the aged request sits ahead of the
+    # better-ranked fresh one under keep_seat (the last victim), by its rank otherwise.
+    batch = sorted([old, fresh, newcomer], key=policy.running_key)
+    assert batch[-1] is (fresh if keep_seat else old)
+    assert batch[0] is (old if keep_seat else newcomer)
+
+
+def test_admissible_count_stops_at_the_first_request_that_does_not_fit() -> None:
+    # (required, taken): a prompt must fit whole but admission takes only its first chunk.
+    assert admissible_count([(4, 1), (4, 1), (4, 1)], seats=8, free_blocks=5) == 2
+    assert admissible_count([(4, 4), (1, 1)], seats=8, free_blocks=5) == 2
+    assert admissible_count([(6, 1), (1, 1)], seats=8, free_blocks=5) == 0   # no skipping past a blocked one
+    assert admissible_count([(1, 1)] * 5, seats=3, free_blocks=99) == 3
+    assert admissible_count([(1, 1)], seats=0, free_blocks=99) == 0
+    assert admissible_count(iter([]), seats=3, free_blocks=9) == 0
 
 
 def test_aged_share_caps_aged_requests_in_flight_longest_waiter_first() -> None:

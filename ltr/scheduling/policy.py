@@ -67,8 +67,10 @@ class RankState:
 class StarvationConfig:
     """Aging rule: `threshold` unscheduled iterations in a row earn `quantum` promoted iterations.
 
-    A promoted request becomes *aged*. With `keep_seat` it is never rank-preempted afterwards, so the
-    service its promotion started is not thrown away (evict + recompute) when the quantum ends. At most
+    A promoted request becomes *aged*. With `keep_seat` it is never rank-preempted afterwards, and it is
+    the last out-of-KV victim (the running batch holds aged requests ahead of the others, so an engine that
+    evicts from the end of the batch takes every non-aged request first), so the service its promotion
+    started is not thrown away (evict + recompute) when the quantum ends. At most
     `aged_share` of the batch's seats (at least one) are held by aged requests at a time, so under
     overload aging serves the longest-waiting requests steadily instead of handing the whole batch
     back to FCFS order. The paper's rule is `keep_seat=False, aged_share=None` (no cap).
@@ -148,6 +150,16 @@ class SchedulingPolicy(ABC):
 
     def order(self, states: Iterable[RankState]) -> list[RankState]:
         return sorted(states, key=self.sort_key)
+
+    def keeps_seat(self, state: RankState) -> bool:
+        """Whether the starvation rule protects this request's seat (rank and out-of-KV preemption)."""
+        return state.aged and self.starvation is not None and self.starvation.keep_seat
+
+    def running_key(self, state: RankState) -> SortKey:
+        """Order of the running batch, best first: seat-keeping aged requests ahead of the rest, each part
+        by `sort_key`. Engines evict from the end of the batch when KV runs out, so this key is what makes
+        an aged request the last out-of-KV victim, not only exempt from rank preemption."""
+        return (0.0 if self.keeps_seat(state) else 1.0, *self.sort_key(state))
 
     # -- the requests an engine holds --------------------------------------------------------------
 
@@ -252,8 +264,7 @@ class SchedulingPolicy(ABC):
         """
         if not self.preempts_running or max_victims <= 0:
             return []
-        keep_seat = self.starvation is not None and self.starvation.keep_seat
-        worst_first = (s for s in running_worst_first if not (keep_seat and s.aged))
+        worst_first = (s for s in running_worst_first if not self.keeps_seat(s))
         worst = next(worst_first, None)
         if worst is None:
             return []
@@ -270,6 +281,23 @@ class SchedulingPolicy(ABC):
         return victims
 
 
+def admissible_count(needs: Iterable[tuple[int, int]], seats: int, free_blocks: int) -> int:
+    """How many waiting requests, taken best-ranked first, the engine admits now without evicting anyone.
+
+    Each request takes a seat and needs `required` free KV blocks to be admitted, of which admission then
+    takes `taken` (vLLM checks that a whole prompt fits but allocates only its first chunk). The first
+    request that does not fit stops admission, as in vLLM. `needs` is read lazily, at most `seats` items.
+    The one rule behind rank preemption's "free seats", for the vLLM adapter and the simulator alike.
+    """
+    fits = 0
+    for required, taken in needs:
+        if fits >= seats or required > free_blocks:
+            break
+        free_blocks -= taken
+        fits += 1
+    return fits
+
+
 class FCFSPolicy(SchedulingPolicy):
     """Arrival order: vLLM's default."""
 
@@ -277,6 +305,10 @@ class FCFSPolicy(SchedulingPolicy):
 
     def rank_key(self, state: RankState) -> SortKey:
         return ()
+
+
+#: vLLM priority of an unscored request under "priority": below any score's (vLLM priorities are ints).
+UNSCORED_PRIORITY = -(2**62)
 
 
 class PriorityPolicy(SchedulingPolicy):
@@ -289,9 +321,13 @@ class PriorityPolicy(SchedulingPolicy):
         self.levels_per_unit = levels_per_unit
 
     def priority_of(self, score: float | None) -> int:
-        """The integer priority vLLM gets for a score (lower runs first; missing score -> 0)."""
+        """The integer priority vLLM gets for a score (lower runs first). A missing score gets
+        `UNSCORED_PRIORITY`, below every quantized score, so it is served ahead of ranked work in arrival
+        order, as the score convention says; vLLM breaks equal priorities by arrival."""
         value = usable_score(score)
-        return 0 if value is None else int(math.floor(value * self.levels_per_unit))
+        if value is None:
+            return UNSCORED_PRIORITY
+        return max(int(math.floor(value * self.levels_per_unit)), UNSCORED_PRIORITY + 1)
 
     def rank_key(self, state: RankState) -> SortKey:
         return (float(self.priority_of(state.score)),)

@@ -7,8 +7,9 @@ vLLM's ``schedule()``, the subclass changes only *order* and *eviction* and lets
 1. the waiting queues are ``RankedRequestQueue`` s ordered by the policy's sort key, so upstream admits
    the best-ranked waiting request first (and a request preempted by upstream goes back to its rank,
    not to the front);
-2. before each step ``self.running`` is put in order best-first, so upstream serves the best-ranked running
-   requests first and its own out-of-KV preemption (``self.running.pop()``) evicts the worst-ranked;
+2. before each step ``self.running`` is put in order best-first (``policy.running_key``: seat-keeping aged
+   requests first), so upstream serves the best-ranked running requests first and its own out-of-KV
+   preemption (``self.running.pop()``) evicts the worst-ranked;
 3. when better-ranked waiting requests cannot get a seat (batch slots or KV blocks), the worst-ranked
    running ones are preempted first (``policy.preemption_victims``, capped per step); victims are held
    out of the waiting queue for that step so a request is never preempted and resumed in one step;
@@ -27,10 +28,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy as VllmQueuePolicy
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -38,7 +41,15 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from ltr.scheduling.engine import ADDITIONAL_CONFIG_KEY, SCORE_KEY
-from ltr.scheduling.policy import PolicyConfig, RankState, SchedulingPolicy, SortKey, usable_score
+from ltr.scheduling.policy import (
+    PolicyConfig,
+    RankState,
+    SchedulingPolicy,
+    SortKey,
+    admissible_count,
+    usable_score,
+)
+from ltr.scheduling.upstream import check_upstream, missing_request_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -178,21 +189,34 @@ class AdapterCounters:
 
 
 class RankScheduler(Scheduler):
-    """vLLM ``Scheduler`` that orders, admits and evicts by a ``SchedulingPolicy``."""
+    """vLLM ``Scheduler`` that orders, admits and evicts by a ``SchedulingPolicy``.
+
+    Plug in this one class: it becomes ``AsyncRankScheduler`` when vLLM's *resolved* config has async
+    scheduling on (vLLM turns it on by default on GPU and forces it off on CPU, whatever was asked).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RankScheduler:
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is RankScheduler and vllm_config is not None and vllm_config.scheduler_config.async_scheduling:
+            cls = AsyncRankScheduler
+        return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_upstream()
         super().__init__(*args, **kwargs)
+        check_upstream(self)
         if self.policy != VllmQueuePolicy.FCFS:
             raise ValueError(
                 f"{type(self).__name__} orders requests itself; start the engine with "
                 f"scheduling_policy='fcfs' (got {self.policy.value!r}). Use vLLM's own scheduler for "
                 "the 'priority' baseline (ltr.scheduling.engine.engine_args does this).")
         self.adapter_config = AdapterConfig.from_additional_config(self.vllm_config.additional_config)
-        self.rank_policy: SchedulingPolicy = self.adapter_config.policy.build(self.max_num_running_reqs)
+        self.rank_policy: SchedulingPolicy = self.adapter_config.policy.build(self.max_num_active_reqs)
         self.max_preemptions_per_step = self.adapter_config.policy.max_preemptions_per_step
         self.rank_states: dict[str, RankState] = {}
         self.counters = AdapterCounters()
         self._warned_unscored = False
+        self._request_checked = False
         self._last_schedule_end: float | None = None
         #: How many requests at the end of ``self.running`` upstream appended (admitted) after the last sort.
         self._unsorted_tail = 0
@@ -230,7 +254,15 @@ class RankScheduler(Scheduler):
     def _sort_key(self, request: Request) -> SortKey:
         return self.rank_policy.sort_key(self._state(request))
 
+    def _running_key(self, request: Request) -> SortKey:
+        return self.rank_policy.running_key(self._state(request))
+
     def add_request(self, request: Request) -> None:
+        if not self._request_checked:
+            missing = missing_request_attributes(request)
+            if missing:
+                raise RuntimeError(f"vLLM's Request lacks attributes the rank scheduler uses: {missing}")
+            self._request_checked = True
         if request.request_id not in self.requests:
             self._state(request)
         super().add_request(request)
@@ -242,7 +274,7 @@ class RankScheduler(Scheduler):
         self._prune_states()
         self._reorder_waiting()
         self._sort_running()
-        victims = self._rank_preempt()
+        victims = self._rank_preempt(throttle_prefills)
         # Victims sit out this step so no request is preempted and resumed in the same output.
         if victims:
             self.waiting.remove_requests(victims)
@@ -334,7 +366,7 @@ class RankScheduler(Scheduler):
         self._unsorted_tail = 0
         changed = policy.last_promoted + policy.last_expired
         if not policy.static_rank_key or tail + len(changed) > REPOSITION_LIMIT:
-            running.sort(key=self._sort_key)
+            running.sort(key=self._running_key)
             return
         moved = running[len(running) - tail:]
         del running[len(running) - tail:]
@@ -345,33 +377,79 @@ class RankScheduler(Scheduler):
                 running.remove(request)
                 moved.append(request)
         for request in moved:
-            bisect.insort(running, request, key=self._sort_key)
+            bisect.insort(running, request, key=self._running_key)
 
-    def _free_seats(self) -> int:
-        """How many best-ranked waiting requests fit now without evicting anyone (slots and KV)."""
-        seats = self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
+    def _admission_blocks(self, request: Request) -> tuple[int, int]:
+        """(free KV blocks upstream requires to admit `request` now, blocks admitting it takes).
+
+        As vLLM's ``allocate_slots`` counts them: prefix-cache hits already held by others cost nothing,
+        a chunked prompt takes only its first chunk, and with ``scheduler_reserve_full_isl`` (vLLM's
+        default) the whole prompt must fit; the watermark is kept free on top.
+        """
+        manager = self.kv_cache_manager
+        coordinator = manager.coordinator
+        hit_blocks = manager.empty_kv_cache_blocks.blocks
+        computed = request.num_computed_tokens
+        if computed == 0 and manager.prefix_cache_lookup_enabled(request):
+            hit_blocks, computed, _ = coordinator.find_longest_cache_hit(
+                request.block_hashes, request.num_tokens - 1)
+        full = min(request.num_tokens, self.max_model_len)
+        first_chunk_end = full
+        if self.scheduler_config.enable_chunked_prefill:
+            first_chunk_end = min(full, computed + self.max_num_scheduled_tokens)
+        prefill_end = max(request.num_prompt_tokens, request.num_tokens - 1)
+
+        def blocks(num_tokens: int, admission: bool) -> int:
+            return coordinator.get_num_blocks_to_allocate(
+                request_id=request.request_id, num_tokens=num_tokens, new_computed_blocks=hit_blocks,
+                num_encoder_tokens=0, total_computed_tokens=computed, num_local_computed_tokens=computed,
+                num_tokens_main_model=num_tokens, apply_admission_cap=admission, prefill_end=prefill_end)
+
+        taken = blocks(first_chunk_end, False)
+        required = blocks(full, True) if self.scheduler_reserve_full_isl else taken
+        return required + manager.watermark_blocks, taken
+
+    def _admissible_now(self, request: Request) -> bool:
+        """Whether upstream's waiting loop would try to admit `request` this step rather than skip it."""
+        if self._is_blocked_waiting_status(request.status):
+            return False   # grammar compiling, remote KV in flight, streaming input awaited
+        return not (request.num_stale_output_tokens and not request.drop_stale_output)
+
+    def _free_seats(self, candidates: list[Request]) -> int:
+        """How many of `candidates` (admissible waiting requests, best-ranked first) fit now without
+        evicting anyone: ``policy.admissible_count`` over upstream's seats and KV accounting. Requests
+        in ``kv_holding_waiting`` are served first by upstream, so they take seats and blocks first."""
+        seats = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        ahead = [r for r in self.kv_holding_waiting if self._admissible_now(r)]
         free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks()
-        fits = 0
-        for request in self.waiting:
-            if fits >= seats:
-                break
-            need = -(-(request.num_tokens + 1) // self.block_size)
-            if need > free_blocks:
-                break
-            free_blocks -= need
-            fits += 1
-        return fits
+        needs = (self._admission_blocks(r) for r in ahead)
+        holding = admissible_count(needs, seats, free_blocks)
+        if holding < len(ahead):
+            return 0   # upstream stops at the first request that does not fit
+        free_blocks -= sum(self._admission_blocks(r)[1] for r in ahead)
+        return admissible_count((self._admission_blocks(r) for r in candidates), seats - holding, free_blocks)
 
-    def _rank_preempt(self) -> list[Request]:
-        """Evict the worst-ranked running requests that better-ranked waiting ones are blocked by."""
+    def _rank_preempt(self, throttle_prefills: bool) -> list[Request]:
+        """Evict the worst-ranked running requests that better-ranked waiting ones are blocked by.
+
+        Only when upstream would admit from the waiting queue this step: not while paused (new requests
+        or all) and not on a throttled step (DP prefill balancing may defer every prefill). Waiting
+        requests upstream would skip (``_admissible_now``) are not candidates.
+        """
         if (not self.rank_policy.preempts_running or self.max_preemptions_per_step <= 0
-                or not self.waiting or not self.running):
+                or not self.waiting or not self.running or throttle_prefills
+                or self.pause_state != PauseState.UNPAUSED):
+            return []
+        # Candidates beyond the free seats plus the preemption cap cannot matter this step.
+        limit = self.max_num_active_reqs + self.max_preemptions_per_step
+        candidates = list(islice((r for r in self.waiting if self._admissible_now(r)), limit))
+        if not candidates:
             return []
         # self.running is sorted best-first at the top of the step, so reversed it is worst-first.
         preemptible = (self.rank_states[r.request_id] for r in reversed(self.running)
                        if self._request_blocks_can_be_freed(r))
         victims = self.rank_policy.preemption_victims(
-            (self._state(r) for r in self.waiting), preemptible, self._free_seats(),
+            (self._state(r) for r in candidates), preemptible, self._free_seats(candidates),
             self.max_preemptions_per_step)
         if not victims:
             return []
@@ -392,7 +470,7 @@ class RankScheduler(Scheduler):
             raise TypeError(f"set_policy expects a PolicyConfig, got {type(config).__name__}")
         self.adapter_config = AdapterConfig(config, self.adapter_config.stats_path,
                                             self.adapter_config.stats_every)
-        self.rank_policy = config.build(self.max_num_running_reqs)
+        self.rank_policy = config.build(self.max_num_active_reqs)
         self.max_preemptions_per_step = config.max_preemptions_per_step
         self.rank_states.clear()
         self.counters = AdapterCounters()

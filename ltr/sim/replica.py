@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ltr.scheduling.policy import PolicyConfig, RankState, SchedulingPolicy
+from ltr.scheduling.policy import PolicyConfig, RankState, SchedulingPolicy, admissible_count
 from ltr.sim.profile import HardwareProfile
 from ltr.sim.workload import SimRequest
 
@@ -121,6 +121,10 @@ class Replica:
     def _ordered(self, seqs: dict[str, SimSeq]) -> list[SimSeq]:
         return [seqs[s.request_id] for s in self.policy.order(s.state for s in seqs.values())]
 
+    def _ordered_running(self) -> list[SimSeq]:
+        """The running batch best first by the policy's `running_key`, as the adapter keeps vLLM's."""
+        return sorted(self.running.values(), key=lambda seq: self.policy.running_key(seq.state))
+
     def _allocate(self, seq: SimSeq, blocks: int) -> None:
         self.free_blocks -= blocks
         self._popped += blocks
@@ -157,21 +161,12 @@ class Replica:
         return min(num_new, token_budget)
 
     def _free_seats(self, ordered_waiting: list[SimSeq]) -> int:
-        """Best-ranked waiting requests that fit now without evicting anyone (seats, then KV blocks).
+        """Best-ranked waiting requests that fit now without evicting anyone (`admissible_count`).
 
-        Same measure as the vLLM adapter's `_free_seats`: a request needs blocks for all its tokens + 1.
+        The simulated engine needs, and takes, blocks for a request's tokens + 1.
         """
-        seats = self.limits.max_num_seqs - len(self.running)
-        fits, free = 0, self.free_blocks
-        for seq in ordered_waiting:
-            if fits >= seats:
-                break
-            need = self._blocks_for(seq.num_tokens + 1)
-            if need > free:
-                break
-            free -= need
-            fits += 1
-        return fits
+        needs = ((blocks, blocks) for blocks in (self._blocks_for(seq.num_tokens + 1) for seq in ordered_waiting))
+        return admissible_count(needs, self.limits.max_num_seqs - len(self.running), self.free_blocks)
 
     # -- one iteration -----------------------------------------------------------------------------
     def step(self, now: float) -> tuple[float, list[SimSeq]]:
@@ -191,7 +186,7 @@ class Replica:
             if free_seats < len(ordered_waiting):
                 victims = self.policy.preemption_victims(
                     [s.state for s in ordered_waiting],
-                    sorted((s.state for s in self.running.values()), key=self.policy.sort_key, reverse=True),
+                    [seq.state for seq in reversed(self._ordered_running())],
                     free_seats, self.max_victims)
                 for state in victims:
                     self._preempt(self.running[state.request_id])
@@ -203,7 +198,7 @@ class Replica:
         # 2. running requests, best-ranked first; out of KV -> evict the worst-ranked
         token_budget = limits.max_num_batched_tokens
         scheduled: dict[str, int] = {}
-        run_list = self._ordered(self.running)
+        run_list = self._ordered_running()
         kv_preempted = False
         i = 0
         while i < len(run_list) and token_budget > 0:
