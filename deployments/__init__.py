@@ -1,8 +1,5 @@
 """Ray Serve wiring for ltr-serve: OpenAI ingress, predictor, least-work router, vLLM engine replicas.
 
-Imports `ltr`; nothing in `ltr` imports this package.
+Imports `ltr`; nothing in `ltr` imports this package. Importing the package itself loads nothing, so
+`ltr resolve-config` (deployments.resolve) reads a config without building the app's modules first.
 """
-
-from deployments.app import AppArgs, PredictorArgs, build_app, build_predictor_app
-
-__all__ = ["AppArgs", "PredictorArgs", "build_app", "build_predictor_app"]
