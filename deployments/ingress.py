@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.engine import EngineChunk, EngineRequest
 from deployments.metrics import prometheus_text
+from deployments.neutral import NeutralPlacement, calibration_median
 from deployments.predictor import Prediction, PredictorUnavailable
 from deployments.router import ReplicaProbe
 from ltr.routing import request_work
@@ -39,6 +40,7 @@ logger = logging.getLogger("ray.serve")
 SCORE_HEADER = "x-ltr-score"
 REPLICA_HEADER = "x-ltr-replica"
 FALLBACK_HEADER = "x-ltr-fallback"
+PLACEMENT_HEADER = "x-ltr-placement"
 SCORE_OVERRIDE_HEADER = "x-ltr-score-override"
 EXPECTED_OVERRIDE_HEADER = "x-ltr-expected-tokens-override"
 #: `/v1/ltr/engine_stats` sweep: stop after this many already-seen replicas in a row, or this many calls.
@@ -67,6 +69,11 @@ class IngressSettings(BaseModel):
     predictor_app: str | None = "ltr-predictor"
     predictor_deployment: str = "Predictor"
     predictor_timeout_s: float = Field(0.5, gt=0)
+    #: A request the predictor did not score (timeout, error, open breaker): "neutral" gives it the median of
+    #: recent predictions (deployments/neutral.py), "first" leaves it unscored, i.e. ahead of ranked work.
+    unscored_placement: Literal["neutral", "first"] = "neutral"
+    #: How many recent predictions the neutral score is the median of.
+    neutral_window: int = Field(512, ge=1)
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, gt=0)
     #: Trust a client-supplied score header (oracle experiments, scheduler tests); off in production.
@@ -282,12 +289,16 @@ class OpenAIIngress:
         self._failures = 0
         self._breaker_open_until = 0.0
         self.fallbacks: Counter[str] = Counter()
+        self._neutral = NeutralPlacement(self.settings.neutral_window, calibration_median())
+        self.neutral_placements = 0
         self.replicas_seen: Counter[str] = Counter()
         self.requests = Counter()
         from ray.util.metrics import Counter as MetricCounter
 
         self._fallback_metric = MetricCounter(
-            "ltr_predictor_fallbacks", description="Requests served without a predicted score (FCFS).",
+            "ltr_predictor_fallbacks",
+            description="Requests the predictor did not score, by reason (placed at the neutral score unless "
+                        "unscored_placement is 'first', or no predictor is configured).",
             tag_keys=("reason",))
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -354,7 +365,9 @@ class OpenAIIngress:
         self._fallback_metric.inc(tags={"reason": reason})
         total = sum(self.fallbacks.values())
         if total == 1 or total % 100 == 0:
-            logger.warning("predictor fallback #%d (%s) %s: request served FCFS", total, reason, detail)
+            logger.warning("predictor fallback #%d (%s) %s: request placed %s", total, reason, detail,
+                           "first (FCFS)" if reason == "disabled" or self.settings.unscored_placement == "first"
+                           else "at the neutral score")
         return None, reason
 
     async def _predict(self, text: str) -> tuple[Prediction | None, str | None]:
@@ -403,10 +416,18 @@ class OpenAIIngress:
                         prompt_ids: list[int], predictor_text: str, max_tokens: int) -> Response:
         request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         override = self._override(request)
+        placement = "predicted"
         if override is not None:
-            prediction, reason = override, "override"
+            prediction, reason, placement = override, "override", "override"
         else:
             prediction, reason = await self._predict(predictor_text)
+            if prediction is not None:
+                self._neutral.observe(prediction)
+            elif reason != "disabled" and self.settings.unscored_placement == "neutral":
+                prediction = self._neutral.prediction()
+                if prediction is not None:
+                    placement = "neutral"
+                    self.neutral_placements += 1
         score = prediction.score if prediction else None
         expected = prediction.expected_tokens if prediction else None
         engine_request = EngineRequest(
@@ -416,6 +437,7 @@ class OpenAIIngress:
         headers = {SCORE_HEADER: "none" if score is None else repr(score), "x-ltr-request-id": request_id}
         if reason is not None:
             headers[FALLBACK_HEADER] = reason
+        headers[PLACEMENT_HEADER] = placement if score is not None else "first"
         first, stream = await self._start(engine_request)
         headers[REPLICA_HEADER] = first.replica
         self.replicas_seen[first.replica] += 1
@@ -573,7 +595,7 @@ class OpenAIIngress:
 
     def _ingress_stats(self) -> dict[str, Any]:
         return {"requests": dict(self.requests), "predictor_fallbacks": dict(self.fallbacks),
-                "replicas_seen": dict(self.replicas_seen),
+                "neutral_placements": self.neutral_placements, "replicas_seen": dict(self.replicas_seen),
                 "breaker_open": time.monotonic() < self._breaker_open_until}
 
     async def _sweep_engines(self) -> dict[str, Any]:

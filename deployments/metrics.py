@@ -51,11 +51,14 @@ class _StatsCollector:
         for kind, count in sorted(self.ingress.get("requests", {}).items()):
             requests.add_metric([kind], count)
         yield requests
-        fallbacks = CounterMetricFamily("ltr_predictor_fallbacks", "requests served without a predicted score, "
+        fallbacks = CounterMetricFamily("ltr_predictor_fallbacks", "requests the predictor did not score, "
                                         "by reason", labels=["reason"])
         for reason, count in sorted(self.ingress.get("predictor_fallbacks", {}).items()):
             fallbacks.add_metric([reason], count)
         yield fallbacks
+        yield CounterMetricFamily("ltr_neutral_placements", "unscored requests placed at the neutral score "
+                                  "(median of recent predictions) instead of ahead of ranked work",
+                                  value=self.ingress.get("neutral_placements", 0))
         yield GaugeMetricFamily("ltr_predictor_breaker_open", "1 while the predictor circuit breaker is open",
                                 value=float(bool(self.ingress.get("breaker_open"))))
         for section, key, name, is_counter, help_text in ENGINE_METRICS:

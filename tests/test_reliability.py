@@ -499,24 +499,29 @@ def test_long_request_finishes_within_starvation_bound(rel_app: RelApp) -> None:
     ({"fault": "hang", "hang_s": 20.0}, {"timeout", "circuit_open"}),
     (None, {"error", "timeout", "circuit_open"}),
 ], ids=["raising", "hanging", "absent"])
-def test_predictor_faults_fall_back_to_fcfs(rel_app: RelApp, client: httpx.Client, fault: dict | None,
+def test_predictor_faults_place_requests_at_the_neutral_score(rel_app: RelApp, client: httpx.Client, fault: dict | None,
                                             reasons: set[str]) -> None:
     try:
         _set_predictor(fault)
-        before = client.get("/v1/ltr/stats").json()["predictor_fallbacks"]
+        stats_before = client.get("/v1/ltr/stats").json()
+        before = stats_before["predictor_fallbacks"]
         engines_before = asyncio.run(_engine_stats(rel_app.url))
         for i in range(4):
             response = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"No score {i}",
                                                              "max_tokens": 3})
             assert response.status_code == 200, response.text
-            assert response.headers["x-ltr-score"] == "none"
+            float(response.headers["x-ltr-score"])   # a score, not "none": not ahead of ranked work
+            assert response.headers["x-ltr-placement"] == "neutral"
             assert response.headers["x-ltr-fallback"] in reasons
-        after = client.get("/v1/ltr/stats").json()["predictor_fallbacks"]
+        stats_after = client.get("/v1/ltr/stats").json()
+        after = stats_after["predictor_fallbacks"]
         engines_after = asyncio.run(_engine_stats(rel_app.url))
     finally:
         _set_predictor({})
     moved = sum(after.get(r, 0) - before.get(r, 0) for r in reasons)
     assert moved == 4, (before, after)
-    unscored = sum(engines_after[r]["counters"]["unscored"] - engines_before[r]["counters"]["unscored"]
-                   for r in engines_after)
-    assert unscored >= 4  # the engine served them without a score: arrival order (FCFS)
+    assert stats_after["neutral_placements"] - stats_before["neutral_placements"] == 4
+    counters = {key: sum(engines_after[r]["counters"][key] - engines_before[r]["counters"][key]
+                         for r in engines_after) for key in ("scored", "unscored")}
+    # The engines ranked them by the neutral score: none reached the scheduler unscored (= first in line).
+    assert counters == {"scored": 4, "unscored": 0}
