@@ -48,7 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from ltr.scheduling.engine import engine_kwargs, priority_for, scored_sampling_params  # noqa: E402
+from ltr.scheduling.engine import (  # noqa: E402
+    CPU_MAX_MODEL_LEN,
+    engine_kwargs,
+    priority_for,
+    scored_sampling_params,
+)
 from ltr.scheduling.policy import PAPER_RULE, PolicyConfig, StarvationConfig  # noqa: E402
 from ltr.sim.workload import poisson_arrivals  # noqa: E402
 
@@ -363,7 +368,7 @@ def main() -> int:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--scores", choices=["predictor", "noisy-oracle"], default="predictor")
     parser.add_argument("--max-num-seqs", type=int, default=8)
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=CPU_MAX_MODEL_LEN)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (minutes of warm-up per engine on a busy 2-core box)")
     parser.add_argument("--budget-s", type=float, default=30.0, help="synthetic-data-generation time budget")

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     oracle = args.scores == "oracle" or (args.scores == "auto" and not predictor_present)
     if args.scores == "predictor" and not predictor_present:
         parser.error("--scores predictor: no shipped predictor artifact")
-    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "max_model_len": 2048, "enforce_eager": True}
+    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "enforce_eager": True}   # CPU context default
     port = args.port
     if port == 0:
         with socket.socket() as sock:
