@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -231,6 +232,73 @@ def stage_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+#: (max_length, int8) variants `speed` measures; the first is the shipped predictor as trained.
+SERVING_VARIANTS = ((512, False), (512, True), (256, False), (256, True), (128, False), (128, True))
+
+
+def stage_speed(args: argparse.Namespace) -> int:
+    """What makes the shipped predictor cheaper to serve on CPU, and what it costs in ranking quality.
+
+    Per variant (input length x int8 dynamic quantization): Kendall tau on the validation split (where a
+    serving setting is chosen) and the test split, and prompts/s at 1 and 2 torch threads on a random
+    sample of test prompts. Picked: the fastest variant whose validation tau is within `--max-tau-loss`
+    of the shipped one's.
+    """
+    import torch
+
+    data = load_examples(args.data_dir)
+    rng = np.random.default_rng(0)
+    sample = [data.test[i].prompt for i in rng.choice(len(data.test), size=min(args.sample, len(data.test)),
+                                                       replace=False)]
+    rows = []
+    for max_length, int8 in SERVING_VARIANTS:
+        model = RankPredictor.from_pretrained(args.predictor, device="cpu").for_serving(max_length, int8)
+        row: dict[str, Any] = {"max_length": max_length, "int8": int8}
+        for split in ("val", "test"):
+            examples = getattr(data, split)
+            scores = model.score([e.prompt for e in examples], batch_size=32)
+            row[f"{split}_tau"] = round(ranking_report(scores, [e.output_len for e in examples])["kendall_tau"], 4)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            row[f"prompts_per_s_{threads}_threads"] = throughput(model, sample, batch_size=32)["prompts_per_s"]
+        rows.append(row)
+        print(row, flush=True)
+    shipped = rows[0]
+    eligible = [r for r in rows if shipped["val_tau"] - r["val_tau"] <= args.max_tau_loss]
+    picked = max(eligible, key=lambda r: r["prompts_per_s_2_threads"])
+    result = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+              "load_average_1m_before": args.load_before, "load_average_1m_after": round(os.getloadavg()[0], 1),
+              "sample": len(sample), "max_tau_loss": args.max_tau_loss, "variants": rows,
+              "picked": picked, "speedup_vs_shipped_2_threads":
+                  round(picked["prompts_per_s_2_threads"] / shipped["prompts_per_s_2_threads"], 2)}
+    _write(RESULTS / "predictor_speed.json", result)
+    _plot_speed(rows, RESULTS / "predictor_speed.png")
+    print(json.dumps({k: result[k] for k in ("picked", "speedup_vs_shipped_2_threads")}))
+    return 0
+
+
+def _plot_speed(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for row in rows:
+        marker = "s" if row["int8"] else "o"
+        for threads, color in ((1, "tab:gray"), (2, "tab:blue")):
+            ax.scatter(row[f"prompts_per_s_{threads}_threads"], row["val_tau"], marker=marker, color=color)
+        ax.annotate(f"{row['max_length']}{' int8' if row['int8'] else ''}",
+                    (row["prompts_per_s_2_threads"], row["val_tau"]), fontsize=8, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xlabel("prompts/s on CPU (blue: 2 threads, gray: 1; squares: int8)")
+    ax.set_ylabel("Kendall tau, validation split")
+    ax.set_title("Shipped predictor: serving cost vs ranking quality")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def _plot(methods: dict, path: Path) -> None:
     import matplotlib
 
@@ -279,6 +347,12 @@ def main() -> int:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--sample", type=int, default=512)
     p.set_defaults(func=stage_throughput, load_before=round(os.getloadavg()[0], 1))
+    p = sub.add_parser("speed", help="serving variants of the shipped predictor: tau vs prompts/s")
+    p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--sample", type=int, default=256)
+    p.add_argument("--max-tau-loss", type=float, default=0.01)
+    p.set_defaults(func=stage_speed, load_before=round(os.getloadavg()[0], 1))
     args = parser.parse_args()
     import logging
 

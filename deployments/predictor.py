@@ -38,8 +38,14 @@ class PredictorSettings:
     #: only after `hang_s`, far past any sane ingress timeout).
     fault: str = "none"
     hang_s: float = 30.0
+    #: Serving variant of the shipped predictor (`RankPredictor.for_serving`): prompts cut to this many
+    #: MiniLM tokens (None: as trained, 512) and int8 dynamic quantization.
+    max_length: int | None = None
+    int8: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_length is not None and not 8 <= self.max_length <= 512:
+            raise ValueError(f"predictor max_length must be in [8, 512], got {self.max_length}")
         if self.fault not in ("none", "raise", "hang"):
             raise ValueError(f"predictor fault must be none, raise or hang, got {self.fault!r}")
         if self.reload_interval_s <= 0:
@@ -64,14 +70,17 @@ class Predictor:
         self._try_load()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.settings = PredictorSettings(**(user_config or {}))
+        previous, self.settings = self.settings, PredictorSettings(**(user_config or {}))
+        if (previous.max_length, previous.int8) != (self.settings.max_length, self.settings.int8):
+            self._try_load()   # another serving variant of the artifact
 
     def _try_load(self) -> None:
         from ltr.predictor import load_shipped_predictor
 
         self._last_attempt = time.monotonic()
         try:
-            self._model = load_shipped_predictor(device="cpu")
+            self._model = load_shipped_predictor(device="cpu").for_serving(self.settings.max_length,
+                                                                           self.settings.int8)
             self._load_error = None
             logger.info("predictor loaded from the shipped artifact")
         except (FileNotFoundError, ValueError, OSError) as exc:

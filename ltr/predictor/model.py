@@ -179,6 +179,21 @@ class RankPredictor(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1) + "\n", encoding="utf-8")
         return directory
 
+    def for_serving(self, max_length: int | None = None, int8: bool = False) -> "RankPredictor":
+        """This predictor made cheaper for CPU inference, in place: prompts cut to `max_length` tokens, and
+        with `int8` the LoRA merged into the backbone and every Linear layer dynamically quantized to int8
+        (weights int8, activations quantized per batch). `benchmarks/predictor_quality.py speed` measures
+        what each costs in Kendall tau and buys in prompts/s."""
+        from dataclasses import replace
+
+        if max_length is not None:
+            self.config = replace(self.config, max_length=max_length)
+        if int8:
+            if hasattr(self.backbone, "merge_and_unload"):
+                self.backbone = self.backbone.merge_and_unload()
+            torch.ao.quantization.quantize_dynamic(self, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return self.eval()
+
     @classmethod
     def from_pretrained(cls, directory: Path | str, device: str = "cpu",
                         backbone_path: Path | str | None = None) -> "RankPredictor":
