@@ -43,11 +43,12 @@ class EngineSpec:
     #: `engine_kwargs` overrides from the config (vLLM `AsyncEngineArgs` fields).
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    def vllm_kwargs(self, stats_path: str | None = None) -> dict[str, Any]:
-        """The exact `AsyncEngineArgs` keyword arguments of a replica whose scheduler dumps to `stats_path`."""
+    def vllm_kwargs(self, stats_path: str | None = None, score_updates_path: str | None = None) -> dict[str, Any]:
+        """The exact `AsyncEngineArgs` keyword arguments of a replica whose scheduler dumps its counters to
+        `stats_path` and reads late scores from `score_updates_path`."""
         overrides = {"disable_log_stats": True, **self.overrides}
         return engine_kwargs(self.model, self.policy, platform=self.platform, stats_path=stats_path,
-                             **overrides)
+                             score_updates_path=score_updates_path, **overrides)
 
     def scheduler_class(self) -> str:
         """The scheduler class vLLM will run, from its resolved async-scheduling setting."""
@@ -69,6 +70,9 @@ class EngineRequest:
     score: float | None = None
     #: Predicted cost in decode-token units (`ltr.routing.request_work`); read by `LeastWorkRouter`.
     predicted_work: float = 0.0
+    #: The predictor's pending answer (a Ray ObjectRef of a `Prediction`) when the ingress stopped waiting
+    #: for it: the replica re-ranks the request when it lands.
+    late_prediction: Any = None
 
 
 @dataclass
@@ -135,13 +139,15 @@ class LLMEngine:
             self.replica = f"local-{uuid.uuid4().hex[:8]}"
         self._stats_dir = Path(tempfile.mkdtemp(prefix=f"ltr-engine-{self.replica}-"))
         self.stats_path = self._stats_dir / "scheduler_stats.json"
-        args = AsyncEngineArgs(**spec.vllm_kwargs(str(self.stats_path)))
+        #: Late scores go to the rank scheduler through this file (`ltr.scheduling.score_updates`).
+        self.score_updates_path = self._stats_dir / "score_updates.tsv"
+        args = AsyncEngineArgs(**spec.vllm_kwargs(str(self.stats_path), str(self.score_updates_path)))
         #: The engine core's latest SchedulerStats (running/waiting/KV use), for `debug_stats`.
         self.core_stats: dict[str, Any] = {}
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self._tracked: dict[str, _Tracked] = {}
-        self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0}
+        self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0, "late_scores": 0}
         logger.info("engine replica %s ready: model=%s policy=%s async_scheduling=%s", self.replica, spec.model,
                     self.policy.name, self.llm.vllm_config.scheduler_config.async_scheduling)
 
@@ -158,6 +164,10 @@ class LLMEngine:
         self.counters["scored" if tracked.scored else "unscored"] += 1
         prompt_tokens = len(request.prompt_token_ids)
         finished = False
+        late = None
+        if request.late_prediction is not None and self.policy.name in ("ltr", "mlfq"):
+            late = asyncio.get_running_loop().create_task(
+                self._apply_late_prediction(request.request_id, request.late_prediction, tracked, prompt_tokens))
         try:
             async for output in self.llm.generate(
                     {"prompt_token_ids": request.prompt_token_ids}, params, request.request_id,
@@ -176,11 +186,31 @@ class LLMEngine:
             self.counters["failed"] += 1
             raise
         finally:
+            if late is not None:
+                late.cancel()
             self._tracked.pop(request.request_id, None)
             if not finished:
                 # AsyncLLM aborts on cancellation itself; aborting again is idempotent and also
                 # covers a generator closed without cancellation.
                 await self.llm.abort(request.request_id)
+
+    async def _apply_late_prediction(self, request_id: str, pending: Any, tracked: _Tracked,
+                                     prompt_tokens: int) -> None:
+        """When the predictor's late answer lands, hand its score to the scheduler (which re-ranks the
+        request where it stands) and its expected length to the router's load report."""
+        from ltr.routing import request_work
+        from ltr.scheduling.score_updates import append_score_update
+
+        try:
+            prediction = await pending
+        except Exception as exc:   # the predictor failed after all: the request keeps its neutral place
+            logger.debug("late prediction for %s failed: %s", request_id, exc)
+            return
+        if request_id not in self._tracked:
+            return
+        append_score_update(self.score_updates_path, request_id, prediction.score)
+        tracked.predicted_work = request_work(prediction.expected_tokens, prompt_tokens)
+        self.counters["late_scores"] += 1
 
     def outstanding_work(self) -> float:
         """Predicted decode tokens still to come for the requests this replica holds."""

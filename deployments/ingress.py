@@ -74,6 +74,8 @@ class IngressSettings(BaseModel):
     unscored_placement: Literal["neutral", "first"] = "neutral"
     #: How many recent predictions the neutral score is the median of.
     neutral_window: int = Field(512, ge=1)
+    #: A request sent on after a predictor timeout is re-ranked in its engine when the score lands.
+    late_scores: bool = True
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, gt=0)
     #: Trust a client-supplied score header (oracle experiments, scheduler tests); off in production.
@@ -370,20 +372,32 @@ class OpenAIIngress:
                            else "at the neutral score")
         return None, reason
 
-    async def _predict(self, text: str) -> tuple[Prediction | None, str | None]:
-        """The request's prediction, or (None, reason) — the request proceeds either way."""
+    async def _predict(self, text: str) -> tuple[Prediction | None, str | None, Any]:
+        """(prediction, fallback reason, pending): the request proceeds either way. On a timeout with
+        `late_scores`, `pending` is the predictor's answer still on its way (a Ray ObjectRef), which the
+        engine replica applies when it lands."""
         if self._predictor is None:
-            return self._fallback("disabled")
+            return (*self._fallback("disabled"), None)
         if time.monotonic() < self._breaker_open_until:
-            return self._fallback("circuit_open")
-        reason, detail = None, ""
+            return (*self._fallback("circuit_open"), None)
+        reason, detail, pending, response = None, "", None, None
+        deadline = time.monotonic() + self.settings.predictor_timeout_s
         try:
-            prediction = await asyncio.wait_for(self._predictor.score.remote(text),
-                                                timeout=self.settings.predictor_timeout_s)
+            response = self._predictor.score.remote(text)
+            ref = await asyncio.wait_for(response._to_object_ref(), timeout=self.settings.predictor_timeout_s)
+            answer = asyncio.wrap_future(ref.future())
+            try:
+                prediction = await asyncio.wait_for(asyncio.shield(answer),
+                                                    timeout=max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                pending = ref if self.settings.late_scores else None
+                raise
             self._failures = 0
-            return prediction, None
+            return prediction, None, None
         except asyncio.TimeoutError:
             reason = "timeout"
+            if pending is None and response is not None:
+                response.cancel()
         except PredictorUnavailable as exc:
             reason, detail = "unavailable", str(exc)[:200]
         except Exception as exc:  # replica crash, deleted app, drill: never fail the request for it
@@ -392,7 +406,7 @@ class OpenAIIngress:
         if self._failures >= self.settings.breaker_failures:
             self._breaker_open_until = time.monotonic() + self.settings.breaker_cooldown_s
             self._failures = 0
-        return self._fallback(reason, detail)
+        return (*self._fallback(reason, detail), pending)
 
     def _override(self, request: Request) -> Prediction | None:
         """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
@@ -417,10 +431,11 @@ class OpenAIIngress:
         request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         override = self._override(request)
         placement = "predicted"
+        pending = None
         if override is not None:
             prediction, reason, placement = override, "override", "override"
         else:
-            prediction, reason = await self._predict(predictor_text)
+            prediction, reason, pending = await self._predict(predictor_text)
             if prediction is not None:
                 self._neutral.observe(prediction)
             elif reason != "disabled" and self.settings.unscored_placement == "neutral":
@@ -432,7 +447,7 @@ class OpenAIIngress:
         expected = prediction.expected_tokens if prediction else None
         engine_request = EngineRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=body.sampling(max_tokens),
-            score=score, predicted_work=request_work(expected, len(prompt_ids)))
+            score=score, predicted_work=request_work(expected, len(prompt_ids)), late_prediction=pending)
         self.requests[kind] += 1
         headers = {SCORE_HEADER: "none" if score is None else repr(score), "x-ltr-request-id": request_id}
         if reason is not None:

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: Stands in for the per-replica temp file the rank scheduler dumps its counters to.
+#: Stand in for the per-replica temp files the rank scheduler dumps its counters to and reads late scores from.
 STATS_PATH_PLACEHOLDER = "<replica temp dir>/scheduler_stats.json"
+SCORE_UPDATES_PLACEHOLDER = "<replica temp dir>/score_updates.tsv"
 SERVING_IMPORT_PATH = "deployments.app:build_app"
 
 
@@ -39,7 +40,7 @@ def resolve_serve_config(path: Path) -> dict[str, Any]:
         replicas = args.num_engine_replicas
         if override is not None and isinstance(override.num_replicas, int):
             replicas = override.num_replicas
-        kwargs = spec.vllm_kwargs(STATS_PATH_PLACEHOLDER if spec.policy.name not in ("fcfs", "priority") else None)
+        kwargs = spec.vllm_kwargs(STATS_PATH_PLACEHOLDER, SCORE_UPDATES_PLACEHOLDER)
         resolved[app.name] = {ENGINE_DEPLOYMENT: {
             "num_replicas": replicas,
             "platform": spec.platform,

@@ -525,3 +525,31 @@ def test_predictor_faults_place_requests_at_the_neutral_score(rel_app: RelApp, c
                          for r in engines_after) for key in ("scored", "unscored")}
     # The engines ranked them by the neutral score: none reached the scheduler unscored (= first in line).
     assert counters == {"scored": 4, "unscored": 0}
+
+
+def test_late_predictions_re_rank_requests_in_the_engine(rel_app: RelApp, client: httpx.Client) -> None:
+    # The predictor answers, but only after the ingress stopped waiting: each request goes on at the
+    # neutral score, and its engine replica re-ranks it when the late score lands.
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=rel_app.url, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json={
+                "model": MODEL_NAME, "prompt": f"Late score {i}", "max_tokens": MAX_TOKENS_CAP,
+                "ignore_eos": True}) for i in range(12)))
+
+    try:
+        _set_predictor({"fault": "hang", "hang_s": PREDICTOR_TIMEOUT_S + 0.3})
+        engines_before = asyncio.run(_engine_stats(rel_app.url))
+        responses = asyncio.run(burst())
+        engines_after = asyncio.run(_engine_stats(rel_app.url))
+    finally:
+        _set_predictor({})
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    timed_out = [r for r in responses if r.headers.get("x-ltr-fallback") == "timeout"]
+    assert timed_out and all(r.headers["x-ltr-placement"] == "neutral" for r in timed_out)
+
+    def moved(section: str) -> int:
+        return sum(engines_after[r][section].get("late_scores", 0) - engines_before[r][section].get("late_scores", 0)
+                   for r in engines_after)
+
+    # Replicas received late scores for requests still in flight, and their schedulers applied them.
+    assert moved("counters") >= 1 and moved("scheduler") >= 1, (engines_before, engines_after)

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -49,6 +49,7 @@ from ltr.scheduling.policy import (
     admissible_count,
     usable_score,
 )
+from ltr.scheduling.score_updates import ScoreUpdateReader
 from ltr.scheduling.upstream import check_upstream, missing_request_attributes
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class AdapterConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     stats_path: str | None = None
     stats_every: int = 50
+    #: Where late scores are appended (``ltr.scheduling.score_updates``); None: scores are final at arrival.
+    score_updates_path: str | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> AdapterConfig:
@@ -71,21 +74,24 @@ class AdapterConfig:
         where = f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]"
         if not isinstance(section, Mapping):
             raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
-        unknown = sorted(set(section) - {"policy", "stats_path", "stats_every"})
+        allowed = ("policy", "stats_path", "stats_every", "score_updates_path")
+        unknown = sorted(set(section) - set(allowed))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: policy, stats_path, stats_every")
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
         try:
             policy = PolicyConfig.from_mapping(section.get("policy") or {})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}['policy']: {exc}") from exc
-        stats_path = section.get("stats_path")
-        if stats_path is not None and not isinstance(stats_path, str | os.PathLike):
-            raise ValueError(f"{where}['stats_path'] must be a path string")
+        paths = {}
+        for key in ("stats_path", "score_updates_path"):
+            value = section.get(key)
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise ValueError(f"{where}[{key!r}] must be a path string")
+            paths[key] = None if value is None else str(value)
         stats_every = section.get("stats_every", 50)
         if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
             raise ValueError(f"{where}['stats_every'] must be an integer >= 1, got {stats_every!r}")
-        return cls(policy=policy, stats_path=None if stats_path is None else str(stats_path),
-                   stats_every=stats_every)
+        return cls(policy=policy, stats_every=stats_every, **paths)
 
 
 class RankedRequestQueue(RequestQueue):
@@ -162,6 +168,9 @@ class RankedRequestQueue(RequestQueue):
     def __bool__(self) -> bool:
         return bool(self._items)
 
+    def __contains__(self, request: object) -> bool:
+        return request in self._queued_key
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -178,6 +187,8 @@ class AdapterCounters:
     """What the adapter measures on top of the policy's own counters."""
 
     kv_preemptions: int = 0
+    #: Scores applied after their request entered the engine (re-ranked where it stood).
+    late_scores: int = 0
     unscored_requests: int = 0
     scored_requests: int = 0
     max_waiting: int = 0
@@ -222,6 +233,10 @@ class RankScheduler(Scheduler):
         self._unsorted_tail = 0
         self.waiting = RankedRequestQueue(self._sort_key)
         self.kv_holding_waiting = RankedRequestQueue(self._sort_key)
+        path = self.adapter_config.score_updates_path
+        self._score_updates = ScoreUpdateReader(path) if path else None
+        #: Running requests whose score changed since the last sort (late scores).
+        self._rescored_running: list[RankState] = []
         logger.info("rank scheduler: policy %s", self.adapter_config.policy)
 
     # -- per-request state -------------------------------------------------------------------
@@ -272,6 +287,7 @@ class RankScheduler(Scheduler):
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         start = time.perf_counter()
         self._prune_states()
+        self._apply_late_scores()
         self._reorder_waiting()
         self._sort_running()
         victims = self._rank_preempt(throttle_prefills)
@@ -333,6 +349,26 @@ class RankScheduler(Scheduler):
                 del self.rank_states[request_id]
                 self.rank_policy.forget(request_id)
 
+    def _apply_late_scores(self) -> None:
+        """Re-rank requests whose predicted score arrived after they entered the engine: a waiting one moves
+        to its new place in the queue, a running one to its new place in the batch at this step's sort."""
+        if self._score_updates is None:
+            return
+        for request_id, raw in self._score_updates.read():
+            request, state = self.requests.get(request_id), self.rank_states.get(request_id)
+            score = usable_score(raw)
+            if request is None or state is None or score is None:
+                continue   # finished already, or not a usable score: keep the placement it has
+            queue = next((q for q in (self.waiting, self.kv_holding_waiting) if request in q), None)
+            if queue is not None:
+                queue.remove_request(request)   # found under the key it was queued with
+            state.score, state.key_cache = score, None
+            if queue is not None:
+                queue.add_request(request)
+            elif request.status == RequestStatus.RUNNING:
+                self._rescored_running.append(state)
+            self.counters.late_scores += 1
+
     def _reorder_waiting(self) -> None:
         """Bring the waiting queues up to date with keys changed by the last step.
 
@@ -364,7 +400,8 @@ class RankScheduler(Scheduler):
         running, policy = self.running, self.rank_policy
         tail = min(max(self._unsorted_tail, 0), len(running))
         self._unsorted_tail = 0
-        changed = policy.last_promoted + policy.last_expired
+        changed = policy.last_promoted + policy.last_expired + self._rescored_running
+        self._rescored_running = []
         if not policy.static_rank_key or tail + len(changed) > REPOSITION_LIMIT:
             running.sort(key=self._running_key)
             return
@@ -468,8 +505,7 @@ class RankScheduler(Scheduler):
                                "request(s) in flight")
         if not isinstance(config, PolicyConfig):
             raise TypeError(f"set_policy expects a PolicyConfig, got {type(config).__name__}")
-        self.adapter_config = AdapterConfig(config, self.adapter_config.stats_path,
-                                            self.adapter_config.stats_every)
+        self.adapter_config = replace(self.adapter_config, policy=config)
         self.rank_policy = config.build(self.max_num_active_reqs)
         self.max_preemptions_per_step = config.max_preemptions_per_step
         self.rank_states.clear()
@@ -488,6 +524,7 @@ class RankScheduler(Scheduler):
             "promotions": p.promotions,
             "rank_preemptions": p.rank_preemptions,
             "kv_preemptions": c.kv_preemptions,
+            "late_scores": c.late_scores,
             "scored_requests": c.scored_requests,
             "unscored_requests": c.unscored_requests,
             "waiting": len(self.waiting) + len(self.kv_holding_waiting),
