@@ -157,7 +157,10 @@ class LLMEngine:
 
         from ltr.scheduling.engine import priority_for, scored_sampling_params
 
-        params = scored_sampling_params(request.score, output_kind=RequestOutputKind.DELTA, **request.sampling)
+        awaits_score = request.late_prediction is not None and self.policy.name in ("ltr", "mlfq")
+        params = scored_sampling_params(request.score, output_kind=RequestOutputKind.DELTA,
+                                        late_score_id=request.request_id if awaits_score else None,
+                                        **request.sampling)
         tracked = _Tracked(request.predicted_work, scored=request.score is not None)
         self._tracked[request.request_id] = tracked
         self.counters["requests"] += 1
@@ -165,7 +168,7 @@ class LLMEngine:
         prompt_tokens = len(request.prompt_token_ids)
         finished = False
         late = None
-        if request.late_prediction is not None and self.policy.name in ("ltr", "mlfq"):
+        if awaits_score:
             late = asyncio.get_running_loop().create_task(
                 self._apply_late_prediction(request.request_id, request.late_prediction, tracked, prompt_tokens))
         try:

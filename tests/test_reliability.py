@@ -528,13 +528,13 @@ def test_predictor_faults_place_requests_at_the_neutral_score(rel_app: RelApp, c
 
 
 def test_late_predictions_re_rank_requests_in_the_engine(rel_app: RelApp, client: httpx.Client) -> None:
-    # The predictor answers, but only after the ingress stopped waiting: each request goes on at the
-    # neutral score, and its engine replica re-ranks it when the late score lands.
+    # The predictor answers, but only after the ingress stopped waiting: each of 24 requests (3 waves on
+    # the 8 seats) goes on at the neutral score, and its engine replica re-ranks it when the score lands.
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=rel_app.url, timeout=120) as http:
             return await asyncio.gather(*(http.post("/v1/completions", json={
                 "model": MODEL_NAME, "prompt": f"Late score {i}", "max_tokens": MAX_TOKENS_CAP,
-                "ignore_eos": True}) for i in range(12)))
+                "ignore_eos": True}) for i in range(24)))
 
     try:
         _set_predictor({"fault": "hang", "hang_s": PREDICTOR_TIMEOUT_S + 0.3})

@@ -44,27 +44,36 @@ def test_a_late_score_re_ranks_waiting_and_running_requests(tiny_model_path: Pat
                                max_num_seqs=2, num_blocks=200, block_size=16, max_num_batched_tokens=256,
                                score_updates_path=str(path))
     driver = Driver(scheduler)
-    running = [make_request("run-short", 16, 80, 5.0), make_request("run-neutral", 16, 80, 50.0)]
+
+    def named(name: str, max_tokens: int, score: float):
+        # As vLLM's engine names it: the caller's id plus a random suffix; the caller's id rides along.
+        return make_request(f"{name}-3f9a2c1d", 16, max_tokens, score, late_score_id=name)
+
+    running = [named("run-short", 80, 5.0), named("run-neutral", 80, 50.0)]
     for request in running:
         driver.add(request)
     for _ in range(3):
         driver.step()
-    waiting = [make_request("wait-short", 16, 4, 10.0), make_request("wait-neutral", 16, 4, 50.0)]
+    waiting = [named("wait-short", 4, 10.0), named("wait-neutral", 4, 50.0)]
     for request in waiting:
         driver.add(request)
     driver.step()
-    assert [r.request_id for r in scheduler.running] == ["run-short", "run-neutral"]
-    assert [r.request_id for r in scheduler.waiting] == ["wait-short", "wait-neutral"]
+    def names(requests) -> list[str]:
+        return [r.request_id.removesuffix("-3f9a2c1d") for r in requests]
+
+    assert names(scheduler.running) == ["run-short", "run-neutral"]
+    assert names(scheduler.waiting) == ["wait-short", "wait-neutral"]
     # The predictor's late answers: both "neutral" requests are in fact the shortest.
     append_score_update(path, "wait-neutral", 1.0)
     append_score_update(path, "run-neutral", 1.0)
     append_score_update(path, "gone", 1.0)   # a request the engine does not hold: ignored
     driver.step()
-    assert [r.request_id for r in scheduler.waiting] == ["wait-neutral", "wait-short"]
-    assert [r.request_id for r in scheduler.running] == ["run-neutral", "run-short"]
+    assert names(scheduler.waiting) == ["wait-neutral", "wait-short"]
+    assert names(scheduler.running) == ["run-neutral", "run-short"]
     assert scheduler.stats()["late_scores"] == 2
     driver.run_until_idle(max_steps=600)
     # With seats freed, the re-ranked waiting request is admitted first.
-    assert driver.finish_order.index("wait-neutral") < driver.finish_order.index("wait-short")
+    assert driver.finish_order.index("wait-neutral-3f9a2c1d") < driver.finish_order.index("wait-short-3f9a2c1d")
     assert all(scheduler.rank_states.get(r.request_id) is None for r in running + waiting)
+    assert scheduler._late_score_ids == {}
     assert RequestStatus.RUNNING not in {r.status for r in waiting}

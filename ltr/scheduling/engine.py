@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 #: Key of the float score in ``SamplingParams.extra_args``.
 SCORE_KEY = "ltr_score"
+#: Key, in ``SamplingParams.extra_args``, of the id a late score for the request will be sent under. vLLM
+#: gives each request an internal id (the caller's plus a random suffix), so the caller's id travels here.
+LATE_SCORE_ID_KEY = "ltr_late_score_id"
 #: Key of this project's section in vLLM's ``additional_config``.
 ADDITIONAL_CONFIG_KEY = "ltr"
 
@@ -56,13 +59,17 @@ def current_platform() -> Platform:
     return "cpu" if platform.is_cpu() else "gpu"
 
 
-def scored_sampling_params(score: float | None, **kwargs: Any) -> SamplingParams:
-    """SamplingParams carrying `score` in extra_args (left out when None), other fields from kwargs."""
+def scored_sampling_params(score: float | None, *, late_score_id: str | None = None,
+                           **kwargs: Any) -> SamplingParams:
+    """SamplingParams carrying `score` in extra_args (left out when None), other fields from kwargs.
+    `late_score_id`: the id a later score for this request will be appended under (score_updates)."""
     from vllm import SamplingParams
 
     extra = dict(kwargs.pop("extra_args", None) or {})
     if score is not None:
         extra[SCORE_KEY] = float(score)
+    if late_score_id is not None:
+        extra[LATE_SCORE_ID_KEY] = str(late_score_id)
     return SamplingParams(extra_args=extra or None, **kwargs)
 
 

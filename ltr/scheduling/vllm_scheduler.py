@@ -40,7 +40,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from ltr.scheduling.engine import ADDITIONAL_CONFIG_KEY, SCORE_KEY
+from ltr.scheduling.engine import ADDITIONAL_CONFIG_KEY, LATE_SCORE_ID_KEY, SCORE_KEY
 from ltr.scheduling.policy import (
     PolicyConfig,
     RankState,
@@ -237,6 +237,8 @@ class RankScheduler(Scheduler):
         self._score_updates = ScoreUpdateReader(path) if path else None
         #: Running requests whose score changed since the last sort (late scores).
         self._rescored_running: list[RankState] = []
+        #: The caller's id of each request that may get a late score -> vLLM's internal id for it.
+        self._late_score_ids: dict[str, str] = {}
         logger.info("rank scheduler: policy %s", self.adapter_config.policy)
 
     # -- per-request state -------------------------------------------------------------------
@@ -280,6 +282,10 @@ class RankScheduler(Scheduler):
             self._request_checked = True
         if request.request_id not in self.requests:
             self._state(request)
+            late_id = (request.sampling_params.extra_args or {}).get(LATE_SCORE_ID_KEY) \
+                if request.sampling_params is not None else None
+            if late_id is not None:
+                self._late_score_ids[str(late_id)] = request.request_id
         super().add_request(request)
 
     # -- the step ----------------------------------------------------------------------------
@@ -348,13 +354,18 @@ class RankScheduler(Scheduler):
             for request_id in [r for r in self.rank_states if r not in self.requests]:
                 del self.rank_states[request_id]
                 self.rank_policy.forget(request_id)
+        if len(self._late_score_ids) > len(self.requests):   # finished before their late score came
+            self._late_score_ids = {k: v for k, v in self._late_score_ids.items() if v in self.requests}
 
     def _apply_late_scores(self) -> None:
         """Re-rank requests whose predicted score arrived after they entered the engine: a waiting one moves
         to its new place in the queue, a running one to its new place in the batch at this step's sort."""
         if self._score_updates is None:
             return
-        for request_id, raw in self._score_updates.read():
+        for late_id, raw in self._score_updates.read():
+            request_id = self._late_score_ids.pop(late_id, None)
+            if request_id is None:
+                continue   # not a request this engine holds (finished, or another replica's)
             request, state = self.requests.get(request_id), self.rank_states.get(request_id)
             score = usable_score(raw)
             if request is None or state is None or score is None:
