@@ -67,6 +67,10 @@ def app_args(args: argparse.Namespace) -> dict:
             "ingress": ingress, "ingress_env": ingress_env}
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import ray
@@ -81,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
              num_cpus=args.num_cpus, logging_level="WARNING")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        # While starting, a signal must break out of serve.run (which waits for every replica, forever if
+        # one can never be scheduled) so that Serve and Ray are still shut down below.
+        signal.signal(sig, _interrupt)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         if not args.no_predictor:
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         config = app_args(args)
         config["model"] = model
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         url = f"http://{args.host}:{args.port}"
         auth = f' -H "Authorization: Bearer ${args.api_key_env}"' if args.api_key_env else ""
         print(f"\nltr-serve is up at {url}  (OpenAI API under {url}/v1; Ctrl-C stops it)\n", flush=True)
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
               "max_tokens=32).choices[0].text)\"\n", flush=True)
         while not stop.is_set():
             stop.wait(1.0)
+    except KeyboardInterrupt:
+        print("interrupted while starting", flush=True)
     finally:
         print("shutting down...", flush=True)
         try:
