@@ -23,7 +23,7 @@ from typing import Any
 from ray import serve
 
 from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP, ReplicaProbe
-from ltr.scheduling.engine import Platform, engine_kwargs, scheduler_class_for
+from ltr.scheduling.engine import Platform, engine_kwargs, require_tested_vllm, scheduler_class_for
 from ltr.scheduling.policy import PolicyConfig
 
 logger = logging.getLogger("ray.serve")
@@ -126,13 +126,10 @@ class LLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from ltr.scheduling.upstream import version_problem
-
         if not isinstance(spec, EngineSpec):
             raise TypeError(f"LLMEngine takes an EngineSpec (deployments.app builds it), got {type(spec).__name__}")
         self.policy = spec.policy
-        if self.policy.name not in ("fcfs", "priority") and (problem := version_problem()):
-            raise RuntimeError(problem)
+        require_tested_vllm(self.policy)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (benchmarks calling it directly)
@@ -157,7 +154,7 @@ class LLMEngine:
 
         from ltr.scheduling.engine import priority_for, scored_sampling_params
 
-        awaits_score = request.late_prediction is not None and self.policy.name in ("ltr", "mlfq")
+        awaits_score = request.late_prediction is not None and self.policy.runs_rank_scheduler
         params = scored_sampling_params(request.score, output_kind=RequestOutputKind.DELTA,
                                         late_score_id=request.request_id if awaits_score else None,
                                         **request.sampling)

@@ -146,10 +146,18 @@ ASYNC_SPECULATIVE_METHODS = ("eagle", "eagle3", "mtp", "draft_model", "ngram_gpu
 
 def scheduler_class_for(policy: PolicyConfig, kwargs: Mapping[str, Any], platform: Platform) -> str:
     """Qualified name of the scheduler class an engine built from `kwargs` runs."""
-    if policy.name in ("fcfs", "priority"):
+    if not policy.runs_rank_scheduler:
         return ("vllm.v1.core.sched.async_scheduler.AsyncScheduler"
                 if resolved_async_scheduling(kwargs, platform) else "vllm.v1.core.sched.scheduler.Scheduler")
     return ASYNC_SCHEDULER_QUALNAME if resolved_async_scheduling(kwargs, platform) else SCHEDULER_QUALNAME
+
+
+def require_tested_vllm(policy: PolicyConfig) -> None:
+    """Fail before an engine process starts when `policy` runs the adapter under an untested vLLM."""
+    from ltr.scheduling.upstream import version_problem
+
+    if policy.runs_rank_scheduler and (problem := version_problem()):
+        raise RuntimeError(problem)
 
 
 def engine_args(model: str, policy: PolicyConfig, *, platform: Platform | None = None,
@@ -160,10 +168,6 @@ def engine_args(model: str, policy: PolicyConfig, *, platform: Platform | None =
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from ltr.scheduling.upstream import version_problem
-
-    problem = version_problem()
-    if problem and policy.name not in ("fcfs", "priority"):
-        raise RuntimeError(problem)
+    require_tested_vllm(policy)
     return AsyncEngineArgs(**engine_kwargs(model, policy, platform=platform, stats_path=stats_path,
                                            **overrides))

@@ -407,6 +407,11 @@ class PolicyConfig:
         if self.mlfq_base_quantum < 1:
             raise ValueError("mlfq_base_quantum must be >= 1")
 
+    @property
+    def runs_rank_scheduler(self) -> bool:
+        """Whether engines run the adapter (ltr, mlfq); fcfs and priority run vLLM's own scheduler."""
+        return self.name in ("ltr", "mlfq")
+
     _FIELDS = ("name", "starvation", "max_preemptions_per_step", "preemption_patience", "mlfq_base_quantum",
                "mlfq_skip_join", "priority_levels_per_unit")
 

@@ -468,13 +468,12 @@ class RankScheduler(Scheduler):
         evicting anyone: ``policy.admissible_count`` over upstream's seats and KV accounting. Requests
         in ``kv_holding_waiting`` are served first by upstream, so they take seats and blocks first."""
         seats = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
-        ahead = [r for r in self.kv_holding_waiting if self._admissible_now(r)]
+        ahead = [self._admission_blocks(r) for r in self.kv_holding_waiting if self._admissible_now(r)]
         free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks()
-        needs = (self._admission_blocks(r) for r in ahead)
-        holding = admissible_count(needs, seats, free_blocks)
+        holding = admissible_count(ahead, seats, free_blocks)
         if holding < len(ahead):
             return 0   # upstream stops at the first request that does not fit
-        free_blocks -= sum(self._admission_blocks(r)[1] for r in ahead)
+        free_blocks -= sum(taken for _, taken in ahead)
         return admissible_count((self._admission_blocks(r) for r in candidates), seats - holding, free_blocks)
 
     def _rank_preempt(self, throttle_prefills: bool) -> list[Request]:
