@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ class PredictorConfig:
     # The device run carries the backbone in fp16; rounding it the same way here makes CPU scores match.
     round_backbone_fp16: bool = True
     calibration: dict[str, list[float]] = field(default_factory=dict)  # {"scores": [...], "tokens": [...]}
+    #: The served model's chat template when trained on rendered conversations (`ltr.predictor.render`);
+    #: empty = trained on prompts, so a chat is scored by its last user message.
+    chat_template: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,6 +160,12 @@ class RankPredictor(nn.Module):
         if len(prompts) == 0:
             return []
         return self.score_ids(self.tokenize(prompts), batch_size=batch_size).tolist()
+
+    def chat_input(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The text this predictor scores for a chat request: what it was trained on (`render.chat_input`)."""
+        from ltr.predictor.render import chat_input
+
+        return chat_input(messages, self.config.chat_template, self.tokenizer, self.config.max_length)
 
     def expected_tokens(self, scores: Sequence[float]) -> list[float]:
         """Expected output length in SmolLM2 tokens: a monotone map fit on the validation split."""

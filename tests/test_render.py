@@ -1,0 +1,121 @@
+"""Every-turn data and the predictor's input renderer (ltr.data.conversations, ltr.predictor.render)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ltr.data.conversations import (Turn, asks_to_continue, conversation_key, is_error_answer, load_turns,
+                                    split_turns)
+from ltr.predictor.render import chat_input, last_user_text
+
+
+@pytest.fixture(scope="module")
+def served_tokenizer(smollm2_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def encoder_tokenizer():
+    from transformers import AutoTokenizer
+
+    from ltr.predictor.model import default_backbone_path
+
+    return AutoTokenizer.from_pretrained(default_backbone_path())
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text).input_ids)   # with [CLS]/[SEP], as the predictor tokenizes
+
+
+def test_cut_from_the_left_keeps_the_last_user_message_whole(served_tokenizer, encoder_tokenizer) -> None:
+    last = "Write a haiku about the harbour at dawn."
+    messages = [{"role": "user", "content": "alpha " * 300}, {"role": "assistant", "content": "omega " * 300},
+                {"role": "user", "content": last}]
+    text = chat_input(messages, served_tokenizer.chat_template, encoder_tokenizer, 64)
+    assert last in text
+    assert "omega" in text and "alpha" not in text       # the oldest history went first
+    assert _count(encoder_tokenizer, text) <= 64
+    # a last message longer than the window: its beginning is what is kept, nothing of the history
+    long_last = " ".join(f"word{i}" for i in range(400))
+    text = chat_input(messages[:2] + [{"role": "user", "content": long_last}], served_tokenizer.chat_template,
+                      encoder_tokenizer, 64)
+    assert text.startswith("word0") and "omega" not in text and _count(encoder_tokenizer, text) <= 64
+    # short conversations are rendered whole, generation prompt included
+    short = chat_input(messages[2:], served_tokenizer.chat_template, encoder_tokenizer, 512)
+    assert short == served_tokenizer.apply_chat_template(messages[2:], tokenize=False, add_generation_prompt=True)
+
+
+def test_prompt_trained_artifact_scores_the_last_user_message(encoder_tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "sec"},
+                                                                                   {"type": "text", "text": "ond"}]}]
+    assert chat_input(messages, "", encoder_tokenizer, 512) == "second" == last_user_text(messages)
+    with pytest.raises(ValueError, match="user message"):
+        last_user_text([{"role": "system", "content": "x"}, {"role": "user", "content": "  "}])
+
+
+def test_training_and_request_messages_give_the_same_input(served_tokenizer, encoder_tokenizer) -> None:
+    """A turn from the data and the same conversation as an OpenAI request body (content parts,
+    `developer` role for system) are one predictor input."""
+    turn = Turn("c1", 1, (("system", "Be brief."), ("user", "hi"), ("assistant", "hello")), "tell me more", "x", 1)
+    request = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text",
+                                                                                           "text": "hi"}]},
+               {"role": "assistant", "content": "hello"}, {"role": "user", "content": "tell me more"}]
+    template = served_tokenizer.chat_template
+    assert chat_input(turn.messages(), template, encoder_tokenizer, 128) == \
+        chat_input(request, template, encoder_tokenizer, 128)
+
+
+def test_hygiene_rules() -> None:
+    for bad in ("", "\u200b", "  !  ", "Network error", "Too many requests in 1 hour. Try again later."):
+        assert is_error_answer(bad), bad
+    for good in ("Yes.", "I'm sorry, but I can't help with that.", "Network errors happen when " + "x" * 100):
+        assert not is_error_answer(good), good
+    for ask in ("continue", "Please continue.", "keep going", "go on from the last line", "more", "Continue writing please"):
+        assert asks_to_continue(ask), ask
+    for other in ("Can you continue the analysis with a focus on cost and explain each of the risks in detail?",
+                  "Thank you", "what next year?"):
+        assert not asks_to_continue(other), other
+
+
+def _record(cid: str, *turns: tuple[str, str]) -> dict:
+    return {"id": cid, "conversations": [{"from": who, "value": text} for who, text in turns]}
+
+
+def test_turns_carry_history_and_cut_off_answers(tmp_path: Path, smollm2_path: Path) -> None:
+    source = tmp_path / "sharegpt.json"
+    records = [_record("a_0", ("human", "Write a story"), ("gpt", "Once upon"), ("human", "continue"),
+                       ("gpt", "a time."), ("human", "Thanks! Now a poem"), ("gpt", "Roses")),
+               _record("b_0", ("gpt", "orphan answer"), ("human", "Why?"), ("gpt", "Because.")),
+               _record("c_0", ("human", "hi"), ("system", "odd"), ("human", "later"), ("gpt", "never used"))]
+    source.write_text(json.dumps(records)[:-1] + ", {\"id\": \"trunc", encoding="utf-8")   # truncated tail
+    turns = load_turns(source, smollm2_path, use_cache=False)
+    assert [(t.conv_id, t.index, t.continued) for t in turns] == [("a_0", 0, True), ("a_0", 1, False),
+                                                                 ("a_0", 2, False), ("b_0", 0, False)]
+    assert turns[2].history == (("user", "Write a story"), ("assistant", "Once upon"), ("user", "continue"),
+                                ("assistant", "a time."))
+    assert turns[3].history == (("assistant", "orphan answer"),)
+    assert all(t.output_len > 0 for t in turns)
+
+
+def test_split_keeps_conversations_and_inputs_on_one_side() -> None:
+    turns = []
+    for i in range(400):
+        history = (("user", f"question {i}"), ("assistant", "answer"))
+        turns.append(Turn(f"conv{i}_0", 0, (), f"question {i}", "answer", 3))
+        turns.append(Turn(f"conv{i}_1", 1, history, "and then?", "more words", 4))   # chunk of the same base id
+        # the same first question reposted in another conversation (case and spacing differ)
+        turns.append(Turn(f"dup{i}_0", 0, (), f"Question   {i}", "other answer", 5))
+    splits, report = split_turns(turns)
+    sides = {"train": splits.train, "val": splits.val, "test": splits.test}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not {t.base_id for t in sides[a]} & {t.base_id for t in sides[b]}
+        assert not {conversation_key(t) for t in sides[a]} & {conversation_key(t) for t in sides[b]}
+    assert report.duplicate_across_splits > 0
+    assert sum(report.kept.values()) + report.duplicate_across_splits == len(turns)
+    assert all(len(side) for side in sides.values())
