@@ -1,5 +1,14 @@
-"""ShareGPT first-turn pairs with answer lengths in the served model's tokens, splits and traces."""
+"""ShareGPT first-turn pairs with answer lengths in the served model's tokens, splits and traces; the
+served-traffic log (the served model's own answer lengths)."""
 
+from ltr.data.served_log import (
+    ServedLogConfig,
+    ServedLogWriter,
+    ServedRecord,
+    log_extra_args,
+    read_served_log,
+    record_from_request,
+)
 from ltr.data.sharegpt import (
     DataError,
     Pair,
@@ -13,5 +22,6 @@ from ltr.data.sharegpt import (
 
 __all__ = [
     "DataError", "Pair", "Splits", "iter_sharegpt_records", "load_pairs", "read_trace", "split_pairs",
-    "write_trace",
+    "write_trace", "ServedLogConfig", "ServedLogWriter", "ServedRecord", "log_extra_args", "read_served_log",
+    "record_from_request",
 ]
