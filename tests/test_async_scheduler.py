@@ -8,6 +8,7 @@ workload is GPU-sized (256 seats, 1,500 requests in bursts, chunked prompts, sca
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import FinishReason
 
+from ltr.scheduling.length_distribution import fit_length_distribution
 from ltr.scheduling.policy import PolicyConfig, StarvationConfig
 from ltr.scheduling.vllm_scheduler import AsyncRankScheduler, RankScheduler
 
@@ -98,6 +100,8 @@ class OrderChecker:
         self.checks = 0
         #: Preemptions of requests with output still in flight (only an async engine has those).
         self.in_flight_preemptions = 0
+        #: Requests the policy re-keyed because their output crossed a boundary.
+        self.moved = 0
         self._entry_running: list[str] = []
 
     def at_upstream_entry(self, scheduler) -> None:
@@ -115,6 +119,7 @@ class OrderChecker:
             self.violations.append(f"step {step} running out of order at {bad}: "
                                    f"{[r.request_id for r in scheduler.running[bad:bad + 2]]}")
         self._entry_running = [r.request_id for r in scheduler.running]
+        self.moved += len(scheduler.rank_policy.last_moved)
 
     def after_schedule(self, driver: Driver) -> None:
         output = driver.last_output
@@ -133,10 +138,23 @@ class OrderChecker:
                                    f"are not the worst-ranked {worst}")
 
 
+def gittins_policy(tmp_path: Path) -> PolicyConfig:
+    """The Gittins policy with POLICY's aging, over a length distribution fit on another draw of the
+    bursty workload (scores and lengths as a validation split would give them): keys that move."""
+    sample = bursty_workload(seed=7)
+    path = tmp_path / "length_distribution.json"
+    path.write_text(json.dumps(fit_length_distribution([s.score for s in sample],
+                                                       [s.max_tokens for s in sample]).to_mapping()))
+    return PolicyConfig(name="gittins", starvation=POLICY.starvation, preemption_patience=0,
+                        max_preemptions_per_step=4, length_distribution=str(path))
+
+
+@pytest.mark.parametrize("gittins", [pytest.param(False, id="ltr"), pytest.param(True, id="gittins")])
 @pytest.mark.parametrize(("scheduler_cls", "async_scheduling"), ENGINES)
 def test_bursty_overload_keeps_every_token_and_the_rank_order(
-        tiny_model_path: Path, scheduler_cls: type, async_scheduling: bool) -> None:
-    scheduler = make_scheduler(tiny_model_path, scheduler_cls, policy=POLICY,
+        tiny_model_path: Path, tmp_path: Path, scheduler_cls: type, async_scheduling: bool, gittins: bool) -> None:
+    policy = gittins_policy(tmp_path) if gittins else POLICY
+    scheduler = make_scheduler(tiny_model_path, scheduler_cls, policy=policy,
                                async_scheduling=async_scheduling, **GPU_LIKE)
     assert scheduler.vllm_config.max_concurrent_batches == (2 if async_scheduling else 1)
     specs = bursty_workload()
@@ -156,6 +174,8 @@ def test_bursty_overload_keeps_every_token_and_the_rank_order(
     assert stats["rank_preemptions"] > 0 and stats["kv_preemptions"] > 0 and stats["promotions"] > 0, stats
     assert stats["max_running"] == GPU_LIKE["max_num_seqs"], stats
     assert not scheduler.requests and scheduler.get_kv_cache_usage() == 0.0
+    # Keys moved with the output, so the order held under re-keying, not only under static keys.
+    assert (checker.moved > 0) == gittins, checker.moved
 
 
 @pytest.mark.parametrize(("scheduler_cls", "async_scheduling"),

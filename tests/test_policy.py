@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ltr.scheduling.length_distribution import LengthDistribution
 from ltr.scheduling.policy import (
     FCFSPolicy,
+    GittinsPolicy,
     MLFQPolicy,
     PolicyConfig,
     PriorityPolicy,
@@ -134,7 +137,8 @@ def _simulate(policy: SchedulingPolicy, capacity: int, long_len: int, arrivals: 
             policy.track(state)
         batch = policy.order(live)[:capacity]
         scheduled = {s.request_id: 1 for s in batch}
-        policy.observe_step(scheduled)
+        policy.observe_step(scheduled, {s.request_id: long_len - remaining[s.request_id] + 1 if s is long else 1
+                                        for s in batch})
         streak = 0 if "long" in scheduled else streak + 1
         longest = max(longest, streak)
         for s in batch:
@@ -147,11 +151,15 @@ def _simulate(policy: SchedulingPolicy, capacity: int, long_len: int, arrivals: 
     return None, longest
 
 
+#: Scores below 1e5 are one-token requests, above it 500-700 tokens (the long request of `_simulate`).
+STREAM_TABLE = LengthDistribution(edges=(1e5,), bins=((1.0, 1.0, 1.0), (500.0, 600.0, 700.0)), pooled=(1.0, 700.0))
+
+
 @settings(max_examples=60, deadline=None)
 @given(capacity=st.integers(1, 4), threshold=st.integers(2, 40), quantum=st.integers(1, 6),
-       long_len=st.integers(1, 20))
+       long_len=st.integers(1, 20), gittins=st.booleans())
 def test_starvation_bound_holds_under_an_endless_stream_of_better_requests(
-        capacity: int, threshold: int, quantum: int, long_len: int) -> None:
+        capacity: int, threshold: int, quantum: int, long_len: int, gittins: bool) -> None:
     # `capacity` better-ranked one-token requests arrive every iteration, so the long request only
     # runs when promoted. The backlog its promoted iterations leave (<= long_len) drains before any
     # short request itself starves when long_len / capacity < threshold; then the bound is exact:
@@ -160,12 +168,15 @@ def test_starvation_bound_holds_under_an_endless_stream_of_better_requests(
         long_len = threshold * capacity - 1
     arrivals = [capacity]
     bound = math.ceil(long_len / quantum) * (threshold + quantum)
-    policy = RankPolicy(starvation=StarvationConfig(threshold=threshold, quantum=quantum))
+    def build(starvation: StarvationConfig | None) -> SchedulingPolicy:
+        return GittinsPolicy(STREAM_TABLE, starvation=starvation) if gittins else RankPolicy(starvation=starvation)
+
+    policy = build(StarvationConfig(threshold=threshold, quantum=quantum))
     finished, longest_wait = _simulate(policy, capacity, long_len, arrivals, max_iters=bound + 1)
     assert finished is not None and finished <= bound
     assert longest_wait <= threshold
     # Without aging the same stream starves it for the whole horizon: the test can fail.
-    unaged, _ = _simulate(RankPolicy(starvation=None), capacity, long_len, arrivals, max_iters=bound + 1)
+    unaged, _ = _simulate(build(None), capacity, long_len, arrivals, max_iters=bound + 1)
     assert unaged is None
 
 
@@ -297,3 +308,88 @@ def test_policy_config_round_trip_and_clear_errors() -> None:
         PolicyConfig.from_mapping({"starvation": {"limit": 3}})
     with pytest.raises(ValueError, match="mapping"):
         PolicyConfig.from_mapping(["ltr"])  # type: ignore[arg-type]
+
+
+# -- Gittins index over the calibrated length distribution ---------------------------------------------
+
+#: Bin 0 (scores < 0): 1-40 tokens; bin 1: 300-900; pooled tail to 4,000.
+TABLE = LengthDistribution(edges=(0.0,), bins=((1.0, 10.0, 20.0, 40.0), (300.0, 500.0, 700.0, 900.0)),
+                           pooled=(1.0, 20.0, 300.0, 700.0, 4000.0))
+
+
+def _gittins(**kwargs) -> GittinsPolicy:
+    return GittinsPolicy(TABLE, **{"starvation": None, **kwargs})
+
+
+def test_gittins_orders_fresh_requests_by_predicted_distribution_unscored_first() -> None:
+    policy = _gittins()
+    states = _states([5.0, -3.0, None, 0.5, -0.5, float("nan")])
+    order = [s.request_id for s in policy.order(states)]
+    assert order[:2] == ["r2", "r5"]   # unscored by arrival, ahead of ranked work
+    assert order[2:] == ["r1", "r4", "r0", "r3"]   # bin 0 before bin 1, each by arrival
+
+
+def test_gittins_key_moves_only_at_boundaries_and_an_outlived_prediction_loses_priority() -> None:
+    policy = _gittins()
+    short = RankState("short", 0.0, score=-1.0, prompt_len=4)
+    policy.track(short)
+    fresh_short_key = policy.sort_key(RankState("fresh", 1.0, score=-1.0, prompt_len=4))
+    keys, moves = [policy.sort_key(short)], 0
+    for generated in range(1, 60):
+        policy.observe_step({"short": 1}, {"short": generated})
+        moves += short in policy.last_moved
+        if short not in policy.last_moved:
+            assert policy.sort_key(short) == keys[-1]   # no boundary crossed: the cached key stands
+        keys.append(policy.sort_key(short))
+    # Moves at the bin's boundaries 1, 10, 20 and 40 only.
+    assert moves == 4
+    # Past its bin's largest length it follows the pooled tail: now behind a fresh request of its bin.
+    assert keys[0] < fresh_short_key < keys[-1]
+    assert short.next_boundary == 300.0
+
+
+def test_gittins_counts_the_prefill_still_owed_then_forgets_it() -> None:
+    policy = _gittins(prefill_weight=2.0)
+    long_prompt = RankState("a", 0.0, score=-1.0, prompt_len=400)
+    short_prompt = RankState("b", 1.0, score=-1.0, prompt_len=4)
+    assert policy.sort_key(short_prompt) < policy.sort_key(long_prompt)
+    for state in (long_prompt, short_prompt):
+        policy.track(state)
+    policy.observe_step({"a": 400, "b": 4}, {"a": 1, "b": 1})
+    assert {s.request_id for s in policy.last_moved} == {"a", "b"}
+    assert policy.rank_key(long_prompt) == policy.rank_key(short_prompt)
+    # Without the weight, prompts are free from the start.
+    free = _gittins()
+    assert free.rank_key(RankState("c", 0.0, score=-1.0, prompt_len=400)) == \
+        free.rank_key(RankState("d", 0.0, score=-1.0, prompt_len=4))
+
+
+def test_gittins_preempts_an_outlived_request_for_fresh_short_work() -> None:
+    policy = _gittins(preemption_patience=0)
+    veteran = RankState("veteran", 0.0, score=-1.0)
+    policy.track(veteran)
+    policy.observe_step({"veteran": 1}, {"veteran": 45})
+    newcomer = RankState("new", 1.0, score=-1.0)
+    policy.track(newcomer)
+    assert policy.preemption_victims([newcomer], [veteran], free_seats=0, max_victims=1) == [veteran]
+    # Static LTR, same scores: equal rank, the veteran keeps its seat.
+    static = RankPolicy(starvation=None)
+    assert static.preemption_victims([newcomer], [veteran], free_seats=0, max_victims=1) == []
+
+
+def test_gittins_config_builds_from_the_shipped_distribution_and_round_trips(tmp_path) -> None:
+    config = PolicyConfig()
+    assert config.name == "gittins" and config.runs_rank_scheduler
+    policy = config.build(256)
+    assert isinstance(policy, GittinsPolicy) and policy.moves_keys and policy.prefill_weight == 2.0
+    path = tmp_path / "dist.json"
+    path.write_text(json.dumps(TABLE.to_mapping()))
+    custom = PolicyConfig(gittins_per_token=False, gittins_prefill_weight=0.5, length_distribution=str(path))
+    assert PolicyConfig.from_mapping(custom.to_mapping()) == custom
+    assert custom.build().distribution == TABLE
+    with pytest.raises(ValueError, match="gittins_prefill_weight must be"):
+        PolicyConfig(gittins_prefill_weight=-1.0)
+    with pytest.raises(ValueError, match="length_distribution must be a path"):
+        PolicyConfig.from_mapping({"length_distribution": 3})
+    with pytest.raises(FileNotFoundError):
+        PolicyConfig(length_distribution=str(tmp_path / "missing.json")).build()

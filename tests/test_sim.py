@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import kendalltau
@@ -73,6 +75,25 @@ def test_preemption_patience_delays_the_eviction() -> None:
     patient = run(reqs, "ltr", preemption_patience=2)
     assert {r.request_id: r.finish for r in patient.records} == {"r2": 4.0, "r1": 6.0, "r0": 13.0}
     assert patient.rank_preemptions == 1
+
+
+def test_gittins_evicts_a_request_that_outlives_its_prediction(tmp_path) -> None:
+    # A and B are both predicted 1-4 tokens (bin 0). A (really 10) starts at t=0, B (really 2) arrives at
+    # t=0.5. Static LTR keeps A ahead (same score, earlier): A ends 10, B 12. Under Gittins, A's 4th token
+    # (t=4) takes it past its bin: its key follows the pooled tail (4-50 tokens), fresh B outranks it and
+    # evicts it at t=4; B ends 6, A recomputes (free here) and ends 12.
+    table = {"edges": [0.0], "bins": [[1, 2, 3, 4], [40, 50]], "pooled": [1, 4, 50]}
+    path = tmp_path / "dist.json"
+    path.write_text(json.dumps(table))
+    reqs = build_requests([1, 1], [10, 2], [0.0, 0.5], scores=[-1.0, -1.0])
+    gittins = PolicyConfig(name="gittins", starvation=None, preemption_patience=0, gittins_per_token=False,
+                           gittins_prefill_weight=0.0, length_distribution=str(path))
+    moving = simulate(reqs, unit_profile(), ClusterConfig(policy=gittins), seed=0)
+    static = run(reqs, "ltr")
+    assert {r.request_id: r.finish for r in moving.records} == {"r1": 6.0, "r0": 12.0}
+    assert {r.request_id: r.preemptions for r in moving.records} == {"r0": 1, "r1": 0}
+    assert {r.request_id: r.finish for r in static.records} == {"r0": 10.0, "r1": 12.0}
+    assert moving.summary()["mean_per_token_latency"] == pytest.approx((12 / 10 + 5.5 / 2) / 2)
 
 
 def test_priority_orders_waiting_but_never_preempts() -> None:
@@ -150,7 +171,7 @@ SMALL = HardwareProfile("small", StepTimeModel(a=0.01, b=1e-4, c=5e-4, d=1e-6),
                         EngineLimits(max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=300))
 
 
-@pytest.mark.parametrize("name", ["fcfs", "priority", "mlfq", "ltr"])
+@pytest.mark.parametrize("name", ["fcfs", "priority", "mlfq", "ltr", "gittins"])
 def test_conservation(name: str) -> None:
     reqs = _random_trace(300, seed=3)
     res = simulate(reqs, SMALL, ClusterConfig(num_replicas=3, router="least_work",

@@ -13,6 +13,7 @@ ahead of ranked work, so a predictor outage degrades to FCFS instead of starving
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from abc import ABC, abstractmethod
@@ -21,7 +22,10 @@ from dataclasses import dataclass, field
 from itertools import chain, count, islice, takewhile
 from typing import Any, Literal
 
-PolicyName = Literal["fcfs", "priority", "mlfq", "ltr"]
+from ltr.scheduling.length_distribution import LengthDistribution, load_distribution
+
+PolicyName = Literal["fcfs", "priority", "mlfq", "ltr", "gittins"]
+POLICY_NAMES: tuple[PolicyName, ...] = ("fcfs", "priority", "mlfq", "ltr", "gittins")
 
 SortKey = tuple[float, ...]
 
@@ -50,6 +54,10 @@ class RankState:
     score: float | None = None
     prompt_len: int = 0
     served_tokens: int = 0
+    #: Output tokens generated so far (not prompt or recompute tokens), as the caller reports them.
+    generated: int = 0
+    #: `generated` count at which a policy with moving keys (`moves_keys`) re-keys this request.
+    next_boundary: float = math.inf
     #: The policy step at which the current run of unscheduled iterations began (`SchedulingPolicy.waited`).
     wait_start: int = 0
     promoted_left: int = 0
@@ -76,7 +84,9 @@ class StarvationConfig:
     back to FCFS order. The paper's rule is `keep_seat=False, aged_share=None` (no cap).
     """
 
-    threshold: int = 200
+    #: 400 from the mean-vs-tail frontier (benchmarks/sim_gittins.py): at 200 the Gittins policy ages too
+    #: many long requests into kept seats; at 400 long-request p99 is still below no aging's.
+    threshold: int = 400
     quantum: int = 10
     aged_share: float | None = 0.25
     keep_seat: bool = True
@@ -114,6 +124,9 @@ class SchedulingPolicy(ABC):
     #: Whether `rank_key` reads only what is fixed at arrival (score, arrival); its keys are then cached
     #: on the RankState, since sorting thousands of waiting requests every step is the adapter's main cost.
     static_rank_key: bool = True
+    #: Whether the (cached) rank key moves with the output tokens generated: it changes only when
+    #: `generated` reaches `next_boundary`, and `observe_step` then lists the request in `last_moved`.
+    moves_keys: bool = False
 
     def __init__(self, starvation: StarvationConfig | None = None, preemption_patience: int = 0,
                  max_num_seqs: int | None = None) -> None:
@@ -125,6 +138,8 @@ class SchedulingPolicy(ABC):
         #: only requests whose sort keys that step changed, when the rank key is static.
         self.last_promoted: list[RankState] = []
         self.last_expired: list[RankState] = []
+        #: Requests whose rank key the latest `observe_step` moved (generated tokens crossed a boundary).
+        self.last_moved: list[RankState] = []
         self._held: dict[str, RankState] = {}
         self._aged_held = 0
         # Aging reads only the longest waiters: one heap per class (not aged, aged) of entries
@@ -139,6 +154,10 @@ class SchedulingPolicy(ABC):
     def rank_key(self, state: RankState) -> SortKey:
         """The policy's own order, before starvation promotion."""
 
+    def key_horizon(self, state: RankState) -> float:
+        """The `generated` count at which this request's rank key changes next (policies that move keys)."""
+        return math.inf
+
     def sort_key(self, state: RankState) -> SortKey:
         if not self.static_rank_key:
             return (0.0 if state.promoted_left > 0 else 1.0, *self.rank_key(state), state.arrival)
@@ -146,6 +165,8 @@ class SchedulingPolicy(ABC):
         if cache is None or cache[0] is not self:
             rank = self.rank_key(state)
             cache = state.key_cache = (self, (0.0, *rank, state.arrival), (1.0, *rank, state.arrival))
+            if self.moves_keys:
+                state.next_boundary = self.key_horizon(state)
         return cache[1] if state.promoted_left > 0 else cache[2]
 
     def order(self, states: Iterable[RankState]) -> list[RankState]:
@@ -168,6 +189,8 @@ class SchedulingPolicy(ABC):
         self._held[state.request_id] = state
         self._aged_held += state.aged
         state.wait_start = self.stats.steps
+        if self.moves_keys:
+            state.next_boundary = self.key_horizon(state)
         self._push_wait(state)
 
     def forget(self, request_id: str) -> None:
@@ -202,13 +225,27 @@ class SchedulingPolicy(ABC):
                 due.append(state)
         return due
 
-    def observe_step(self, scheduled: Mapping[str, int]) -> None:
-        """Account one iteration. `scheduled` maps request id -> tokens scheduled for it this step.
+    def observe_step(self, scheduled: Mapping[str, int], generated: Mapping[str, int] | None = None) -> None:
+        """Account one iteration. `scheduled` maps request id -> tokens scheduled for it this step;
+        `generated` (needed when `moves_keys`) maps request id -> output tokens generated so far.
 
         Costs O(scheduled + promoted), not O(held): a scheduled request only gets its wait restarted, and
         aging pops only the longest waiters. At most `aged_share` of the seats go to aged requests; the
         longest waiters age first, equal waits in arrival order.
         """
+        moved: list[RankState] = []
+        if generated is not None and self.moves_keys:
+            held = self._held
+            for request_id, tokens in generated.items():
+                state = held.get(request_id)
+                if state is None:
+                    continue
+                state.generated = tokens
+                if tokens >= state.next_boundary:
+                    state.key_cache = None
+                    state.next_boundary = self.key_horizon(state)
+                    moved.append(state)
+        self.last_moved = moved
         steps = self.stats.steps = self.stats.steps + 1
         held, expired = self._held, []
         for request_id, tokens in scheduled.items():
@@ -385,35 +422,101 @@ class RankPolicy(SchedulingPolicy):
         return (0.0, 0.0) if value is None else (1.0, value)
 
 
+class GittinsPolicy(SchedulingPolicy):
+    """Gittins index over the request's calibrated length distribution, given the tokens it has generated.
+
+    The score picks a bin of the distribution shipped with the predictor (`LengthDistribution`); the key
+    is 1 / Gittins index (`gittins_remaining`), evaluated at the largest of the bin's quantiles the request
+    has passed. So a key changes only when the request's output reaches its next quantile (a few dozen
+    points at most), and a request that outlives its predicted length loses priority to fresh work instead of
+    holding its place as under a static rank. Unscored requests keep the score convention (arrival
+    order, ahead of ranked work). With `per_token` the index weighs completions by 1 / size, as mean
+    per-token latency does.
+    """
+
+    name: PolicyName = "gittins"
+    preempts_running = True
+    moves_keys = True
+
+    def __init__(self, distribution: LengthDistribution, per_token: bool = True, prefill_weight: float = 0.0,
+                 starvation: StarvationConfig | None = None, preemption_patience: int = 0,
+                 max_num_seqs: int | None = None) -> None:
+        super().__init__(starvation, preemption_patience, max_num_seqs)
+        self.distribution = distribution
+        self.per_token = per_token
+        self.prefill_weight = prefill_weight
+        #: Per bin: its boundaries and the key before the first and after each one.
+        self._tables = [(bounds, tuple(distribution.effective_remaining(b, a, per_token) for a in (0.0, *bounds)))
+                        for b, bounds in ((b, distribution.boundaries(b)) for b in range(len(distribution.bins)))]
+
+    def _table(self, state: RankState) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        value = usable_score(state.score)
+        return None if value is None else self._tables[self.distribution.bin_of(value)]
+
+    def rank_key(self, state: RankState) -> SortKey:
+        table = self._table(state)
+        if table is None:
+            return (0.0, 0.0)
+        if state.generated == 0 and self.prefill_weight > 0:
+            # Before its first token a request still owes its prefill, work that comes first whatever
+            # its output length; once it has produced a token that work is spent.
+            return (1.0, self.distribution.effective_remaining(
+                self.distribution.bin_of(usable_score(state.score)), 0.0, self.per_token,
+                self.prefill_weight * state.prompt_len))
+        bounds, keys = table
+        return (1.0, keys[bisect.bisect_right(bounds, state.generated)])
+
+    def key_horizon(self, state: RankState) -> float:
+        table = self._table(state)
+        if table is None:
+            return math.inf
+        bounds = table[0]
+        if state.generated == 0 and self.prefill_weight > 0:
+            return 1.0
+        passed = bisect.bisect_right(bounds, state.generated)
+        return bounds[passed] if passed < len(bounds) else math.inf
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Typed, validated choice of policy; built once at the edge (CLI, vLLM additional_config)."""
 
-    name: PolicyName = "ltr"
+    name: PolicyName = "gittins"
     starvation: StarvationConfig | None = field(default_factory=StarvationConfig)
     max_preemptions_per_step: int = 4
     mlfq_base_quantum: int = 32
     mlfq_skip_join: bool = True
     priority_levels_per_unit: float = 1.0
     preemption_patience: int = 100
+    #: Gittins: weigh completions by 1 / size (mean per-token latency) rather than 1 (mean latency).
+    gittins_per_token: bool = True
+    #: Gittins: work of one prompt token still to prefill, in output tokens (0: prompts are free). A prompt
+    #: token costs about as much step time as a decode token, and a queued prefill delays every running
+    #: request; 2 is the best of 0-4 in benchmarks/sim_gittins.py.
+    gittins_prefill_weight: float = 2.0
+    #: Gittins: a length distribution JSON (`ltr.predictor.length_distribution`); None: the shipped one.
+    length_distribution: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in ("fcfs", "priority", "mlfq", "ltr"):
-            raise ValueError(f"unknown scheduling policy {self.name!r}; choose fcfs, priority, mlfq or ltr")
+        if self.name not in POLICY_NAMES:
+            raise ValueError(f"unknown scheduling policy {self.name!r}; choose one of {', '.join(POLICY_NAMES)}")
         if self.max_preemptions_per_step < 0:
             raise ValueError("max_preemptions_per_step must be >= 0")
         if self.preemption_patience < 0:
             raise ValueError("preemption_patience must be >= 0")
         if self.mlfq_base_quantum < 1:
             raise ValueError("mlfq_base_quantum must be >= 1")
+        if not (math.isfinite(self.gittins_prefill_weight) and self.gittins_prefill_weight >= 0):
+            raise ValueError("gittins_prefill_weight must be a finite number >= 0")
 
     @property
     def runs_rank_scheduler(self) -> bool:
-        """Whether engines run the adapter (ltr, mlfq); fcfs and priority run vLLM's own scheduler."""
-        return self.name in ("ltr", "mlfq")
+        """Whether engines run the adapter (gittins, ltr, mlfq); fcfs and priority run vLLM's own scheduler."""
+        return self.name in ("ltr", "mlfq", "gittins")
 
     _FIELDS = ("name", "starvation", "max_preemptions_per_step", "preemption_patience", "mlfq_base_quantum",
-               "mlfq_skip_join", "priority_levels_per_unit")
+               "mlfq_skip_join", "priority_levels_per_unit", "gittins_per_token", "gittins_prefill_weight",
+               "length_distribution")
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain JSON-able dict (what travels in vLLM's `additional_config`)."""
@@ -424,7 +527,9 @@ class PolicyConfig:
                 "max_preemptions_per_step": self.max_preemptions_per_step,
                 "preemption_patience": self.preemption_patience,
                 "mlfq_base_quantum": self.mlfq_base_quantum, "mlfq_skip_join": self.mlfq_skip_join,
-                "priority_levels_per_unit": self.priority_levels_per_unit}
+                "priority_levels_per_unit": self.priority_levels_per_unit,
+                "gittins_per_token": self.gittins_per_token, "gittins_prefill_weight": self.gittins_prefill_weight,
+                "length_distribution": self.length_distribution}
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PolicyConfig:
@@ -461,8 +566,15 @@ class PolicyConfig:
         for key in ("max_preemptions_per_step", "preemption_patience", "mlfq_base_quantum"):
             if key in data:
                 kwargs[key] = _strict_int(key, data[key])
-        if "mlfq_skip_join" in data:
-            kwargs["mlfq_skip_join"] = _strict_bool("mlfq_skip_join", data["mlfq_skip_join"])
+        for key in ("mlfq_skip_join", "gittins_per_token"):
+            if key in data:
+                kwargs[key] = _strict_bool(key, data[key])
+        if data.get("length_distribution") is not None:
+            if not isinstance(data["length_distribution"], str):
+                raise ValueError(f"length_distribution must be a path string, got {data['length_distribution']!r}")
+            kwargs["length_distribution"] = data["length_distribution"]
+        if "gittins_prefill_weight" in data:
+            kwargs["gittins_prefill_weight"] = _number("gittins_prefill_weight", data["gittins_prefill_weight"])
         if "priority_levels_per_unit" in data:
             value = _number("priority_levels_per_unit", data["priority_levels_per_unit"])
             if not value > 0:
@@ -480,6 +592,11 @@ class PolicyConfig:
             return MLFQPolicy(self.mlfq_base_quantum, skip_join=self.mlfq_skip_join,
                               starvation=self.starvation, preemption_patience=self.preemption_patience,
                               max_num_seqs=max_num_seqs)
+        if self.name == "gittins":
+            return GittinsPolicy(load_distribution(self.length_distribution), self.gittins_per_token,
+                                 self.gittins_prefill_weight,
+                                 starvation=self.starvation, preemption_patience=self.preemption_patience,
+                                 max_num_seqs=max_num_seqs)
         return RankPolicy(starvation=self.starvation, preemption_patience=self.preemption_patience,
                           max_num_seqs=max_num_seqs)
 

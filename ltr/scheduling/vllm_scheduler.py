@@ -14,7 +14,9 @@ vLLM's ``schedule()``, the subclass changes only *order* and *eviction* and lets
    running ones are preempted first (``policy.preemption_victims``, capped per step); victims are held
    out of the waiting queue for that step so a request is never preempted and resumed in one step;
 4. after the step, ``policy.observe_step`` gets the tokens scheduled per request (starvation aging,
-   MLFQ demotion).
+   MLFQ demotion) and, for a policy whose keys move with the output (Gittins), the output tokens each
+   scheduled request has generated; the running requests it re-keys are moved in the batch at the next
+   step, like promoted ones.
 
 The score comes from ``SamplingParams.extra_args["ltr_score"]``; a missing/NaN/inf score means "order
 by arrival" (logged once per engine, counted in ``stats()``), never an error.
@@ -258,7 +260,7 @@ class RankScheduler(Scheduler):
         score = usable_score(raw)
         if score is None:
             self.counters.unscored_requests += 1
-            if not self._warned_unscored and self.rank_policy.name in ("ltr", "priority"):
+            if not self._warned_unscored and self.rank_policy.name in ("ltr", "gittins", "priority"):
                 self._warned_unscored = True
                 logger.warning(
                     "request %s has no usable %r in SamplingParams.extra_args (got %r); it is ordered "
@@ -310,7 +312,12 @@ class RankScheduler(Scheduler):
         self.counters.kv_preemptions += kv_preempted
         # Upstream only pops its out-of-KV victims off the running batch and appends what it admits.
         self._unsorted_tail = len(self.running) - (kept - kv_preempted)
-        self.rank_policy.observe_step(output.num_scheduled_tokens)
+        scheduled = output.num_scheduled_tokens
+        generated = None
+        if self.rank_policy.moves_keys:
+            requests = self.requests
+            generated = {rid: requests[rid].num_output_tokens for rid in scheduled if rid in requests}
+        self.rank_policy.observe_step(scheduled, generated)
         self.counters.max_waiting = max(self.counters.max_waiting, len(self.waiting))
         self.counters.max_running = max(self.counters.max_running, len(self.running))
         end = time.perf_counter()
@@ -384,9 +391,10 @@ class RankScheduler(Scheduler):
         """Bring the waiting queues up to date with keys changed by the last step.
 
         A waiting request's key changes only when it is promoted: everything else a key reads (score,
-        arrival, served tokens) changes only while a request runs, and a request re-enters the queue
-        with its key of that moment. So only the promoted requests move; re-sorting thousands of waiting
-        requests every step would cost more than the model step.
+        arrival, served and generated tokens) changes only while a request runs (keys move only for
+        scheduled requests), and a request re-enters the queue with its key of that moment. So only the
+        promoted requests move; re-sorting thousands of waiting requests every step would cost more than
+        the model step.
         """
         promoted = self.rank_policy.last_promoted
         if len(promoted) > REPOSITION_LIMIT:
@@ -403,15 +411,16 @@ class RankScheduler(Scheduler):
         """Put the running batch in key order, best first, moving only what is out of place.
 
         The batch was in order after the last step's sort. Since then upstream appended the requests it
-        admitted, and only the requests the policy promoted or whose promotion ran out changed keys (for
-        a static rank key); removals keep the order. So only those are re-inserted, by binary search.
-        Reading every running request's key instead costs ~1 µs each right after a model step (cold
-        caches), which with hundreds of seats was the adapter's largest cost.
+        admitted, and only the requests the policy promoted, whose promotion ran out or whose key moved
+        with their output (``last_moved``) changed keys (for a cached rank key); removals keep the order.
+        So only those are re-inserted, by binary search. Reading every running request's key instead
+        costs ~1 µs each right after a model step (cold caches), which with hundreds of seats was the
+        adapter's largest cost.
         """
         running, policy = self.running, self.rank_policy
         tail = min(max(self._unsorted_tail, 0), len(running))
         self._unsorted_tail = 0
-        changed = policy.last_promoted + policy.last_expired + self._rescored_running
+        changed = policy.last_promoted + policy.last_expired + policy.last_moved + self._rescored_running
         self._rescored_running = []
         if not policy.static_rank_key or tail + len(changed) > REPOSITION_LIMIT:
             running.sort(key=self._running_key)

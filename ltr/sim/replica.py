@@ -280,11 +280,12 @@ class Replica:
                 if seq.generated >= seq.req.output_len:
                     seq.finish = t_end
                     finished.append(seq)
+        generated = {rid: by_id[rid].generated for rid in scheduled} if self.policy.moves_keys else None
         for seq in finished:
             del self.running[seq.req.request_id]
             self._release(seq)
 
-        self.policy.observe_step(scheduled)
+        self.policy.observe_step(scheduled, generated)
         for seq in finished:   # after the step: they still counted toward it (as in the engine)
             self.policy.forget(seq.req.request_id)
         self.stats.steps += 1
