@@ -278,6 +278,63 @@ def stage_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_turns(args: argparse.Namespace) -> int:
+    """Every-turn data (ltr.data.conversations): what label hygiene removes, and how a predictor ranks
+    first turns (today's comparable test set) and later turns, scored on the last user message (what a
+    prompt-trained artifact sees) and on the rendered conversation cut from the left (ltr.predictor.render)."""
+    from transformers import AutoTokenizer
+
+    from ltr.data import load_pairs, split_pairs
+    from ltr.data.conversations import load_turns, split_turns, turn_index_counts
+    from ltr.models import prepare_model
+    from ltr.predictor.render import chat_input
+
+    served_template = AutoTokenizer.from_pretrained(prepare_model()).chat_template
+    splits, hygiene = split_turns(load_turns())
+    rng = np.random.default_rng(args.seed)
+    later = [t for t in splits.test if t.history]
+    later = [later[i] for i in sorted(rng.choice(len(later), size=min(args.sample, len(later)), replace=False))]
+    first = split_pairs(load_pairs()).test
+    model = RankPredictor.from_pretrained(args.predictor, device="cpu")
+    if args.max_length:
+        model.for_serving(args.max_length)
+    max_length = model.config.max_length
+
+    def report(inputs: list[str], lengths: list[int]) -> dict:
+        return ranking_report(model.score(inputs, batch_size=32), lengths)
+
+    later_len = [t.output_len for t in later]
+    first_msgs = [[{"role": "user", "content": p.prompt}] for p in first]
+    sets = {
+        "first_turn_test": {
+            "n": len(first), "source": "split_pairs(load_pairs()).test, the set every earlier tau is measured on",
+            "last_user_message": report([p.prompt for p in first], [p.output_len for p in first]),
+            "rendered_conversation": report([chat_input(m, served_template, model.tokenizer, max_length)
+                                             for m in first_msgs], [p.output_len for p in first]),
+            "prompt_length_baseline": ranking_report([p.prompt_len for p in first], [p.output_len for p in first]),
+        },
+        "later_turn_test": {
+            "n": len(later), "source": f"test-side turns with history after hygiene, {args.sample} sampled (seed "
+                                       f"{args.seed})",
+            "last_user_message": report([t.prompt for t in later], later_len),
+            "rendered_conversation": report([chat_input(t.messages(), served_template, model.tokenizer, max_length)
+                                             for t in later], later_len),
+            "message_chars_baseline": ranking_report([len(t.prompt) for t in later], later_len),
+            "conversation_chars_baseline": ranking_report(
+                [len(t.prompt) + sum(len(h) for _, h in t.history) for t in later], later_len),
+        },
+    }
+    result = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+              "predictor": str(args.predictor), "max_length": max_length,
+              "predictor_trained_on": "rendered conversations" if model.config.chat_template else "prompts",
+              "hygiene": hygiene.to_json(),
+              "turns_per_side": {side: turn_index_counts(getattr(splits, side)) for side in ("train", "val", "test")},
+              "sets": sets}
+    _write(RESULTS / "predictor_turns.json", result)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def _tau(model: RankPredictor, examples: list) -> float:
     scores = model.score([e.prompt for e in examples], batch_size=32)
     return round(ranking_report(scores, [e.output_len for e in examples])["kendall_tau"], 4)
@@ -358,6 +415,12 @@ def main() -> int:
     p.add_argument("--sample", type=int, default=256)
     p.add_argument("--max-tau-loss", type=float, default=0.01)
     p.set_defaults(func=stage_speed, load_before=round(os.getloadavg()[0], 1))
+    p = sub.add_parser("turns", help="every-turn data: hygiene counts, first- and later-turn tau")
+    p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
+    p.add_argument("--max-length", type=int, default=0, help="score at this many tokens (0: the artifact's)")
+    p.add_argument("--sample", type=int, default=1500, help="later-turn test turns scored")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=stage_turns)
     args = parser.parse_args()
     import logging
 
