@@ -103,3 +103,79 @@ def test_bad_input_gives_clear_errors(tmp_path: Path) -> None:
         model.score("one prompt, not a list")
     with pytest.raises(ValueError, match="no calibration"):
         model.expected_tokens([0.0])
+
+
+# ---- served traffic: retrain on the served model's own lengths (ltr.data.served_log) ------------------------
+
+def _served_log(directory: Path, examples, text: bool = True, max_tokens: int = 256) -> list:
+    """A served-traffic log of real prompts: answers at or past max_tokens are capped, every 9th aborted."""
+    from ltr.data.served_log import ServedLogConfig, ServedLogWriter, ServedRecord, text_sha256
+
+    writer = ServedLogWriter(ServedLogConfig(directory=str(directory), writer_id="test"))
+    records = []
+    for i, e in enumerate(examples):
+        reason = "abort" if i % 9 == 4 else "length" if e.output_len >= max_tokens else "stop"
+        tokens = min(e.output_len, max_tokens) if reason != "abort" else e.output_len // 3
+        records.append(ServedRecord(time=float(i), model="SmolLM2-135M-Instruct", request_id=f"r{i}",
+                                    finish_reason=reason, output_tokens=tokens, max_tokens=max_tokens,
+                                    prompt_tokens=e.prompt_len, score=0.0, predictor_version="v0",
+                                    input_sha256=text_sha256(e.prompt), input_chars=len(e.prompt),
+                                    text=e.prompt if text else None))
+        writer.write(records[-1])
+    writer.close()
+    return records
+
+
+def test_served_log_splits_by_prompt_hash_and_handles_censored_labels(tmp_path: Path,
+                                                                       splits: ExampleSplits) -> None:
+    from ltr.predictor.train import load_served_examples, served_slice
+
+    examples = splits.test[:150] + splits.test[:30]   # 30 prompts served twice
+    records = _served_log(tmp_path / "log", examples)
+    kept = load_served_examples(tmp_path / "log", censored="lower-bound", holdout=0.2, val_fraction=0.2)
+    dropped = load_served_examples(tmp_path / "log", censored="drop", holdout=0.2, val_fraction=0.2)
+    test_texts = {e.prompt for e in kept.test}
+    assert test_texts.isdisjoint(e.prompt for e in kept.train + kept.val)   # a repeated prompt stays on one side
+    assert {r.text for r in records if served_slice(r.input_sha256) < 0.2} == test_texts
+    assert len(kept.test) == sum(served_slice(r.input_sha256) < 0.2 for r in records)  # test keeps aborts
+    assert any(e.censored for e in kept.test) and any(e.censored for e in kept.train)
+    assert not any(e.censored for e in dropped.train + dropped.val) and dropped.test == kept.test
+    labelled = [r for r in records if served_slice(r.input_sha256) >= 0.2 and r.finish_reason != "abort"]
+    assert len(kept.train) + len(kept.val) == len(labelled)
+    assert max(e.output_len for e in kept.train) == 256
+
+    _served_log(tmp_path / "hashes", splits.test[:20], text=False)
+    with pytest.raises(ValueError, match="only hashes .* opts in"):
+        load_served_examples(tmp_path / "hashes")
+
+
+def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: ExampleSplits,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from ltr.cli import main
+    from ltr.predictor.model import shipped_artifact_dir
+
+    short = [e for e in splits.test if len(e.prompt) < 400][:120]   # keeps the CPU training step short
+    _served_log(tmp_path / "log", short)
+    out = tmp_path / "retrained"
+    with pytest.raises(SystemExit, match="needs --output"):
+        main(["train-predictor", "--data", str(tmp_path / "log")])
+    assert main(["train-predictor", "--data", str(tmp_path / "log"), "--init", str(shipped_artifact_dir()),
+                 "--epochs", "1", "--list-size", "8", "--holdout", "0.25", "--val-fraction", "0.25",
+                 "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    meta = config["metadata"]
+    assert "--data=" in meta["command"] and "--init=" in meta["command"]
+    assert meta["history"]["init"] == str(shipped_artifact_dir()) and meta["test"]["censored"] >= 1
+    assert meta["history"]["n_train"] >= 40
+    shipped, retrained = (load_file(str(d / "weights.safetensors")) for d in (shipped_artifact_dir(), out))
+    assert set(shipped) == set(retrained) and any(not torch.equal(shipped[k], retrained[k]) for k in shipped)
+    capsys.readouterr()
+    assert main(["eval-predictor", "--data", str(tmp_path / "log"), "--holdout", "0.25",
+                 "--val-fraction", "0.25", "--predictor", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "served log" in printed and "censored" in printed and "listmle/lora@512" in printed
+    assert f"{meta['test']['kendall_tau']:.4f}" in printed   # the same held-out slice as training's test

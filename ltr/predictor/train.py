@@ -33,6 +33,8 @@ class Example:
     prompt: str
     prompt_len: int   # SmolLM2 tokens (prompt-length baseline)
     output_len: int   # SmolLM2 tokens (label)
+    #: Served traffic: the answer was cut (max_tokens, abort), so output_len is a lower bound.
+    censored: bool = False
 
 
 @dataclass
@@ -75,6 +77,56 @@ def load_examples(data_dir: Path | None = None) -> ExampleSplits:
     for name in ("train", "val", "test"):
         rows = read_trace(Path(data_dir) / f"{name}.jsonl")
         parts[name] = [Example(r["prompt"], int(r["prompt_len"]), int(r["output_len"])) for r in rows]
+    return ExampleSplits(**parts)
+
+
+#: Served-log records that are no label at all: the client or the server ended them, not the model or its cap.
+_NOT_LABELS = ("abort", "error")
+
+
+def served_slice(input_sha256: str) -> float:
+    """Where a prompt falls in [0, 1), from its hash: the same prompt always lands in the same split."""
+    return int(input_sha256[:13], 16) / 16**13
+
+
+def load_served_examples(log: Path, censored: str = "lower-bound", holdout: float = 0.2,
+                         val_fraction: float = 0.1) -> ExampleSplits:
+    """Splits of a served-traffic log (`ltr.data.served_log`) by prompt hash: test = the first `holdout`,
+    val = the next `val_fraction` (model selection, calibration), train = the rest.
+
+    The test slice keeps every record (its tau is censor-aware). In train and val an answer the model
+    ended is an exact label; one cut at max_tokens (or by vLLM's repetition check) is a lower bound,
+    used as its observed length with `censored="lower-bound"` (right in rank against every shorter
+    exact answer, and exact when all requests share one max_tokens) or left out with "drop"; aborted
+    and failed requests are left out of both.
+    """
+    from ltr.data.served_log import read_served_log, text_sha256
+
+    if censored not in ("lower-bound", "drop"):
+        raise ValueError(f"censored must be lower-bound or drop, not {censored!r}")
+    if not (0 < holdout < 1 and 0 < val_fraction < 1 and holdout + val_fraction < 1):
+        raise ValueError(f"holdout ({holdout}) and val_fraction ({val_fraction}) must be in (0, 1), sum < 1")
+    parts: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    records = without_text = 0
+    for record in read_served_log(log):
+        records += 1
+        if record.text is None:
+            without_text += 1
+            continue
+        where = served_slice(record.input_sha256 or text_sha256(record.text))
+        example = Example(record.text, record.prompt_tokens, record.output_tokens, record.censored)
+        if where < holdout:
+            parts["test"].append(example)
+        elif record.finish_reason in _NOT_LABELS or (record.censored and censored == "drop"):
+            continue
+        else:
+            parts["val" if where < holdout + val_fraction else "train"].append(example)
+    if records and without_text == records:
+        raise ValueError(f"{log}: the served-traffic log has only hashes of the predictor's input, no text "
+                         f"({records} records); training and evaluation need the rendered text, which is "
+                         "logged only when the operator opts in (ingress setting `log_text: true`)")
+    if not records:
+        raise ValueError(f"{log}: the served-traffic log has no records")
     return ExampleSplits(**parts)
 
 
@@ -133,10 +185,12 @@ class _Objective(nn.Module):
 
 
 def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, data: ExampleSplits,
-                    backbone_path: Path | None = None) -> tuple[RankPredictor, dict]:
+                    backbone_path: Path | None = None, init: Path | None = None) -> tuple[RankPredictor, dict]:
     """Train, keep the epoch with the best validation tau, fit the token calibration on val.
 
-    Returns the predictor (on `train_config.device`) and a history dict for metadata/benchmarks.
+    `init`: fine-tune this artifact instead of a fresh head and adapters; its own config (shape,
+    objective, bucket edges) replaces `model_config`. Returns the predictor (on `train_config.device`)
+    and a history dict for metadata/benchmarks.
     """
     from tqdm.auto import tqdm
 
@@ -150,7 +204,10 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     train = data.train[: tc.limit_train] if tc.limit_train else data.train
     if len(train) < tc.list_size * tc.lists_per_step or not data.val:
         raise ValueError(f"need at least {tc.list_size * tc.lists_per_step} training and 1 validation example")
-    model = RankPredictor(model_config, backbone_path=backbone_path).to(device)
+    if init is None:
+        model = RankPredictor(model_config, backbone_path=backbone_path).to(device)
+    else:
+        model = RankPredictor.from_pretrained(init, device=tc.device, backbone_path=backbone_path)
     train_ids = model.tokenize([e.prompt for e in train])
     val_ids = model.tokenize([e.prompt for e in data.val])
     train_len = np.array([e.output_len for e in train], dtype=np.float64)
@@ -227,7 +284,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     model.config.calibration = fit_calibration(val, val_len)
     history.update(best_epoch=best_epoch, best_val_tau=kendall_tau(val, val_len),
                    train_seconds=round(time.perf_counter() - started, 1), n_train=len(train),
-                   train_config=asdict(tc))
+                   train_config=asdict(tc), init=None if init is None else str(init))
     return model, history
 
 
