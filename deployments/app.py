@@ -15,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from deployments.engine import CPU_ENGINE_ENV, EngineSpec, LLMEngine
+from deployments.engine import CPU_ENGINE_ENV, EngineSpec, LLMEngine, ServingOptions
 from deployments.ingress import IngressSettings, OpenAIIngress
 from deployments.predictor import Predictor
 from deployments.router import LeastWorkRouter
@@ -29,6 +29,8 @@ from ltr.scheduling.policy import PolicyConfig
 ENGINE_DEPLOYMENT = "LLMEngine"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
 PREDICTOR_DEPLOYMENT = "Predictor"
+#: Requests Serve hands one ingress replica at once; its own bound (`max_queued_requests`, 429) is below it.
+INGRESS_MAX_ONGOING = 1024
 
 
 class AppArgs(BaseModel):
@@ -58,12 +60,30 @@ class AppArgs(BaseModel):
     ingress: dict[str, Any] = Field(default_factory=dict)
     #: Extra environment for ingress replicas (e.g. the variable named by ingress.api_key_env).
     ingress_env: dict[str, str] = Field(default_factory=dict)
+    #: vLLM's tool calling (`vllm serve --enable-auto-tool-choice --tool-call-parser NAME`); without a parser,
+    #: `tool_choice: "auto"/"required"` is refused as vLLM's server refuses it.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    #: `vllm serve --trust-request-chat-template`: off keeps vLLM's default, a request's chat_template is refused.
+    trust_request_chat_template: bool = False
 
     @field_validator("policy")
     @classmethod
     def _valid_policy(cls, value: dict[str, Any]) -> dict[str, Any]:
         PolicyConfig.from_mapping(value)   # ValueError names the key
         return value
+
+    @model_validator(mode="after")
+    def _tool_parser_for_auto_tools(self) -> AppArgs:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (as vllm serve requires)")
+        if self.tool_call_parser is not None:
+            from vllm.tool_parsers import ToolParserManager
+
+            known = ToolParserManager.list_registered()
+            if self.tool_call_parser not in known:
+                raise ValueError(f"unknown tool_call_parser {self.tool_call_parser!r}; vLLM has {sorted(known)}")
+        return self
 
     def model_path(self, prepare: bool = True) -> str:
         """The model folder; "smollm2" is converted on first use (`prepare=False`: only where it goes)."""
@@ -73,10 +93,19 @@ class AppArgs(BaseModel):
             return str(prepare_model()) if prepare else str(cache_dir() / "models" / SERVED_MODEL_NAME)
         return self.model
 
+    def served_name(self, model_path: str) -> str:
+        """The model name clients send; the folder name ("SmolLM2-135M-Instruct" for the default model)."""
+        return self.served_model_name or Path(model_path).name
+
     def engine_spec(self, model_path: str) -> EngineSpec:
         """What each engine replica is built from; GPU replicas get vLLM's defaults, CPU ones the CPU set."""
+        cap = self.ingress.get("max_tokens_cap", IngressSettings.model_fields["max_tokens_cap"].default)
+        serving = ServingOptions(served_model_name=self.served_name(model_path), max_tokens_cap=cap,
+                                 enable_auto_tool_choice=self.enable_auto_tool_choice,
+                                 tool_call_parser=self.tool_call_parser,
+                                 trust_request_chat_template=self.trust_request_chat_template)
         return EngineSpec(model=model_path, policy=PolicyConfig.from_mapping(self.policy),
-                          platform="gpu" if self.engine_num_gpus > 0 else "cpu",
+                          platform="gpu" if self.engine_num_gpus > 0 else "cpu", serving=serving,
                           overrides=dict(self.engine_kwargs))
 
     def replica_env(self) -> dict[str, str]:
@@ -119,20 +148,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """The serving application: OpenAI ingress -> routed vLLM engine replicas."""
     parsed = AppArgs(**(args or {}))
     model_path = parsed.model_path()
-    # The folder name is the served name ("SmolLM2-135M-Instruct" for the default model).
-    served_name = parsed.served_model_name or Path(model_path).name
-    max_model_len = parsed.engine_spec(model_path).max_model_len()
-    if max_model_len is None:
-        raise ValueError("engine_kwargs.max_model_len must be set for GPU engines: the ingress checks prompt + "
-                         "max_tokens against it before a request reaches an engine")
-    settings = IngressSettings(**{"served_model_name": served_name, "tokenizer_path": model_path,
-                                  "max_model_len": max_model_len, **parsed.ingress})
+    settings = IngressSettings(**{"served_model_name": parsed.served_name(model_path), **parsed.ingress})
     actor_options: dict[str, Any] = {"num_cpus": parsed.ingress_num_cpus}
     if parsed.ingress_env:
         actor_options["runtime_env"] = {"env_vars": dict(parsed.ingress_env)}
     ingress = serve.deployment(
         OpenAIIngress, name=INGRESS_DEPLOYMENT, num_replicas=parsed.ingress_replicas,
-        max_ongoing_requests=1024, ray_actor_options=actor_options)
+        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options=actor_options)
     engine = None if settings.engine_app else engine_deployment(parsed, model_path)
     return ingress.bind(engine, settings.model_dump())
 

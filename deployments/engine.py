@@ -1,9 +1,13 @@
-"""Engine deployment: one vLLM `AsyncLLM` per replica, scheduling by the project's policy.
+"""Engine deployment: one vLLM `AsyncLLM` per replica, scheduling by the project's policy, served through
+vLLM's own OpenAI serving layer (`OpenAIServingChat`, `OpenAIServingCompletion`, `OpenAIServingModels`,
+built by vLLM's `init_app_state` on the replica's AsyncLLM), so every field vLLM's server honors is honored
+here and fails the same way.
 
 Ranking only helps if requests queue *inside* the engine, where the scheduler can reorder them, so
 `max_ongoing_requests` is high (Serve admits up to that many per replica) and the engine's own
-`max_num_seqs` bounds the running batch. The score travels in `SamplingParams.extra_args`
-(`ltr.scheduling.engine.scored_sampling_params`); a missing score means FCFS order for that request.
+`max_num_seqs` bounds the running batch. The score travels in the request's `vllm_xargs`, which vLLM puts
+into `SamplingParams.extra_args` (`ltr.scheduling.engine.SCORE_KEY`); no score means FCFS order.
+vLLM's Prometheus metrics live in this process's default registry (`vllm_metrics`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ray import serve
 
@@ -33,6 +38,31 @@ CPU_ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE
 
 
 @dataclass(frozen=True)
+class ServingOptions:
+    """The OpenAI serving layer's options, the same flags `vllm serve` takes (validated in `app.py`)."""
+
+    served_model_name: str
+    #: Server-wide output cap: vLLM's `override_generation_config.max_new_tokens` (None: vLLM's own limits).
+    max_tokens_cap: int | None = None
+    #: `--enable-auto-tool-choice` / `--tool-call-parser`: tool calls parsed from the model's output.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    #: `--trust-request-chat-template`: off, so a request-supplied chat template is refused (vLLM's default).
+    trust_request_chat_template: bool = False
+
+    def cli_args(self, model: str) -> list[str]:
+        """The `vllm serve` command line these options are (parsed by vLLM's own argument parser)."""
+        args = ["--model", model, "--served-model-name", self.served_model_name]
+        if self.enable_auto_tool_choice:
+            args.append("--enable-auto-tool-choice")
+        if self.tool_call_parser is not None:
+            args += ["--tool-call-parser", self.tool_call_parser]
+        if self.trust_request_chat_template:
+            args.append("--trust-request-chat-template")
+        return args
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """What every replica of an engine deployment is built from: typed and validated in `app.py`, before
     it crosses into Serve, and the one source of the keyword arguments each replica passes to vLLM."""
@@ -40,13 +70,18 @@ class EngineSpec:
     model: str
     policy: PolicyConfig
     platform: Platform
+    serving: ServingOptions
     #: `engine_kwargs` overrides from the config (vLLM `AsyncEngineArgs` fields).
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def vllm_kwargs(self, stats_path: str | None = None, score_updates_path: str | None = None) -> dict[str, Any]:
         """The exact `AsyncEngineArgs` keyword arguments of a replica whose scheduler dumps its counters to
         `stats_path` and reads late scores from `score_updates_path`."""
-        overrides = {"disable_log_stats": True, **self.overrides}
+        overrides = {"served_model_name": self.serving.served_model_name, **self.overrides}
+        if self.serving.max_tokens_cap is not None:
+            generation = dict(overrides.get("override_generation_config") or {})
+            generation.setdefault("max_new_tokens", self.serving.max_tokens_cap)
+            overrides["override_generation_config"] = generation
         return engine_kwargs(self.model, self.policy, platform=self.platform, stats_path=stats_path,
                              score_updates_path=score_updates_path, **overrides)
 
@@ -62,12 +97,15 @@ class EngineSpec:
 
 @dataclass
 class EngineRequest:
-    """One generation request as the ingress hands it to an engine replica (and the router reads it)."""
+    """One OpenAI request as the ingress hands it to an engine replica (and the router reads it)."""
 
+    kind: Literal["chat", "completion"]
+    #: The client's JSON body, already validated by the ingress with vLLM's protocol model.
+    body: dict[str, Any]
+    #: Our id of the request: late scores address it (`extra_args["ltr_late_score_id"]`).
     request_id: str
-    prompt_token_ids: list[int]
-    sampling: dict[str, Any]
     score: float | None = None
+    expected_tokens: float | None = None
     #: Predicted cost in decode-token units (`ltr.routing.request_work`); read by `LeastWorkRouter`.
     predicted_work: float = 0.0
     #: The predictor's pending answer (a Ray ObjectRef of a `Prediction`) when the ingress stopped waiting
@@ -75,23 +113,64 @@ class EngineRequest:
     late_prediction: Any = None
 
 
-@dataclass
-class EngineChunk:
-    """A streamed delta: new text, cumulative token counts, and where it ran."""
+@dataclass(frozen=True)
+class ReplyHead:
+    """First item of every reply stream: vLLM's status and, for a non-streamed answer, its JSON body.
+    A streamed answer's SSE strings follow it unchanged."""
 
-    text: str
-    completion_tokens: int
-    prompt_tokens: int
-    finish_reason: str | None
+    status: int
     replica: str
+    body: dict[str, Any] | None = None
 
 
 @dataclass
 class _Tracked:
     predicted_work: float
+    expected_tokens: float | None
+    prompt_tokens: int = 0
     generated: int = 0
     scored: bool = False
     started: float = field(default_factory=time.time)
+
+
+#: The request this task serves (read by `_TrackingEngineClient`). Serve runs each call in its own task, and a
+#: task has its own copy of the context, so concurrent requests never see each other's.
+_CURRENT: ContextVar[_Tracked | None] = ContextVar("ltr_current_request", default=None)
+
+
+class _TrackingEngineClient:
+    """The replica's AsyncLLM as vLLM's serving layer sees it, with `generate` observed: the router's load
+    report needs each request's real prompt length and the tokens generated so far, and a request closed
+    without finishing is aborted (AsyncLLM does on cancellation; this also covers a plain close)."""
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
+                       **kwargs: Any) -> AsyncIterator[Any]:
+        from vllm.sampling_params import RequestOutputKind
+
+        from ltr.routing import request_work
+
+        tracked = _CURRENT.get()
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        finished = False
+        try:
+            async for output in self._llm.generate(prompt, sampling_params, request_id, *args, **kwargs):
+                if tracked is not None:
+                    if not tracked.prompt_tokens and output.prompt_token_ids is not None:
+                        tracked.prompt_tokens = len(output.prompt_token_ids)
+                        tracked.predicted_work = request_work(tracked.expected_tokens, tracked.prompt_tokens)
+                    new = max((len(o.token_ids) for o in output.outputs), default=0)
+                    tracked.generated = tracked.generated + new if delta else max(tracked.generated, new)
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                await self._llm.abort(request_id)
 
 
 def _latest_stats_logger(sink: dict[str, Any]) -> type:
@@ -99,7 +178,7 @@ def _latest_stats_logger(sink: dict[str, Any]) -> type:
 
     The engine core lives in its own process; this is how the replica sees whether requests are
     still running/waiting there and how much KV cache they hold (reliability checks read it after
-    client disconnects). Passing it makes vLLM collect stats without its default log lines.
+    client disconnects). vLLM's own Prometheus logger runs beside it (log stats are on, as in `vllm serve`).
     """
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -122,7 +201,8 @@ def _latest_stats_logger(sink: dict[str, Any]) -> type:
 class LLMEngine:
     """The engine deployment's class; `app.py` wraps it with `serve.deployment` options."""
 
-    def __init__(self, spec: EngineSpec) -> None:
+    async def __init__(self, spec: EngineSpec) -> None:
+        """Async because vLLM builds its serving layer (`init_app_state`) in the event loop."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -143,42 +223,47 @@ class LLMEngine:
         self.core_stats: dict[str, Any] = {}
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
+        self.state = await _serving_state(_TrackingEngineClient(self.llm), spec)
         self._tracked: dict[str, _Tracked] = {}
         self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0, "late_scores": 0}
         logger.info("engine replica %s ready: model=%s policy=%s async_scheduling=%s", self.replica, spec.model,
                     self.policy.name, self.llm.vllm_config.scheduler_config.async_scheduling)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """Stream deltas for one request; cancellation (client gone) aborts it in the engine."""
-        from vllm.sampling_params import RequestOutputKind
-
-        from ltr.scheduling.engine import priority_for, scored_sampling_params
+    async def openai(self, request: EngineRequest) -> AsyncIterator[ReplyHead | str]:
+        """Serve one OpenAI request with vLLM's own serving layer: a `ReplyHead`, then (streams) vLLM's SSE
+        strings. The score rides in `vllm_xargs`; cancellation (client gone) aborts it in the engine."""
+        from ltr.scheduling.engine import LATE_SCORE_ID_KEY, SCORE_KEY, priority_for
 
         awaits_score = request.late_prediction is not None and self.policy.runs_rank_scheduler
-        params = scored_sampling_params(request.score, output_kind=RequestOutputKind.DELTA,
-                                        late_score_id=request.request_id if awaits_score else None,
-                                        **request.sampling)
-        tracked = _Tracked(request.predicted_work, scored=request.score is not None)
+        body = dict(request.body)
+        # The scheduler's keys come from the ingress only: a client cannot rank itself through vllm_xargs.
+        xargs = {k: v for k, v in (body.get("vllm_xargs") or {}).items() if k not in (SCORE_KEY, LATE_SCORE_ID_KEY)}
+        if request.score is not None:
+            xargs[SCORE_KEY] = float(request.score)
+        if awaits_score:
+            xargs[LATE_SCORE_ID_KEY] = request.request_id
+        body["vllm_xargs"] = xargs or None
+        if self.policy.name == "priority":
+            body["priority"] = priority_for(self.policy, request.score)
+        tracked = _Tracked(request.predicted_work, request.expected_tokens, scored=request.score is not None)
         self._tracked[request.request_id] = tracked
         self.counters["requests"] += 1
         self.counters["scored" if tracked.scored else "unscored"] += 1
-        prompt_tokens = len(request.prompt_token_ids)
-        finished = False
         late = None
         if awaits_score:
             late = asyncio.get_running_loop().create_task(
-                self._apply_late_prediction(request.request_id, request.late_prediction, tracked, prompt_tokens))
+                self._apply_late_prediction(request.request_id, request.late_prediction, tracked))
+        _CURRENT.set(tracked)
         try:
-            async for output in self.llm.generate(
-                    {"prompt_token_ids": request.prompt_token_ids}, params, request.request_id,
-                    priority=priority_for(self.policy, request.score)):
-                completion = output.outputs[0]
-                tracked.generated += len(completion.token_ids)
-                finished = output.finished
-                yield EngineChunk(text=completion.text, completion_tokens=tracked.generated,
-                                  prompt_tokens=prompt_tokens,
-                                  finish_reason=completion.finish_reason if output.finished else None,
-                                  replica=self.replica)
+            result = await self._call_serving(request.kind, body)
+            if isinstance(result, ReplyHead):
+                if result.status >= 500:
+                    self.counters["failed"] += 1
+                yield result
+                return
+            yield ReplyHead(200, self.replica)
+            async for event in result:
+                yield event
         except (asyncio.CancelledError, GeneratorExit):
             self.counters["aborted"] += 1
             raise
@@ -189,13 +274,42 @@ class LLMEngine:
             if late is not None:
                 late.cancel()
             self._tracked.pop(request.request_id, None)
-            if not finished:
-                # AsyncLLM aborts on cancellation itself; aborting again is idempotent and also
-                # covers a generator closed without cancellation.
-                await self.llm.abort(request.request_id)
 
-    async def _apply_late_prediction(self, request_id: str, pending: Any, tracked: _Tracked,
-                                     prompt_tokens: int) -> None:
+    async def _call_serving(self, kind: str, body: dict[str, Any]) -> ReplyHead | AsyncIterator[str]:
+        """vLLM's handler for `kind`, answered as vLLM's server answers it: an error (returned or raised)
+        as its ErrorResponse and status, a full response as its JSON, a stream as its SSE generator."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        try:
+            if kind == "chat":
+                result = await self.state.openai_serving_chat.create_chat_completion(
+                    ChatCompletionRequest.model_validate(body), None)
+            else:
+                result = await self.state.openai_serving_completion.create_completion(
+                    CompletionRequest.model_validate(body), None)
+        except Exception as exc:  # what vLLM's exception handlers turn into an error response
+            result = create_error_response(exc)
+        if isinstance(result, ErrorResponse):
+            return ReplyHead(int(result.error.code), self.replica, result.model_dump())
+        if hasattr(result, "__aiter__"):
+            return result
+        return ReplyHead(200, self.replica, result.model_dump())
+
+    async def models(self) -> dict[str, Any]:
+        """`GET /v1/models` as vLLM answers it."""
+        return (await self.state.openai_serving_models.show_available_models()).model_dump()
+
+    async def vllm_metrics(self, probe: ReplicaProbe | None = None) -> dict[str, str]:
+        """vLLM's own Prometheus metrics, which its stat logger keeps in this process's default registry
+        (text format), and this replica's id. `probe`: see `debug_stats`."""
+        from deployments.metrics import vllm_registry_text
+
+        return {"replica": self.replica, "text": vllm_registry_text()}
+
+    async def _apply_late_prediction(self, request_id: str, pending: Any, tracked: _Tracked) -> None:
         """When the predictor's late answer lands, hand its score to the scheduler (which re-ranks the
         request where it stands) and its expected length to the router's load report."""
         from ltr.routing import request_work
@@ -209,15 +323,19 @@ class LLMEngine:
         if request_id not in self._tracked:
             return
         append_score_update(self.score_updates_path, request_id, prediction.score)
-        tracked.predicted_work = request_work(prediction.expected_tokens, prompt_tokens)
+        tracked.expected_tokens = prediction.expected_tokens
+        tracked.predicted_work = request_work(prediction.expected_tokens, tracked.prompt_tokens)
         self.counters["late_scores"] += 1
 
     def outstanding_work(self) -> float:
         """Predicted decode tokens still to come for the requests this replica holds."""
         return float(sum(max(t.predicted_work - t.generated, 1.0) for t in self._tracked.values()))
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """Load report for `LeastWorkRouter` (Serve calls this every request_routing_stats_period_s)."""
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Load report for `LeastWorkRouter` (Serve calls this every request_routing_stats_period_s).
+
+        This and the debug calls are coroutines, on the replica's event loop: as sync methods (which Serve
+        runs in a thread pool) they were seen not answering within 10 s once vLLM's serving layer ran here."""
         return {STAT_OUTSTANDING_WORK: self.outstanding_work(), STAT_NUM_REQUESTS: len(self._tracked),
                 STAT_TIMESTAMP: time.time()}
 
@@ -228,7 +346,7 @@ class LLMEngine:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def debug_stats(self, probe: ReplicaProbe | None = None) -> dict[str, Any]:
+    async def debug_stats(self, probe: ReplicaProbe | None = None) -> dict[str, Any]:
         """What this replica saw: request counters, current load, and the scheduler's own counters.
 
         `probe` is only read by `LeastWorkRouter`, to steer the call to a replica not yet visited.
@@ -253,3 +371,18 @@ class LLMEngine:
             for child in stats_dir.iterdir():
                 child.unlink(missing_ok=True)
             os.rmdir(stats_dir)
+
+
+async def _serving_state(engine_client: Any, spec: EngineSpec) -> Any:
+    """vLLM's OpenAI serving layer on `engine_client`, built exactly as `vllm serve` builds it
+    (`init_app_state` on the arguments its own parser makes of `spec.serving`)."""
+    from starlette.datastructures import State
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(spec.serving.cli_args(spec.model))
+    validate_parsed_serve_args(args)
+    state = State()
+    await init_app_state(engine_client, state, args, supported_tasks=await engine_client.get_supported_tasks())
+    return state

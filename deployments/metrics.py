@@ -1,8 +1,10 @@
-"""Prometheus exposition of the ingress's and every engine replica's debug counters (`GET /metrics`).
+"""Prometheus exposition for `GET /metrics`: our counters and vLLM's own metrics, per replica.
 
-The same numbers as `/v1/ltr/stats` and `/v1/ltr/engine_stats`, in the format a Prometheus scraper reads,
-one sample per engine replica (label `replica`). Built fresh on each scrape from the stats just gathered,
-so nothing here keeps state.
+Our numbers are those of `/v1/ltr/stats` (labelled with the ingress replica that answered the scrape,
+label `ingress`) and `/v1/ltr/engine_stats` (one sample per engine replica, label `replica`). vLLM's own
+metrics (`vllm:` TTFT, TPOT, queue-time histograms, token counters, ...) come from each engine replica's
+process registry as text and are re-emitted with a `replica` label, so the dashboards written for vLLM
+read them per replica. Built fresh on each scrape from what was just gathered; nothing here keeps state.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+#: Families taken from an engine replica's registry (the rest there is the process's own collectors).
+VLLM_PREFIX = "vllm:"
 
 #: (section of an engine's debug stats, key, metric name, is a counter, help text)
 ENGINE_METRICS: tuple[tuple[str, str, str, bool, str], ...] = (
@@ -44,26 +50,39 @@ ENGINE_METRICS: tuple[tuple[str, str, str, bool, str], ...] = (
 class _StatsCollector:
     """A one-shot collector over stats dicts already gathered by the ingress."""
 
-    def __init__(self, ingress: Mapping[str, Any], engines: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, ingress_replica: str, ingress: Mapping[str, Any], engines: Mapping[str, Mapping[str, Any]],
+                 scrape_failures: int) -> None:
+        self.ingress_replica = ingress_replica
         self.ingress = ingress
         self.engines = engines
+        self.scrape_failures = scrape_failures
 
     def collect(self) -> Iterator[Metric]:
+        me = self.ingress_replica
         requests = CounterMetricFamily("ltr_ingress_requests", "requests the ingress handled, by kind",
-                                       labels=["kind"])
+                                       labels=["ingress", "kind"])
         for kind, count in sorted(self.ingress.get("requests", {}).items()):
-            requests.add_metric([kind], count)
+            requests.add_metric([me, kind], count)
         yield requests
         fallbacks = CounterMetricFamily("ltr_predictor_fallbacks", "requests the predictor did not score, "
-                                        "by reason", labels=["reason"])
+                                        "by reason", labels=["ingress", "reason"])
         for reason, count in sorted(self.ingress.get("predictor_fallbacks", {}).items()):
-            fallbacks.add_metric([reason], count)
+            fallbacks.add_metric([me, reason], count)
         yield fallbacks
-        yield CounterMetricFamily("ltr_neutral_placements", "unscored requests placed at the neutral score "
-                                  "(median of recent predictions) instead of ahead of ranked work",
-                                  value=self.ingress.get("neutral_placements", 0))
-        yield GaugeMetricFamily("ltr_predictor_breaker_open", "1 while the predictor circuit breaker is open",
-                                value=float(bool(self.ingress.get("breaker_open"))))
+        gauges = (
+            (CounterMetricFamily, "ltr_neutral_placements", "unscored requests placed at the neutral score "
+             "(median of recent predictions) instead of ahead of ranked work", self.ingress.get("neutral_placements", 0)),
+            (GaugeMetricFamily, "ltr_predictor_breaker_open", "1 while the predictor circuit breaker is open",
+             float(bool(self.ingress.get("breaker_open")))),
+            (GaugeMetricFamily, "ltr_ingress_in_flight_requests", "generation requests this ingress holds now "
+             "(bounded by max_queued_requests; one more is answered 429)", self.ingress.get("in_flight", 0)),
+            (GaugeMetricFamily, "ltr_metrics_scrape_failures", "engine replica calls of this scrape that failed "
+             "or timed out (their replicas are missing from it)", self.scrape_failures),
+        )
+        for family_cls, name, help_text, value in gauges:
+            family = family_cls(name, help_text, labels=["ingress"])
+            family.add_metric([me], value)
+            yield family
         for section, key, name, is_counter, help_text in ENGINE_METRICS:
             family_cls = CounterMetricFamily if is_counter else GaugeMetricFamily
             family = family_cls(name, help_text, labels=["replica"])
@@ -74,8 +93,58 @@ class _StatsCollector:
             yield family
 
 
-def prometheus_text(ingress: Mapping[str, Any], engines: Mapping[str, Mapping[str, Any]]) -> bytes:
-    """Prometheus text format for the ingress stats and the per-replica engine debug stats."""
+class _VLLMCollector:
+    """vLLM's metric families of every engine replica, merged into one family per name with a `replica`
+    label (a replica's text that does not parse is left out, like a replica that did not answer)."""
+
+    def __init__(self, texts: Mapping[str, str]) -> None:
+        self.texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for replica, text in sorted(self.texts.items()):
+            try:
+                families = [f for f in text_string_to_metric_families(text) if f.name.startswith(VLLM_PREFIX)]
+            except ValueError:
+                continue
+            for family in families:
+                target = merged.get(family.name)
+                if target is None:
+                    target = merged[family.name] = Metric(family.name, family.documentation, family.type,
+                                                          family.unit)
+                target.samples.extend(sample._replace(labels={**sample.labels, "replica": replica})
+                                      for sample in family.samples)
+        yield from merged.values()
+
+
+class _CollectorsView:
+    """Collects the given collectors only."""
+
+    def __init__(self, collectors: list[Any]) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.collectors:
+            yield from collector.collect()
+
+
+def vllm_registry_text(registry: CollectorRegistry = REGISTRY) -> str:
+    """vLLM's own metrics in `registry` (the process's default one, where vLLM's Prometheus stat logger
+    registers them), in text format. Only collectors whose every name is vLLM's are collected: collecting
+    the whole default registry of a Serve engine replica was seen blocking its event loop for 10 s."""
+    with registry._lock:   # prometheus_client has no public listing of a registry's collectors
+        collectors = [collector for collector, names in registry._collector_to_names.items()
+                      if names and all(name.startswith(VLLM_PREFIX) for name in names)]
+    view = CollectorRegistry(auto_describe=False)
+    view.register(_CollectorsView(collectors))
+    return generate_latest(view).decode()
+
+
+def prometheus_text(ingress_replica: str, ingress: Mapping[str, Any], engines: Mapping[str, Mapping[str, Any]],
+                    vllm_texts: Mapping[str, str] | None = None, scrape_failures: int = 0) -> bytes:
+    """Prometheus text format for one ingress replica's stats, the per-replica engine debug stats, and the
+    engine replicas' own vLLM metrics (`{replica: registry text}`)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(ingress, engines))
+    registry.register(_StatsCollector(ingress_replica, ingress, engines, scrape_failures))
+    registry.register(_VLLMCollector(vllm_texts or {}))
     return generate_latest(registry)

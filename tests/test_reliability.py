@@ -22,7 +22,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_serve import _assert_error, _free_port, _set_predictor
+from test_serve import _assert_error, _free_port, _param, _set_predictor
 
 MODEL_NAME = "tiny-llama"
 API_KEY = "reliability-key-789"
@@ -32,6 +32,7 @@ MAX_TOKENS_CAP = 64
 MAX_BODY_BYTES = 32 * 1024
 STARVATION = {"threshold": 6, "quantum": 4}
 PREDICTOR_TIMEOUT_S = 1.0
+FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
 @dataclass
@@ -95,11 +96,13 @@ def _check_success(response: httpx.Response, streamed: bool) -> None:
         assert lines and lines[-1] == "data: [DONE]", response.text[-300:]
         events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
         assert all("error" not in e for e in events), events
-        finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
-        assert len(finishes) == 1 and finishes[0] in ("stop", "length"), events
+        finishes = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"] if c["finish_reason"]]
+        indexes = [index for index, _ in finishes]
+        assert finishes and len(set(indexes)) == len(indexes), events   # one finish per choice (n may be > 1)
+        assert all(reason in FINISH_REASONS for _, reason in finishes), events
     else:
         body = response.json()
-        assert body["choices"][0]["finish_reason"] in ("stop", "length"), body
+        assert body["choices"] and all(c["finish_reason"] in FINISH_REASONS for c in body["choices"]), body
         assert body["usage"]["completion_tokens"] >= 0
 
 
@@ -197,9 +200,10 @@ def openapi(client: httpx.Client) -> dict[str, Any]:
 
 
 def test_openapi_documents_request_bodies(openapi: dict[str, Any]) -> None:
-    for path, required in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+    # vLLM's own request models: `model` is optional there (the served model answers).
+    for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
         schema = openapi["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        assert {"model", required} <= set(schema["required"])
+        assert {"model", field, "response_format", "logprobs", "n", "vllm_xargs"} <= set(schema["properties"])
         assert "$ref" not in json.dumps(schema)
 
 
@@ -219,6 +223,9 @@ def test_fuzzed_bodies_never_5xx(client: httpx.Client, openapi: dict[str, Any], 
         _assert_error(response, response.status_code)
 
 
+#: Status and named field as plain vLLM answers them (tests/test_differential.py checks that it does); the
+#: ones vLLM's server accepts (no model name, a blank prompt, prompt + max_tokens over the context: vLLM
+#: shortens the answer) moved out of this list when the ingress began to use vLLM's serving layer.
 BAD_BODIES: list[tuple[str, bytes, int, str | None]] = [
     ("malformed json", b'{"model": "tiny-llama", "prompt": "hi"', 400, None),
     ("not an object", b'"just a string"', 400, None),
@@ -228,24 +235,22 @@ BAD_BODIES: list[tuple[str, bytes, int, str | None]] = [
     ("wrong prompt type", b'{"model": "tiny-llama", "prompt": 42}', 400, "prompt"),
     ("wrong max_tokens type", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": "eight"}', 400, "max_tokens"),
     ("max_tokens float", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2.5}', 400, "max_tokens"),
-    ("missing model", b'{"prompt": "hi"}', 400, "model"),
     ("missing prompt", b'{"model": "tiny-llama"}', 400, "prompt"),
     ("null prompt", b'{"model": "tiny-llama", "prompt": null}', 400, "prompt"),
     ("empty prompt", b'{"model": "tiny-llama", "prompt": ""}', 400, "prompt"),
-    ("blank prompt", b'{"model": "tiny-llama", "prompt": "  \\n\\t "}', 400, "prompt"),
     ("zero max_tokens", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
     ("negative max_tokens", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": -1}', 400, "max_tokens"),
     ("huge max_tokens", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 99999999999999999999}', 400,
      "max_tokens"),
+    ("max_tokens over the cap", json.dumps({"model": MODEL_NAME, "prompt": "hi", "max_tokens": MAX_TOKENS_CAP + 1}
+                                           ).encode(), 400, "max_tokens"),
     ("prompt longer than context", json.dumps({"model": MODEL_NAME, "prompt": "word " * 2 * MAX_MODEL_LEN}).encode(),
-     400, "prompt"),
-    ("prompt + max_tokens over context", json.dumps({"model": MODEL_NAME, "prompt": "word " * (MAX_MODEL_LEN - 20),
-                                                     "max_tokens": 60}).encode(), 400, "max_tokens"),
+     400, "input_tokens"),
     ("NaN temperature", b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
     ("infinite top_p", b'{"model": "tiny-llama", "prompt": "hi", "top_p": Infinity}', 400, "top_p"),
     ("huge seed", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "seed": 100000000000000000000000}',
      400, "seed"),
-    ("empty stop string", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "stop": [""]}', 400, "stop"),
+    ("empty stop string", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "stop": [""]}', 400, None),
     ("unknown model", b'{"model": "gpt-4o", "prompt": "hi"}', 404, "model"),
     ("model as a path", b'{"model": "/etc/passwd", "prompt": "hi"}', 404, "model"),
     ("deeply nested", b'{"model": "tiny-llama", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
@@ -256,17 +261,16 @@ BAD_BODIES: list[tuple[str, bytes, int, str | None]] = [
 def test_bad_completion_bodies(client: httpx.Client, name: str, raw: bytes, status: int, param: str | None) -> None:
     response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
     error = _assert_error(response, status)
-    if param is not None:  # a union field names its failing branch too ("prompt.str")
-        assert error["param"].split(".")[0] == param, error
+    assert (_param(error) or "").split(".")[0] == (param or ""), error  # a union field may name its branch too
 
 
 def test_bad_chat_bodies_and_oversized(client: httpx.Client) -> None:
+    # (vLLM's server accepts a message without content and a conversation of one assistant message.)
     for body in ({"model": MODEL_NAME, "messages": "hi"},
-                 {"model": MODEL_NAME, "messages": [{"role": "user"}]},
+                 {"model": MODEL_NAME, "messages": []},
                  {"model": MODEL_NAME, "messages": [{"role": "user", "content": 7}]},
                  {"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "image_url",
                                                                                   "image_url": "file:///etc"}]}]},
-                 {"model": MODEL_NAME, "messages": [{"role": "assistant", "content": "only me"}]},
                  {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
                  {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}):
         _assert_error(client.post("/v1/chat/completions", json=body), 400)
@@ -293,7 +297,7 @@ def test_bad_chat_bodies_and_oversized(client: httpx.Client) -> None:
                 break
             reply += piece
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_too_large"
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == 413
     _ok_completion(client)
 
 
@@ -305,7 +309,7 @@ def test_api_key_mode(client: httpx.Client) -> None:
                     {"Authorization": API_KEY}, {"Authorization": f"Bearer {API_KEY}x"},
                     {"x-api-key": API_KEY}):
         error = _assert_error(client.post("/secure/v1/completions", json=body, headers=headers), 401)
-        assert error["type"] == "authentication_error"
+        assert error["type"] == "AuthenticationError"
     for path in ("/secure/v1/models", "/secure/v1/ltr/stats", "/secure/v1/ltr/engine_stats", "/secure/metrics"):
         _assert_error(client.get(path), 401)
     _assert_error(client.post(f"/secure/v1/completions?api_key={API_KEY}", json=body), 401)
@@ -339,8 +343,8 @@ def trap_model(tmp_path: Path) -> tuple[Path, Path]:
 def test_request_fields_cannot_load_code_or_files(client: httpx.Client, trap_model: tuple[Path, Path]) -> None:
     folder, marker = trap_model
     sneaky = {"trust_remote_code": True, "tokenizer": str(folder), "model_path": str(folder),
-              "download_dir": str(folder), "revision": "main", "chat_template": "{{ open('/etc/passwd') }}",
-              "lora_request": {"lora_path": str(folder)}, "guided_grammar": str(folder)}
+              "download_dir": str(folder), "revision": "main", "lora_request": {"lora_path": str(folder)},
+              "guided_grammar": str(folder)}
     # The model is fixed by config: a path (even with trust_remote_code) is an unknown model.
     for model in (str(folder), f"{folder}/", "file://" + str(folder), "../" * 8 + str(folder)):
         _assert_error(client.post("/v1/completions", json={"model": model, "prompt": "hi", **sneaky}), 404)
@@ -352,6 +356,13 @@ def test_request_fields_cannot_load_code_or_files(client: httpx.Client, trap_mod
     chat = client.post("/v1/chat/completions", json={
         "model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **sneaky})
     assert chat.status_code == 200, chat.text
+    # A request's own chat template is refused, as vLLM's server refuses it unless the operator trusts it
+    # (`trust_request_chat_template`); before the serving layer moved to vLLM's, the field was ignored.
+    for template in ("{{ open('/etc/passwd') }}", "{% for m in messages %}{{ m.content }}{% endfor %}"):
+        refused = client.post("/v1/chat/completions", json={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "chat_template": template})
+        assert "trust-request-chat-template" in _assert_error(refused, 400)["message"]
     assert not marker.exists()
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [MODEL_NAME]
 

@@ -49,6 +49,24 @@ def test_cpu_config_import_paths_build_applications() -> None:
         assert isinstance(built, Application)
 
 
+def test_serving_options_reach_each_replica_as_vllm_serve_flags() -> None:
+    """The serving-layer options become the flags `vllm serve` takes, and the output cap vLLM's own."""
+    args = AppArgs(model="/m", served_model_name="m", enable_auto_tool_choice=True, tool_call_parser="hermes",
+                   ingress={"max_tokens_cap": 77})
+    spec = args.engine_spec("/m")
+    assert spec.serving.cli_args("/m") == ["--model", "/m", "--served-model-name", "m", "--enable-auto-tool-choice",
+                                           "--tool-call-parser", "hermes"]
+    kwargs = spec.vllm_kwargs()
+    assert kwargs["served_model_name"] == "m" and kwargs["override_generation_config"] == {"max_new_tokens": 77}
+    assert "disable_log_stats" not in kwargs   # vLLM's default: stats on, its Prometheus metrics filled
+    gpu = AppArgs(**next(a for a in _load(CONFIGS[1])["applications"] if a["name"] == "ltr")["args"])
+    assert gpu.tool_call_parser == "llama3_json" and gpu.enable_auto_tool_choice
+    with pytest.raises(ValueError, match="needs tool_call_parser"):
+        AppArgs(enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="unknown tool_call_parser"):
+        AppArgs(tool_call_parser="no-such-parser")
+
+
 def test_bad_app_args_are_rejected() -> None:
     with pytest.raises(ValueError):
         AppArgs(router="round_robin")
@@ -125,10 +143,6 @@ def test_engine_spec_by_platform_and_async_rule() -> None:
     assert resolved_async_scheduling({"async_scheduling": True}, "cpu") is False
     fcfs = AppArgs(model="/m", engine_num_gpus=1, policy={"name": "fcfs"}).engine_spec("/m")
     assert fcfs.scheduler_class() == "vllm.v1.core.sched.async_scheduler.AsyncScheduler"
-    with pytest.raises(ValueError, match="max_model_len must be set for GPU engines"):
-        from deployments.app import build_app
-
-        build_app({"model": "/m", "engine_num_gpus": 1})
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         AppArgs(policy={"name": "lifo"})
 
