@@ -38,7 +38,8 @@ from ltr.scheduling.policy import PolicyConfig  # noqa: E402
 from ltr.sim import a100_llama3_8b  # noqa: E402
 
 DEPTH_BINS = (0, 256, 1024, 2048, 4096, 1 << 30)
-POLICIES = {"ltr": PolicyConfig(), "mlfq": PolicyConfig(name="mlfq")}
+#: The default (Gittins: keys move as outputs cross their length distribution's quantiles), static LTR, MLFQ.
+POLICIES = {"gittins": PolicyConfig(), "ltr": PolicyConfig(name="ltr"), "mlfq": PolicyConfig(name="mlfq")}
 
 
 def drain(llm, scheduler, requests: list[tuple[list[int], int, float]], tag: str) -> list[dict]:
@@ -90,8 +91,9 @@ def main() -> int:
 
     rng = random.Random(args.seed)
     model = build_tiny_llama(cache_dir() / "models" / "tiny-llama")
-    requests = [([rng.randrange(100, 30000) for _ in range(rng.randint(32, 128))], rng.randint(16, 64), rng.random())
-                for _ in range(args.requests)]
+    # Scores over the shipped predictor's range, so the Gittins policy's requests fall in every length bin.
+    requests = [([rng.randrange(100, 30000) for _ in range(rng.randint(32, 128))], rng.randint(16, 64),
+                 rng.uniform(-3.0, 4.0)) for _ in range(args.requests)]
     llm = LLM(**engine_kwargs(str(model), PolicyConfig(), max_num_seqs=args.max_num_seqs, max_model_len=512,
                               max_num_batched_tokens=8192, enforce_eager=True, disable_log_stats=True))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
@@ -113,7 +115,8 @@ def main() -> int:
         bins = by_depth(rows)
         for b in bins:
             b["adapter_fraction_of_a100_step"] = b["adapter_ms_mean"] / a100_step_ms
-        report["policies"][name] = {"wall_s": time.perf_counter() - t0, "steps": len(rows), "by_depth": bins}
+        report["policies"][name] = {"wall_s": time.perf_counter() - t0, "steps": len(rows), "by_depth": bins,
+                                    "scheduler_stats": scheduler.stats()}
         for b in bins:
             print(f"[{name}] waiting {b['waiting_from']}-{b['waiting_to']}: adapter {b['adapter_ms_mean']:.2f} ms "
                   f"(p90 {b['adapter_ms_p90']:.2f}), vLLM schedule {b['vllm_schedule_ms_mean']:.2f} ms, "

@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ltr.data import load_pairs, split_pairs
+from ltr.scheduling.length_distribution import fit_length_distribution
 from ltr.scheduling.policy import PAPER_RULE, PolicyConfig, StarvationConfig
 from ltr.sim import (
     ClusterConfig,
@@ -53,12 +55,14 @@ class Variant:
     scores: str   # "none" | "pred" | "oracle"
 
 
-def variants() -> list[Variant]:
-    """`ltr` is the project's default PolicyConfig; the others change one thing each."""
+def variants(distribution: str | None = None) -> list[Variant]:
+    """`gittins` is the project's default PolicyConfig (over the length distribution at `distribution`,
+    None: the shipped one); `ltr` is static LTR with the same aging, the others change one thing each."""
     return [
         Variant("fcfs", PolicyConfig(name="fcfs"), "none"),
         Variant("priority", PolicyConfig(name="priority"), "pred"),
         Variant("mlfq", PolicyConfig(name="mlfq", starvation=None), "none"),
+        Variant("gittins", PolicyConfig(length_distribution=distribution), "pred"),
         Variant("ltr", PolicyConfig(name="ltr"), "pred"),
         Variant("ltr-paper-rule", PAPER_RULE, "pred"),
         Variant("ltr-no-starvation", PolicyConfig(name="ltr", starvation=None), "pred"),
@@ -79,13 +83,27 @@ class Workload:
         self.seed = seed
         self.source = f"noise model, target tau {tau}"
         if use_predictor:
-            from ltr.predictor import load_shipped_predictor
-            self.scores = np.asarray(load_shipped_predictor().score([p.prompt for p in test]), dtype=float)
+            from ltr.predictor.length_distribution import shipped_split_scores
+            scores, pairs = shipped_split_scores("test")
+            self.scores = scores[[i for i, p in enumerate(pairs) if p.prompt_len + p.output_len <= MAX_MODEL_LEN]]
             from scipy.stats import kendalltau
             self.tau = float(kendalltau(self.scores, self.output).statistic)
-            self.source = "shipped predictor (ltr.predictor.load_shipped_predictor)"
+            self.source = "shipped predictor (ltr.predictor.load_shipped_predictor; test-split scores cached)"
         else:
             self.scores, self.tau = noisy_scores(self.output, tau, np.random.default_rng(seed))
+        self.val_lens = np.array([p.output_len for p in splits.val])
+        #: Length distribution for the Gittins policy: the shipped one for predictor scores, else one fit on
+        #: the validation split scored by the same noise model (`distribution_for`).
+        self.distribution = None if use_predictor else self.distribution_for(tau)
+
+    def distribution_for(self, tau: float) -> str:
+        """A length distribution JSON for noise-model scores at `tau`: the validation split's lengths, scored
+        by the noise model (the same copula, other noise), fit as the shipped one is fit on the predictor's."""
+        path = Path(tempfile.gettempdir()) / f"ltr-sim-length-distribution-tau{tau:.3f}-seed{self.seed}.json"
+        if not path.is_file():
+            scores, _ = noisy_scores(self.val_lens, tau, np.random.default_rng(self.seed + 500))
+            path.write_text(json.dumps(fit_length_distribution(scores, self.val_lens).to_mapping()))
+        return str(path)
 
     def with_tau(self, tau: float) -> np.ndarray:
         return noisy_scores(self.output, tau, np.random.default_rng(self.seed + 1000 + int(tau * 100)))[0]
@@ -149,7 +167,7 @@ def main() -> int:
     # 1. policies x rates
     rows = []
     for rate in rates:
-        for v in variants():
+        for v in variants(wl.distribution):
             rows.append(clean(run(wl, v, n, rate, args.seed)))
             print(f"rates {rate:>4} {v.label:<20} per-token {rows[-1]['mean_per_token_latency']:.4f} s/tok",
                   file=sys.stderr)
@@ -158,7 +176,7 @@ def main() -> int:
     # 2. tau sensitivity (high and medium load)
     from scipy.stats import kendalltau
 
-    named = {v.label: v for v in variants()}
+    named = {v.label: v for v in variants(wl.distribution)}
     fcfs, ltr, ltr_np, paper = named["fcfs"], named["ltr"], named["ltr-no-rank-preempt"], named["ltr-paper-rule"]
     rows = []
     for rate, variant in ((high, ltr), (high, paper), (16.0, ltr)):
@@ -179,13 +197,14 @@ def main() -> int:
     for rule in ("ours", "paper"):
         for q in quanta:
             for th in thresholds:
-                base = PolicyConfig() if rule == "ours" else PAPER_RULE
+                base = PolicyConfig(name="ltr") if rule == "ours" else PAPER_RULE
                 starvation = replace(base.starvation, threshold=th, quantum=q)
                 v = Variant(f"ltr-{rule}-t{th}-q{q}", replace(base, starvation=starvation), "pred")
                 r = clean(run(wl, v, n, high, args.seed))
                 rows.append({"rule": rule, "threshold": th, "quantum": q, **r})
     for share in aged_shares:
-        v = Variant(f"ltr-aged-share-{share}", PolicyConfig(starvation=StarvationConfig(aged_share=share)), "pred")
+        v = Variant(f"ltr-aged-share-{share}", PolicyConfig(name="ltr", starvation=StarvationConfig(aged_share=share)),
+                    "pred")
         rows.append({"rule": "ours", "threshold": 200, "quantum": 10, "aged_share": share,
                      **clean(run(wl, v, n, high, args.seed))})
     r = clean(run(wl, named["ltr-no-starvation"], n, high, args.seed))
@@ -204,8 +223,8 @@ def main() -> int:
 
     # 5. synthetic data generation: one burst, completions within budgets
     burst = n
-    results = {v.label: run(wl, v, burst, 0.0, args.seed)["_result"] for v in variants()
-               if v.label in ("fcfs", "ltr", "ltr-paper-rule", "oracle-sjf", "mlfq")}
+    results = {v.label: run(wl, v, burst, 0.0, args.seed)["_result"] for v in variants(wl.distribution)
+               if v.label in ("fcfs", "gittins", "ltr", "ltr-paper-rule", "oracle-sjf", "mlfq")}
     fcfs_makespan = results["fcfs"].makespan
     rows = []
     for frac in (0.05, 0.1, 0.25, 0.5, 1.0):
@@ -234,6 +253,8 @@ def main() -> int:
         "ltr_over_fcfs_throughput": by[(top, "ltr")]["throughput_tok_s"] / by[(top, "fcfs")]["throughput_tok_s"],
         "fcfs_over_priority_per_token_latency": by[(top, "fcfs")]["mean_per_token_latency"]
         / by[(top, "priority")]["mean_per_token_latency"],
+        "fcfs_over_gittins_per_token_latency": by[(top, "fcfs")]["mean_per_token_latency"]
+        / by[(top, "gittins")]["mean_per_token_latency"],
         "synthetic_ltr_over_fcfs_at_5pct_budget": report["sections"]["synthetic"][0]["ltr_over_fcfs"],
         "synthetic_ltr_over_fcfs_at_10pct_budget": report["sections"]["synthetic"][1]["ltr_over_fcfs"],
         "paper": PAPER,

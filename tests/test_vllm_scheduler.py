@@ -8,6 +8,7 @@ gives exact finish order and per-step observations without any timing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -318,6 +319,31 @@ def test_running_batch_follows_a_promotion_that_runs_out(
     stats = rank_scheduler.stats()
     assert stats["promotions"] >= 1 and stats["rank_preemptions"] >= 1
     assert all(len(run.tokens[s.request_id]) == s.max_tokens for s in [*mediums, long])
+    assert queue_order_violations == []
+
+
+def test_gittins_keys_move_with_the_output_and_evict_an_outlived_prediction(
+        engines: dict[str, Any], rank_scheduler: Any, queue_order_violations: list[str], tmp_path: Path) -> None:
+    # Four requests predicted 1-4 tokens (bin 0) really generate 18 and fill the four seats; two fresh ones,
+    # predicted alike and really 3 tokens, arrive at step 8. Past 4 tokens the veterans' keys move to the
+    # pooled tail (4-200 tokens), so under Gittins the fresh ones evict two of them and finish first; under
+    # static LTR (same score, later arrival) they wait for a seat. Greedy outputs match vLLM's own FCFS.
+    path = tmp_path / "dist.json"
+    path.write_text(json.dumps({"edges": [0.0], "bins": [[1, 2, 3, 4], [100, 200]], "pooled": [1, 4, 200]}))
+    veterans = [Spec(f"g-v{i}", f"Veteran {i}", 18, -1.0) for i in range(4)]
+    fresh = {8: [Spec(f"g-f{i}", f"Fresh {i}", 3, -1.0) for i in range(2)]}
+    fcfs = _drive(engines["fcfs"], veterans, fresh)
+    orders = {}
+    for name in ("gittins", "ltr"):
+        rank_scheduler.set_policy(PolicyConfig(name=name, starvation=None, preemption_patience=0,
+                                               length_distribution=str(path)))
+        run = _drive(engines["ltr"], veterans, fresh)
+        assert run.tokens == fcfs.tokens
+        orders[name] = (run.finish_order, rank_scheduler.stats())
+    gittins_order, gittins_stats = orders["gittins"]
+    ltr_order, ltr_stats = orders["ltr"]
+    assert set(gittins_order[:2]) == {"g-f0", "g-f1"} and gittins_stats["rank_preemptions"] >= 2, gittins_stats
+    assert set(ltr_order[-2:]) == {"g-f0", "g-f1"} and ltr_stats["rank_preemptions"] == 0, ltr_stats
     assert queue_order_violations == []
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from ltr.routing import ReplicaLoad, RouterName, choose_replica, request_work
 from ltr.scheduling.policy import PolicyConfig
 from ltr.sim.profile import HardwareProfile
-from ltr.sim.replica import Replica, SimSeq, new_seq
+from ltr.sim.replica import Replica, SimSeq, StepShape, new_seq
 from ltr.sim.workload import SimRequest
 
 
@@ -55,6 +55,8 @@ class SimResult:
     promotions: int
     #: Requests routed to each replica.
     routed: list[int] = field(default_factory=list)
+    #: Every step's shape, replica by replica (only with `record_shapes`): batch composition.
+    shapes: list[StepShape] = field(default_factory=list)
 
     def summary(self, long_threshold: int | None = None) -> dict[str, float]:
         """Latency statistics; per-token latency = latency / output tokens (the paper's metric)."""
@@ -190,4 +192,4 @@ def simulate(requests: Sequence[SimRequest], profile: HardwareProfile, config: C
         kv_preemptions=sum(r.stats.kv_preemptions for r in replicas),
         rank_preemptions=sum(r.stats.rank_preemptions for r in replicas),
         promotions=sum(r.policy.stats.promotions for r in replicas),
-        routed=routed)
+        routed=routed, shapes=[shape for r in replicas for shape in r.stats.shapes])
