@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ltr.scheduling.policy import PolicyConfig, StarvationConfig
+from ltr.scheduling.policy import POLICY_NAMES, PolicyConfig, StarvationConfig
 
 DEFAULT_CALIBRATION = Path("benchmarks/results/sim_calibration_cpu.json")
 
@@ -75,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", type=Path, required=True, help="JSONL trace (ltr export-trace)")
     p.add_argument("--profile", default="a100-llama3-8b",
                    help="'a100-llama3-8b' (derived) or a calibration JSON (ltr calibrate)")
-    p.add_argument("--policy", choices=("fcfs", "priority", "mlfq", "ltr"), default="ltr")
+    p.add_argument("--policy", choices=POLICY_NAMES, default="ltr",
+                   help="ltr with the default oracle scores is SJF; gittins needs predictor scores (--scores trace)")
     p.add_argument("--scores", choices=("oracle", "trace", "none"), default="oracle",
                    help="oracle = true output length (SJF), trace = the trace's 'score' column")
     p.add_argument("--rate", type=float, default=8.0, help="Poisson requests/s (<= 0: one burst at t=0)")
