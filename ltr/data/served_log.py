@@ -8,9 +8,10 @@ Format: JSON Lines in gzip segments, ``served-<writer>-<pid>-<start>-<seq>.jsonl
 owns its own segments, so several engine replicas (and vLLM engine-core processes) can share one folder
 without locks. A segment is one gzip stream written as records arrive (compression costs a few µs per
 record; there is no compression pause at rotation on the serving path), flushed every
-``flush_interval_s`` and closed once ``segment_bytes`` of records went into it. After each rotation the writer deletes
-the oldest closed segments in the folder, any writer's, until the folder fits ``max_total_bytes``. A
-crash loses at most the unflushed tail; `read_served_log` reads up to the last complete line.
+``flush_interval_s`` and closed once ``segment_bytes`` of records went into it. After each rotation the
+writer deletes the oldest closed segments in the folder, any writer's, until the folder fits
+``max_total_bytes``. A crash loses at most the unflushed tail; `read_served_log` reads up to the last
+complete line.
 
 Where records come from: the rank scheduler sees each finished vLLM ``Request`` (output tokens, finish
 reason, ``sampling_params.extra_args``); the ingress puts what only it knows into extra_args with

@@ -182,8 +182,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="artifact folder (default: the shipped artifact; required with --data)")
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("eval-predictor", help="Kendall tau of a trained predictor on a ShareGPT split or a served-traffic log's "
-                                        "held-out slice")
+    p = subparsers.add_parser("eval-predictor", help="Kendall tau of a trained predictor on a ShareGPT split "
+                                                     "or on a served-traffic log's held-out slice")
     p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all)")
