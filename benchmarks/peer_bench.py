@@ -701,13 +701,13 @@ def main(argv: list[str] | None = None) -> None:
                                     "OMP_NUM_THREADS": "unset (vLLM's default)" if args.vllm_omp_threads is None
                                     else str(args.vllm_omp_threads)},
                             "engines": 1, "max_num_seqs": args.vllm_max_num_seqs},
-            "ltr_serve": {"defaults": "python -m deployments.local: 2 engine replicas x 0.5 Ray CPU (one OpenMP "
-                                      "thread each), 16 seats and 1 GiB KV each, predictor app, least-work router, "
-                                      "predictor timeout 0.5 s", "extra_args": args.ltr_args},
+            "ltr_serve": {"defaults": "python -m deployments.local: the engine layout it fits to the machine "
+                                      "(deployments.machine.fit_to_machine; the line it printed is in "
+                                      "servers.<system>.layout_line), 1 GiB KV per engine, predictor app, "
+                                      "least-work router, predictor timeout 0.5 s", "extra_args": args.ltr_args},
             "fairness_note": "each system as it comes out of the box: plain vLLM is one engine (torch threads as "
-                             "vLLM sets them, 16 seats, --vllm-kv-gib KV); ltr-serve is two one-thread engines "
-                             "(16 seats, 1 GiB KV each) plus the predictor and Ray on the same cores, so up to "
-                             "twice the engine compute; for one engine each, pass --ltr-args '--replicas 1'",
+                             "vLLM sets them, 16 seats, --vllm-kv-gib KV); ltr-serve runs its fitted layout plus "
+                             "the predictor and Ray on the same cores",
             "engine_stats_after": "ltr-serve runs: /v1/ltr/engine_stats after the run, cumulative since the "
                                   "server started (warm-up and earlier runs included)",
             "scored": "ltr-serve requests not counted as a predictor fallback in /v1/ltr/stats (delta over the run)",
@@ -743,8 +743,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             server.start(args.start_timeout)
             info["start_s"] = server.start_s
-            info["thread_log"] = [line.strip()[-200:] for line in server.log_path.read_text(errors="replace")
-                                  .splitlines() if "Torch threads" in line][:4]
+            log_lines = server.log_path.read_text(errors="replace").splitlines()
+            info["thread_log"] = [line.strip()[-200:] for line in log_lines if "Torch threads" in line][:4]
+            info["layout_line"] = next((line for line in log_lines if line.startswith("engine layout:")), None)
             warm_up(server, args, args.warmup_requests)
             for ri, rate in enumerate(args.rates):
                 for k in range(args.samples):

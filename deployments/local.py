@@ -1,9 +1,10 @@
 """Start the whole service on this machine (CPU): a private local Ray, Serve on a chosen port.
 
-    python -m deployments.local [--port 8000] [--replicas 2] [--policy ltr] [--router least_work]
+    python -m deployments.local [--port 8000] [--policy ltr] [--router least_work] [--replicas N ...]
 
-It never joins a Ray cluster that happens to be running (explicit `address="local"` and its own temp
-dir), builds the served model once (`ltr.models.prepare_model`), prints the URL with curl and `openai`
+Engine replicas, threads and seats fit the machine (`deployments.machine.fit_to_machine`, printed at
+start); `--replicas`, `--engine-threads`, `--engine-cpus` and `--max-num-seqs` override it. It never joins a
+Ray cluster that happens to be running (explicit `address="local"` and its own temp dir), builds the served model once (`ltr.models.prepare_model`), prints the URL with curl and `openai`
 examples, and blocks until Ctrl-C, then shuts Serve and Ray down.
 """
 
@@ -17,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from deployments.machine import EngineLayout, fit_to_machine
+
 APP_NAME = "ltr"
 PREDICTOR_APP_NAME = "ltr-predictor"
 
@@ -26,12 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--model", default="smollm2", help="HF model folder, or 'smollm2' (default)")
-    parser.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
-    parser.add_argument("--engine-cpus", type=float, default=0.5, help="Ray CPUs per engine replica")
+    parser.add_argument("--replicas", type=int, default=None, help="engine replicas (default: fit to the machine)")
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="OpenMP threads per engine replica (default: fit to the machine)")
+    parser.add_argument("--engine-cpus", type=float, default=None,
+                        help="Ray CPUs per engine replica (default: the engines' share of --num-cpus)")
     parser.add_argument("--policy", default="ltr", choices=["ltr", "fcfs", "priority", "mlfq"])
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
     parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help="engine batch seats (default: ltr.scheduling.engine.CPU_ENGINE_DEFAULTS)")
+                        help="engine batch seats per replica (default: fit to the machine)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length (default: ltr.scheduling.engine.CPU_MAX_MODEL_LEN)")
     parser.add_argument("--compile", action="store_true",
@@ -44,26 +50,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
-    if args.replicas < 1:
-        parser.error("--replicas must be >= 1")
+    for name in ("replicas", "engine_threads", "max_num_seqs", "num_cpus"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.engine_cpus is not None and args.engine_cpus < 0:
+        parser.error("--engine-cpus must be >= 0")
     if args.api_key_env and not os.environ.get(args.api_key_env):
         parser.error(f"--api-key-env {args.api_key_env}: that environment variable is empty")
     return args
 
 
-def app_args(args: argparse.Namespace) -> dict:
-    """The `build_app` args for these command-line options."""
+def engine_cpu_budget(args: argparse.Namespace, ray_cpus: float) -> float:
+    """Ray CPUs left to the engines: the local Ray's, less the ingress's and (when deployed) the predictor's."""
+    from deployments.app import AppArgs, PredictorArgs
+
+    reserved = AppArgs.model_fields["ingress_num_cpus"].default
+    if not args.no_predictor:
+        reserved += PredictorArgs.model_fields["num_cpus"].default
+    if ray_cpus - reserved <= 0:
+        raise SystemExit(f"--num-cpus {ray_cpus:g} leaves no CPU for the engines (ingress and predictor take "
+                         f"{reserved:g})")
+    return ray_cpus - reserved
+
+
+def engine_layout(args: argparse.Namespace, cpus: int, memory_gib: float, ray_cpus: float) -> EngineLayout:
+    """The machine's layout (`fit_to_machine`) under the command line's overrides."""
+    budget = engine_cpu_budget(args, ray_cpus)
+    layout = fit_to_machine(cpus, memory_gib, budget).override(
+        replicas=args.replicas, threads=args.engine_threads, num_cpus=args.engine_cpus,
+        max_num_seqs=args.max_num_seqs, engine_cpu_budget=budget)
+    if layout.replicas * layout.num_cpus > budget + 1e-9:
+        # Ray would never place the last replicas, and serve.run would wait for them forever.
+        raise SystemExit(f"{layout.replicas} engines x {layout.num_cpus:g} Ray CPUs do not fit the {budget:g} "
+                         "the engines have (--num-cpus less ingress and predictor)")
+    return layout
+
+
+def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
+    """The `build_app` args for these command-line options and engine layout."""
     ingress: dict = {"predictor_app": None if args.no_predictor else PREDICTOR_APP_NAME}
     ingress_env: dict[str, str] = {}
     if args.api_key_env:
         ingress["api_key_env"] = args.api_key_env
         ingress_env[args.api_key_env] = os.environ[args.api_key_env]
     return {"model": args.model, "policy": {"name": args.policy}, "router": args.router,
-            "num_engine_replicas": args.replicas, "engine_num_cpus": args.engine_cpus,
-            "engine_kwargs": {"enforce_eager": not args.compile,
-                              **{key: value for key, value in (("max_num_seqs", args.max_num_seqs),
-                                                               ("max_model_len", args.max_model_len))
-                                 if value is not None}},
+            "num_engine_replicas": layout.replicas, "engine_num_cpus": layout.num_cpus,
+            "engine_env": layout.engine_env(),
+            "engine_kwargs": {"enforce_eager": not args.compile, "max_num_seqs": layout.max_num_seqs,
+                              **({"max_model_len": args.max_model_len} if args.max_model_len is not None else {})},
             "ingress": ingress, "ingress_env": ingress_env}
 
 
@@ -76,13 +110,20 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    import psutil
+    from vllm.utils.torch_utils import available_cpu_count
+
     from deployments.app import build_app, build_predictor_app
     from ltr.models import prepare_model
 
+    cpus = available_cpu_count()
+    ray_cpus = args.num_cpus or cpus
+    layout = engine_layout(args, cpus, psutil.virtual_memory().total / 2**30, ray_cpus)
+    print(layout.describe(), flush=True)
     model = str(prepare_model()) if args.model == "smollm2" else args.model
     temp_dir = args.temp_dir or tempfile.mkdtemp(prefix="ltr-ray-")
     ray.init(address="local", _temp_dir=str(Path(temp_dir).resolve()), include_dashboard=False,
-             num_cpus=args.num_cpus, logging_level="WARNING")
+             num_cpus=ray_cpus, logging_level="WARNING")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # While starting, a signal must break out of serve.run (which waits for every replica, forever if
@@ -92,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         serve.start(http_options={"host": args.host, "port": args.port})
         if not args.no_predictor:
             serve.run(build_predictor_app(), name=PREDICTOR_APP_NAME, route_prefix=None)
-        config = app_args(args)
+        config = app_args(args, layout)
         config["model"] = model
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         for sig in (signal.SIGINT, signal.SIGTERM):

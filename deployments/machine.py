@@ -1,0 +1,97 @@
+"""How many engine replicas, threads and seats this machine serves best with (CPU engines).
+
+One rule, `fit_to_machine`, used by `python -m deployments.local` (and so by `bash scripts/serve.sh`); every
+field can be overridden from the command line (`EngineLayout.override`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+#: Seats (max_num_seqs) per engine: the CPU engine default (ltr.scheduling.engine.CPU_ENGINE_DEFAULTS).
+from ltr.scheduling.engine import CPU_ENGINE_DEFAULTS
+
+SEATS = int(CPU_ENGINE_DEFAULTS["max_num_seqs"])
+#: OpenMP threads per engine the measurement favours (benchmarks/results/layout_bench.json).
+THREADS_PER_ENGINE = 1
+#: Memory one CPU engine replica takes, read on this box while serving (RSS, shared pages counted in each): the
+#: Serve replica ~1.1 GiB, vLLM's engine core ~0.75, its worker ~2.5 with the 1 GiB KV cache
+#: (VLLM_CPU_KVCACHE_SPACE); layout_bench records the last two per run.
+ENGINE_MEMORY_GIB = 4.5
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """Engine replicas, OpenMP threads and Ray CPUs per replica, seats per replica, and why."""
+
+    replicas: int
+    threads: int
+    num_cpus: float
+    max_num_seqs: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.threads < 1 or self.max_num_seqs < 1 or self.num_cpus < 0:
+            raise ValueError(f"invalid engine layout {self}")
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment of each engine replica. vLLM keeps the torch thread count an outside OMP_NUM_THREADS
+        sets (vllm.utils.torch_utils.set_torch_threads_for_runtime; Ray sets it to the actor's whole CPUs, 1
+        below 2). Several threads spin-wait after every parallel region, which starves everything else on
+        the cores, so they sleep instead (OMP_WAIT_POLICY=PASSIVE; layout_bench offline stage)."""
+        env = {"OMP_NUM_THREADS": str(self.threads)}
+        if self.threads > 1:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        return env
+
+    def override(self, *, replicas: int | None = None, threads: int | None = None, num_cpus: float | None = None,
+                 max_num_seqs: int | None = None, engine_cpu_budget: float) -> EngineLayout:
+        """This layout with the given fields set (the command line's). A changed replica count re-splits the
+        engines' CPU budget: Ray CPUs evenly, threads to the whole CPUs each gets (at least 1)."""
+        given = {name: value for name, value in (("replicas", replicas), ("threads", threads),
+                                                 ("num_cpus", num_cpus), ("max_num_seqs", max_num_seqs))
+                 if value is not None}
+        if not given:
+            return self
+        layout = replace(self, **given)
+        if "replicas" in given:
+            share = engine_cpu_budget / layout.replicas
+            if "num_cpus" not in given:
+                layout = replace(layout, num_cpus=round(share, 3))
+            if "threads" not in given:
+                layout = replace(layout, threads=max(1, math.floor(share + 0.5)))
+        flags = ", ".join("--" + {"replicas": "replicas", "threads": "engine-threads", "num_cpus": "engine-cpus",
+                                  "max_num_seqs": "max-num-seqs"}[name] for name in given)
+        return replace(layout, reason=f"set by {flags}")
+
+    def describe(self) -> str:
+        """The one line `deployments.local` prints at start."""
+        return (f"engine layout: {self.replicas} replica{'s' if self.replicas > 1 else ''} x {self.threads} "
+                f"thread{'s' if self.threads > 1 else ''} ({self.num_cpus:g} Ray CPUs each), "
+                f"{self.max_num_seqs} seats each; {self.reason}")
+
+
+def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> EngineLayout:
+    """The engine layout for a machine with `cpus` usable cores and `memory_gib` of memory, whose engines may
+    take `engine_cpu_budget` Ray CPUs (the rest is the predictor's and the ingress's).
+
+    From benchmarks/layout_bench.py on this 2-core box, through the whole service at 3 and 1.5 req/s: two
+    one-thread engines against one engine with both cores (2 OpenMP threads, passive wait). Two engines gave
+    0.45-0.48 s mean per-token latency at 3 req/s and 80-84 tok/s, one 2-thread engine 0.73-0.82 s and
+    54-56 tok/s (offline, one engine decodes only 1.1-1.3x faster on 2 threads than on 1, so a second
+    engine buys more than a second thread). Rule: one-thread engines, one per core (capped by memory at
+    ENGINE_MEMORY_GIB each, at least one), SEATS seats each, the engines' Ray CPUs split evenly. Measured on
+    2 cores only; more cores repeat the per-core choice.
+    """
+    if cpus < 1 or memory_gib <= 0 or engine_cpu_budget <= 0:
+        raise ValueError(f"cpus, memory and the engine CPU budget must be positive: {cpus}, {memory_gib}, "
+                         f"{engine_cpu_budget}")
+    by_cpu = max(1, cpus // THREADS_PER_ENGINE)
+    by_memory = max(1, math.floor(memory_gib / ENGINE_MEMORY_GIB))
+    replicas = min(by_cpu, by_memory)
+    bound = "memory" if by_memory < by_cpu else "cores"
+    return EngineLayout(replicas=replicas, threads=THREADS_PER_ENGINE,
+                        num_cpus=round(engine_cpu_budget / replicas, 3), max_num_seqs=SEATS,
+                        reason=f"fit to {cpus} CPUs and {memory_gib:.0f} GiB, bound by {bound}: one-thread engines, "
+                               "one per core, measured best (benchmarks/results/layout_bench.json)")

@@ -1,0 +1,150 @@
+"""`python -m deployments.local` (what `bash scripts/serve.sh` runs): the engine layout it fits to the machine
+(`deployments.machine`), its command-line overrides, and one real start on this machine: the printed layout,
+an OpenAI-client request, the engines' threads as their processes see them, and a clean SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from deployments.app import AppArgs, PredictorArgs
+from deployments.local import app_args, engine_layout, parse_args
+from deployments.machine import SEATS, EngineLayout, fit_to_machine
+
+REPO = Path(__file__).resolve().parents[1]
+RESERVED = AppArgs.model_fields["ingress_num_cpus"].default + PredictorArgs.model_fields["num_cpus"].default
+
+
+@pytest.mark.parametrize("cpus,memory_gib,replicas,threads", [
+    (1, 8.0, 1, 1),      # one core: one engine on it
+    (2, 23.0, 2, 1),     # this box: two one-thread engines (layout_bench: they beat one engine on both cores)
+    (8, 64.0, 8, 1),
+    (16, 6.0, 1, 1),     # memory-bound: one engine
+])
+def test_fit_to_machine(cpus: int, memory_gib: float, replicas: int, threads: int) -> None:
+    budget = max(cpus - RESERVED, 0.4)
+    layout = fit_to_machine(cpus, memory_gib, budget)
+    assert (layout.replicas, layout.threads, layout.max_num_seqs) == (replicas, threads, SEATS)
+    assert layout.replicas * layout.num_cpus <= budget + 1e-9
+    assert "layout_bench" in layout.reason
+
+
+def test_engine_env_sets_threads_and_passive_wait_only_for_several() -> None:
+    one = EngineLayout(replicas=2, threads=1, num_cpus=0.7, max_num_seqs=16, reason="r")
+    two = EngineLayout(replicas=1, threads=2, num_cpus=1.4, max_num_seqs=16, reason="r")
+    assert one.engine_env() == {"OMP_NUM_THREADS": "1"}
+    assert two.engine_env() == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    with pytest.raises(ValueError):
+        EngineLayout(replicas=0, threads=1, num_cpus=1.0, max_num_seqs=16, reason="r")
+
+
+def test_command_line_overrides_the_fitted_layout() -> None:
+    budget = 2 - RESERVED
+    fitted = engine_layout(parse_args([]), 2, 23.0, 2)
+    assert fitted == fit_to_machine(2, 23.0, budget)
+    halves = engine_layout(parse_args(["--replicas", "2"]), 2, 23.0, 2)
+    assert (halves.replicas, halves.threads, halves.num_cpus) == (2, 1, round(budget / 2, 3))
+    assert halves.reason == "set by --replicas" and "2 replicas x 1 thread" in halves.describe()
+    one = engine_layout(parse_args(["--replicas", "1"]), 2, 23.0, 2)   # one engine gets the whole budget
+    assert (one.replicas, one.threads, one.num_cpus) == (1, 1, round(budget, 3))
+    both = engine_layout(parse_args(["--replicas", "1", "--engine-threads", "2"]), 2, 23.0, 2)
+    assert (both.threads, both.engine_env()["OMP_WAIT_POLICY"]) == (2, "PASSIVE")
+    seats = engine_layout(parse_args(["--max-num-seqs", "8", "--engine-threads", "1"]), 2, 23.0, 2)
+    assert (seats.replicas, seats.threads, seats.max_num_seqs) == (fitted.replicas, 1, 8)
+    assert "--engine-threads" in seats.reason and "--max-num-seqs" in seats.reason
+    with pytest.raises(SystemExit):   # two engines of 1 Ray CPU do not fit 2 CPUs less ingress and predictor
+        engine_layout(parse_args(["--replicas", "2", "--engine-cpus", "1"]), 2, 23.0, 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--replicas", "0"])
+    no_predictor = engine_layout(parse_args(["--no-predictor"]), 2, 23.0, 2)
+    assert no_predictor.num_cpus * no_predictor.replicas > fitted.num_cpus * fitted.replicas
+
+
+def test_app_args_carry_the_layout_into_a_valid_app() -> None:
+    args = parse_args(["--replicas", "2", "--policy", "fcfs"])
+    layout = engine_layout(args, 2, 23.0, 2)
+    parsed = AppArgs(**app_args(args, layout))
+    assert (parsed.num_engine_replicas, parsed.engine_num_cpus) == (2, layout.num_cpus)
+    assert parsed.engine_kwargs["max_num_seqs"] == layout.max_num_seqs
+    env = parsed.replica_env()
+    assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _engine_processes(leader: psutil.Process) -> list[psutil.Process]:
+    """The processes that run the model (vLLM titles them VLLM::Worker), among the server's descendants."""
+    found = []
+    for proc in leader.children(recursive=True):
+        try:
+            if "VLLM::Worker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
+    """The real thing, as a user starts it: defaults only (plus a free port and a private Ray dir)."""
+    import openai
+    from vllm.utils.torch_utils import available_cpu_count
+
+    cpus = available_cpu_count()
+    expected = engine_layout(parse_args([]), cpus, psutil.virtual_memory().total / 2**30, cpus)
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ltr-local-")
+    log_path = Path(temp_dir) / "serve.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "deployments.local", "--port", str(port), "--temp-dir",
+                                 temp_dir], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    leader = psutil.Process(proc.pid)
+    family: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 600
+        while "ltr-serve is up at" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-4000:]
+            time.sleep(1.0)
+        lines = log_path.read_text(errors="replace").splitlines()
+        assert expected.describe() in lines, [line for line in lines if "layout" in line]
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
+        answer = client.completions.create(model=smollm2_path.name, prompt="Hello,", max_tokens=8)
+        assert answer.usage.completion_tokens == 8 and answer.choices[0].text
+
+        workers = _engine_processes(leader)
+        assert len(workers) == expected.replicas, workers
+        for worker in workers:   # the thread count reached the process that runs the model
+            environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+            assert f"OMP_NUM_THREADS={expected.threads}".encode() in environ
+        family = {p.pid: p for p in [leader, *leader.children(recursive=True), *workers]}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text(errors="replace")[-4000:]
+        gone, alive = psutil.wait_procs(list(family.values()), timeout=60)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+        assert "shutting down..." in log_path.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for p in family.values():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
