@@ -5,14 +5,25 @@ deleted independently of the serving path: the ingress treats a missing, failing
 as "no score" and the engine then serves that request in arrival order (FCFS). Until the trained
 artifact exists the deployment reports itself unavailable and keeps checking for it, so a newly
 landed artifact is picked up without a redeploy.
+
+Hot swap: a new `artifact_dir` (or serving variant) in the Predictor deployment's `user_config` (in a
+Serve config, `deployments: [{name: Predictor, user_config: {...}}]`, then `serve deploy`) is loaded
+beside the model in use, which keeps scoring until the new one is ready; then one assignment swaps
+them, so no request fails or goes unscored. (Serve applies a changed `user_config` in place; changed
+application `args`, or `serve.run` from Python, replace the replica instead.) A new artifact that does
+not load leaves the old one serving (the error is in `status()`). Every Prediction names the version
+that made it, so the served-traffic log and the live tau attribute each score.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -22,16 +33,42 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass
 class Prediction:
-    """Score (higher = longer output) and the calibrated expected output length in tokens."""
+    """Score (higher = longer output), the calibrated expected output length in tokens, and which
+    predictor made it (`artifact_version`; None: not a predictor's score, e.g. a neutral placement)."""
 
     score: float
     expected_tokens: float | None
+    version: str | None = None
+
+
+def artifact_version(directory: Path, max_length: int | None, int8: bool) -> str:
+    """Content hash of the artifact's files plus the serving variant: the same weights served the same
+    way always get the same name, whatever folder they were copied to."""
+    from ltr.predictor.model import CONFIG_NAME, WEIGHTS_NAME
+
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest.update((directory / name).read_bytes())
+    return f"{digest.hexdigest()[:12]}@{max_length or 'trained'}{'-int8' if int8 else ''}"
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """The model in use and its version, swapped as one object so a batch never mixes two predictors."""
+
+    model: Any
+    version: str
+    artifact_dir: Path
+    load_s: float   # how long loading took (the old model kept scoring meanwhile)
 
 
 @dataclass(frozen=True)
 class PredictorSettings:
     """Runtime settings, changed live through Serve's `user_config` (no replica restart)."""
 
+    #: The predictor artifact (`ltr train-predictor --output`); None: the shipped one. Changing it live
+    #: is the hot swap.
+    artifact_dir: str | None = None
     #: Seconds between attempts to load a missing/broken artifact.
     reload_interval_s: float = 30.0
     #: Fault drill for reliability tests: "none", "raise" (every call fails) or "hang" (answers
@@ -63,47 +100,71 @@ class Predictor:
 
     def __init__(self) -> None:
         self.settings = PredictorSettings()
-        self._model: Any = None
+        self._loaded: _Loaded | None = None
         self._load_error: str | None = None
         self._last_attempt = 0.0
         self._loading: asyncio.Task | None = None
+        self._swap_lock = asyncio.Lock()
         self.batches = 0
         self.scored = 0
-        self._try_load()
+        self.swaps = 0
+        # Loaded once at start: by the first reconfigure (Serve calls it before the replica takes
+        # traffic), or, deployed without a user_config, by the first batch.
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        previous, self.settings = self.settings, PredictorSettings(**(user_config or {}))
-        if (previous.max_length, previous.int8) != (self.settings.max_length, self.settings.int8):
-            self._try_load()   # another serving variant of the artifact
+    def _artifact(self) -> Path:
+        from ltr.predictor.model import shipped_artifact_dir
+
+        return Path(self.settings.artifact_dir) if self.settings.artifact_dir else shipped_artifact_dir()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """New settings; a new artifact or serving variant is loaded off the event loop, then swapped in."""
+        async with self._swap_lock:   # one swap at a time, in the order the configs came
+            previous, self.settings = self.settings, PredictorSettings(**(user_config or {}))
+            changed = (previous.artifact_dir, previous.max_length, previous.int8) != \
+                (self.settings.artifact_dir, self.settings.max_length, self.settings.int8)
+            if changed or self._loaded is None:
+                await asyncio.to_thread(self._try_load)
 
     def _try_load(self) -> None:
-        from ltr.predictor import load_shipped_predictor
+        """Load the configured artifact; on failure keep whatever model is in use."""
+        from ltr.predictor.model import RankPredictor
 
-        self._last_attempt = time.monotonic()
+        self._last_attempt = started = time.monotonic()
+        directory = self._artifact()
         try:
-            self._model = load_shipped_predictor(device="cpu").for_serving(self.settings.max_length,
-                                                                           self.settings.int8)
-            self._load_error = None
-            logger.info("predictor loaded from the shipped artifact")
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            self._model = None
+            model = RankPredictor.from_pretrained(directory, device="cpu").for_serving(self.settings.max_length,
+                                                                                     self.settings.int8)
+            loaded = _Loaded(model, artifact_version(directory, self.settings.max_length, self.settings.int8),
+                             directory, time.monotonic() - started)
+        except (FileNotFoundError, ValueError, OSError, TypeError) as exc:
             self._load_error = f"{type(exc).__name__}: {exc}"
-            logger.warning("predictor unavailable (%s); requests fall back to FCFS", self._load_error)
+            if self._loaded is None:
+                logger.warning("predictor unavailable (%s); requests fall back to FCFS", self._load_error)
+            else:
+                logger.error("predictor %s did not load (%s); still serving %s", directory, self._load_error,
+                             self._loaded.version)
+            return
+        if self._loaded is not None:
+            self.swaps += 1
+        self._loaded, self._load_error = loaded, None
+        logger.info("predictor %s loaded from %s", loaded.version, directory)
 
     async def _ensure_loaded(self) -> None:
-        if self._model is not None or time.monotonic() - self._last_attempt < self.settings.reload_interval_s:
+        if self._loaded is not None or time.monotonic() - self._last_attempt < self.settings.reload_interval_s:
             return
         if self._loading is None or self._loading.done():
             self._loading = asyncio.get_running_loop().create_task(asyncio.to_thread(self._try_load))
         await self._loading
 
-    def _score_sync(self, prompts: list[str]) -> list[Prediction]:
-        scores = self._model.score(prompts)
+    @staticmethod
+    def _score_sync(loaded: _Loaded, prompts: list[str]) -> list[Prediction]:
+        scores = loaded.model.score(prompts)
         try:
-            expected: list[float | None] = list(self._model.expected_tokens(scores))
+            expected: list[float | None] = list(loaded.model.expected_tokens(scores))
         except ValueError:  # an uncalibrated predictor still ranks
             expected = [None] * len(scores)
-        return [Prediction(float(s), None if e is None else float(e)) for s, e in zip(scores, expected)]
+        return [Prediction(float(s), None if e is None else float(e), loaded.version)
+                for s, e in zip(scores, expected)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
     async def score(self, prompts: list[str]) -> list[Prediction]:
@@ -113,16 +174,20 @@ class Predictor:
         if self.settings.fault == "raise":
             raise RuntimeError("predictor fault drill: raise")
         await self._ensure_loaded()
-        if self._model is None:
+        loaded = self._loaded   # this batch is scored by one model, even if a swap lands meanwhile
+        if loaded is None:
             raise PredictorUnavailable(self._load_error or "predictor not loaded")
-        predictions = await asyncio.to_thread(self._score_sync, prompts)
+        predictions = await asyncio.to_thread(self._score_sync, loaded, prompts)
         self.batches += 1
         self.scored += len(prompts)
         return predictions
 
     def status(self) -> dict[str, Any]:
-        return {"loaded": self._model is not None, "error": self._load_error, "batches": self.batches,
-                "scored": self.scored, "fault": self.settings.fault}
+        loaded = self._loaded
+        return {"loaded": loaded is not None, "version": loaded and loaded.version, "pid": os.getpid(),
+                "artifact_dir": loaded and str(loaded.artifact_dir), "load_s": loaded and loaded.load_s,
+                "error": self._load_error,
+                "swaps": self.swaps, "batches": self.batches, "scored": self.scored, "fault": self.settings.fault}
 
     async def check_health(self) -> None:
         """Healthy even without an artifact: unavailability is a served state (FCFS), not a crash."""
