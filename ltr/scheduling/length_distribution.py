@@ -46,13 +46,15 @@ def _segments(quantiles: Sequence[float], attained: float) -> list[tuple[float, 
     return [(low, high, p / total) for low, high, p in out]
 
 
-def gittins_remaining(quantiles: Sequence[float], attained: float, per_token: bool = False) -> float:
+def gittins_remaining(quantiles: Sequence[float], attained: float, per_token: bool = False,
+                      overhead: float = 0.0) -> float:
     """1 / Gittins index after `attained` tokens of a size uniform between consecutive `quantiles`.
 
     The best ratio of expected service spent to expected reward completed, over stopping at each
     quantile. The reward of completing is 1 for mean latency; with `per_token` it is 1 / size, a request's
     weight in mean per-token latency (latency / output tokens), which favours short sizes more. Infinite
-    once the largest quantile is reached (nothing is known about what is left).
+    once the largest quantile is reached (nothing is known about what is left). `overhead` is work that
+    comes first whatever the size (a prompt still to prefill), in the same units.
     """
     segments = _segments(quantiles, attained)
     best, spent, done, reward = math.inf, 0.0, 0.0, 0.0
@@ -66,7 +68,7 @@ def gittins_remaining(quantiles: Sequence[float], attained: float, per_token: bo
         else:
             reward += p / max(high, 1.0)
         if reward > 0:
-            best = min(best, (spent + (1.0 - done) * (high - attained)) / reward)
+            best = min(best, (overhead + spent + (1.0 - done) * (high - attained)) / reward)
     return best
 
 
@@ -121,9 +123,10 @@ class LengthDistribution:
         high = min(low + 1, len(table) - 1)
         return table[low] + (table[high] - table[low]) * (pos - low)
 
-    def effective_remaining(self, bin_index: int | None, attained: float, per_token: bool = False) -> float:
+    def effective_remaining(self, bin_index: int | None, attained: float, per_token: bool = False,
+                            overhead: float = 0.0) -> float:
         """1 / Gittins index after `attained` generated tokens (see `gittins_remaining`)."""
-        return gittins_remaining(self.conditional_quantiles(bin_index, attained), attained, per_token)
+        return gittins_remaining(self.conditional_quantiles(bin_index, attained), attained, per_token, overhead)
 
     def to_mapping(self) -> dict[str, Any]:
         return {"edges": list(self.edges), "bins": [list(b) for b in self.bins], "pooled": list(self.pooled)}
