@@ -1,0 +1,166 @@
+"""Predictor overload (issue 13): a slow predictor never stalls serving, a request whose score is late or
+missing never overtakes ranked work, and the service keeps every request scored while the predictor answers
+within the ingress timeout, or degrades as documented beyond it (neutral placement counted in
+/v1/ltr/stats, late scores applied in the engines).
+
+Real Ray Serve + real vLLM (CPU) + the served SmolLM2 (slow enough to queue behind); one app for the module:
+one LTR engine replica with ONE seat, no aging and no rank preemption, so the order requests finish in is
+the order the scheduler ranked them. The fault drills themselves and late-score re-ranking on two replicas
+are tests/test_reliability.py's; this file adds ordering under a missing score and the scored-share
+accounting of a burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from test_reliability import _engine_stats
+from test_serve import _free_port, _set_predictor
+
+PREDICTOR_TIMEOUT_S = 1.0
+#: No aging, no rank preemption: finishing order = ranking order on the one seat.
+POLICY = {"name": "ltr", "starvation": None, "max_preemptions_per_step": 0}
+
+
+@dataclass
+class OverloadApp:
+    url: str
+    model: str
+
+
+@pytest.fixture(scope="module")
+def overload_app(smollm2_path) -> Iterator[OverloadApp]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app, build_predictor_app
+
+    port = _free_port()
+    ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="ltr-overload-test-"), include_dashboard=False,
+             num_cpus=2, logging_level="WARNING", configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_predictor_app({"num_cpus": 0.25}), name="ltr-predictor", route_prefix=None)
+        serve.run(build_app({
+            "model": str(smollm2_path), "num_engine_replicas": 1, "engine_num_cpus": 1.0, "policy": POLICY,
+            "engine_kwargs": {"max_num_seqs": 1, "max_model_len": 1024, "enforce_eager": True},
+            "ingress": {"allow_score_override": True, "predictor_timeout_s": PREDICTOR_TIMEOUT_S,
+                        "breaker_failures": 3, "breaker_cooldown_s": 1.0},
+        }), name="overload", route_prefix="/")
+        yield OverloadApp(url=f"http://127.0.0.1:{port}", model=smollm2_path.name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _body(model: str, prompt: str, tokens: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "temperature": 0}
+
+
+def _stats(url: str) -> dict:
+    reply = httpx.get(f"{url}/v1/ltr/stats", timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_a_missing_score_is_served_between_ranked_work_not_ahead_of_it(overload_app: OverloadApp) -> None:
+    """A blocker holds the one seat; ranked short and long requests queue behind it; then a request whose
+    predictor never answers arrives. It must finish after every ranked request scored below the neutral
+    score and before every one scored above it ("first" would serve it next, FCFS last)."""
+    url, model = overload_app.url, overload_app.model
+    try:
+        _set_predictor({"fault": "raise"})
+        probe = httpx.post(f"{url}/v1/completions", json=_body(model, "What is the neutral score?", 1), timeout=120)
+        assert probe.status_code == 200 and probe.headers["x-ltr-placement"] == "neutral", probe.headers
+        neutral = float(probe.headers["x-ltr-score"])
+        _set_predictor({"fault": "hang", "hang_s": 120.0})   # missing for the whole test
+
+        async def run() -> tuple[dict[str, float], dict[str, tuple[float, httpx.Response]]]:
+            sent: dict[str, float] = {}
+            done: dict[str, tuple[float, httpx.Response]] = {}
+
+            async def send(http: httpx.AsyncClient, name: str, tokens: int, score: float | None) -> None:
+                headers = {} if score is None else {"x-ltr-score-override": repr(score)}
+                sent[name] = time.monotonic()
+                reply = await http.post("/v1/completions", json=_body(model, f"Request {name}: tell a story.",
+                                                                       tokens), headers=headers)
+                done[name] = (time.monotonic(), reply)
+
+            async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+                tasks = [asyncio.create_task(send(http, "blocker", 300, neutral - 100.0))]
+                await asyncio.sleep(0.5)   # the blocker holds the seat
+                tasks += [asyncio.create_task(send(http, f"short{i}", 4, neutral - 1.0 - i)) for i in range(3)]
+                tasks += [asyncio.create_task(send(http, f"long{i}", 4, neutral + 1.0 + i)) for i in range(3)]
+                await asyncio.sleep(0.3)
+                tasks.append(asyncio.create_task(send(http, "missing", 4, None)))
+                await asyncio.gather(*tasks)
+            return sent, done
+
+        sent, done = asyncio.run(run())
+    finally:
+        _set_predictor({})
+    assert all(reply.status_code == 200 for _, reply in done.values()), {k: r.text for k, (_, r) in done.items()}
+    missing = done["missing"][1]
+    assert missing.headers["x-ltr-placement"] == "neutral" and missing.headers["x-ltr-fallback"] == "timeout"
+    assert float(missing.headers["x-ltr-score"]) == neutral
+    order = sorted(done, key=lambda name: done[name][0])
+    # The blocker still held the seat when the missing-score request reached the engine (after the ingress's
+    # predictor timeout), so every other request was queued with it: the order below is the ranking's.
+    assert done["blocker"][0] > sent["missing"] + PREDICTOR_TIMEOUT_S, (sent, order)
+    assert order.index("missing") > max(order.index(f"short{i}") for i in range(3)), order
+    assert order.index("missing") < min(order.index(f"long{i}") for i in range(3)), order
+
+
+@pytest.mark.parametrize("hang_s", [0.4 * PREDICTOR_TIMEOUT_S, PREDICTOR_TIMEOUT_S + 1.5],
+                         ids=["slow_near_timeout", "slower_than_timeout"])
+def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: OverloadApp, hang_s: float) -> None:
+    """24 concurrent requests against a predictor that sleeps `hang_s` per batch, then scores (on a shared
+    quarter CPU, so a burst can still miss the 1 s timeout): all are served; each one the predictor missed is a
+    counted timeout placed at the neutral score, and gets its own score in the engine while it still waits.
+    Near the timeout, every request ends up ranked by its own score (in time or late); beyond it, none is
+    scored in time and the late scores re-rank most of the queue (the first served finish before theirs land)."""
+    url, model = overload_app.url, overload_app.model
+    n = 24
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json=_body(model, f"Burst {i}: explain.", 8))
+                                          for i in range(n)))
+
+    try:
+        _set_predictor({"fault": "hang", "hang_s": hang_s})
+        time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
+        before, engines_before = _stats(url), asyncio.run(_engine_stats(url))
+        replies = asyncio.run(burst())
+        after, engines_after = _stats(url), asyncio.run(_engine_stats(url))
+    finally:
+        _set_predictor({})
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    fallbacks = {reason: after["predictor_fallbacks"].get(reason, 0) - before["predictor_fallbacks"].get(reason, 0)
+                 for reason in after["predictor_fallbacks"]}
+    fallbacks = {reason: moved for reason, moved in fallbacks.items() if moved}
+    unscored = [r for r in replies if r.headers["x-ltr-placement"] != "predicted"]
+    # Every request is either scored by the predictor or a counted fallback at the neutral score: the scored
+    # share /v1/ltr/stats reports is the share the requests saw.
+    assert sum(fallbacks.values()) == len(unscored), (fallbacks, [r.headers for r in unscored])
+    assert after["neutral_placements"] - before["neutral_placements"] == len(unscored)
+    assert all(r.headers["x-ltr-placement"] == "neutral" and r.headers["x-ltr-score"] != "none" for r in unscored)
+    # All arrive before any times out, so none meets an open breaker: each miss is a timeout with a late answer.
+    assert set(fallbacks) <= {"timeout"}, fallbacks
+
+    def moved(section: str) -> int:
+        return sum(engines_after[r][section].get("late_scores", 0) - engines_before[r][section].get("late_scores", 0)
+                   for r in engines_after)
+
+    received, applied = moved("counters"), moved("scheduler")
+    assert applied <= received <= len(unscored), (received, applied, len(unscored))
+    if hang_s < PREDICTOR_TIMEOUT_S:
+        assert n - len(unscored) >= 1 and (n - len(unscored)) + received == n, (fallbacks, received)
+    else:
+        assert len(unscored) == n and received >= n // 2 and applied >= 1, (fallbacks, received, applied)
