@@ -159,13 +159,18 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
+def _field(message: Any, name: str) -> Any:
+    """A chat message's field: messages are dicts (TypedDicts) or, for some of vLLM's types, pydantic models."""
+    return message.get(name) if isinstance(message, dict) else getattr(message, name, None)
+
+
 def _text_of(content: Any) -> str:
     """The text of a chat message's content (a string, or a list of parts of which the text ones count)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+        texts = (_field(part, "text") for part in content)
+        return "".join(text for text in texts if isinstance(text, str))
     return ""
 
 
@@ -473,7 +478,7 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request) -> Response:
         self._check_auth(request)
         data, parsed = await self._parse(request, ChatCompletionRequest)
-        texts = [(message.get("role"), _text_of(message.get("content"))) for message in parsed.messages]
+        texts = [(_field(message, "role"), _text_of(_field(message, "content"))) for message in parsed.messages]
         user_text = next((text for role, text in reversed(texts) if role == "user"), "")
         return await self._generate(request, "chat", data, parsed, user_text, sum(len(t) for _, t in texts))
 
