@@ -52,7 +52,8 @@ def expected_tokens(request_id: str, max_tokens: int) -> list[int]:
 def make_scheduler(model_path: str | Path, scheduler_cls: type, *, max_num_seqs: int, num_blocks: int,
                    block_size: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int = 2048,
                    policy: PolicyConfig, async_scheduling: bool, enable_prefix_caching: bool = True,
-                   score_updates_path: str | None = None, **scheduler_config_overrides: Any):
+                   score_updates_path: str | None = None, served_log: dict | None = None,
+                   **scheduler_config_overrides: Any):
     """A scheduler over a hand-made KV cache of exactly `num_blocks` blocks.
 
     The CPU platform switches ``async_scheduling`` off while the config is built; it is put back afterwards,
@@ -67,7 +68,8 @@ def make_scheduler(model_path: str | Path, scheduler_cls: type, *, max_num_seqs:
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,
                              cache_config=cache_config,
-                             additional_config=additional_config_for(policy, score_updates_path=score_updates_path))
+                             additional_config=additional_config_for(policy, score_updates_path=score_updates_path,
+                                                                     served_log=served_log))
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks, kv_cache_tensors=[],

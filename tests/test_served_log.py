@@ -153,3 +153,47 @@ def test_config_is_validated_at_the_edge(tmp_path: Path) -> None:
         ServedLogConfig(directory="x", segment_bytes=4096, max_total_bytes=2048)
     with pytest.raises(FileNotFoundError):
         list(read_served_log(tmp_path / "missing"))
+
+
+# ---- written by the rank scheduler: every finished request, live ranking quality in its stats ----------
+
+def test_the_scheduler_logs_finished_requests_and_tracks_live_tau(tiny_model_path: Path, tmp_path: Path) -> None:
+    from vllm.v1.request import RequestStatus
+
+    from ltr.data.served_log import VERSION_KEY, read_served_log
+    from ltr.scheduling.policy import PolicyConfig
+    from ltr.scheduling.vllm_scheduler import RankScheduler
+    from sched_harness import Driver, make_request, make_scheduler, token_for
+
+    log_dir = tmp_path / "served"
+    scheduler = make_scheduler(tiny_model_path, RankScheduler, policy=PolicyConfig(name="ltr", starvation=None),
+                               async_scheduling=False, max_num_seqs=4, num_blocks=200,
+                               served_log={"directory": str(log_dir), "writer_id": "replica-a"})
+    driver = Driver(scheduler)
+    # Five answers stop on their own; the last is cut at max_tokens (a lower bound, still longer than all
+    # five). Scores rank the lengths except one swapped pair: 15 comparable pairs, 1 discordant.
+    lengths = [4, 8, 12, 16, 20, 24]
+    scores = [1.0, 2.0, 4.0, 3.0, 5.0, 6.0]
+    for i, (n, score) in enumerate(zip(lengths, scores)):
+        request = make_request(f"r{i}", 16, 24 if i == 5 else 100, score)
+        if i < 5:
+            request.sampling_params.stop_token_ids = [token_for(f"r{i}", n - 1)]
+        request.sampling_params.extra_args[VERSION_KEY] = "v1"
+        driver.add(request)
+    aborted = make_request("gone", 16, 50, 0.5)
+    aborted.sampling_params.extra_args[VERSION_KEY] = "v1"
+    driver.add(aborted)
+    driver.step()
+    scheduler.finish_requests("gone", RequestStatus.FINISHED_ABORTED)
+    driver.run_until_idle(max_steps=200)
+    live = scheduler.stats()["live_quality"]
+    assert live["versions"]["v1"]["n"] == 6                     # the aborted request is no label
+    assert live["versions"]["v1"]["kendall_tau"] == pytest.approx(13 / 15)
+    scheduler.shutdown()
+    records = {r.request_id: r for r in read_served_log(log_dir)}
+    assert set(records) == {f"r{i}" for i in range(6)} | {"gone"}
+    assert [records[f"r{i}"].output_tokens for i in range(6)] == lengths
+    assert [records[f"r{i}"].finish_reason for i in range(6)] == ["stop"] * 5 + ["length"]
+    assert live["versions"]["v1"]["censored"] == 1
+    assert records["gone"].finish_reason == "abort"
+    assert records["r3"].score == 3.0 and records["r3"].predictor_version == "v1"

@@ -81,9 +81,12 @@ def priority_for(policy: PolicyConfig, score: float | None) -> int:
 
 
 def additional_config_for(policy: PolicyConfig, stats_path: str | None = None, stats_every: int = 50,
-                          score_updates_path: str | None = None) -> dict[str, Any]:
+                          score_updates_path: str | None = None,
+                          served_log: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``additional_config`` section the adapter reads (see vllm_scheduler.AdapterConfig)."""
     section: dict[str, Any] = {"policy": policy.to_mapping(), "stats_every": stats_every}
+    if served_log is not None:
+        section["served_log"] = dict(served_log)
     if stats_path is not None:
         section["stats_path"] = str(stats_path)
     if score_updates_path is not None:
@@ -93,13 +96,14 @@ def additional_config_for(policy: PolicyConfig, stats_path: str | None = None, s
 
 def engine_kwargs(model: str, policy: PolicyConfig, *, platform: Platform | None = None,
                   stats_path: str | None = None, score_updates_path: str | None = None,
-                  **overrides: Any) -> dict[str, Any]:
+                  served_log: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments serving `model` under `policy`; valid for `vllm.LLM(**kw)` and `AsyncEngineArgs`.
 
     `platform`: "cpu" adds `CPU_ENGINE_DEFAULTS` under the overrides, "gpu" adds nothing; None asks vLLM.
     `stats_path`: where the adapter dumps its counters as JSON (the engine core may run in another
     process, so a file is the simplest channel); `score_updates_path`: where late scores are appended
-    (`ltr.scheduling.score_updates`); both ignored for the fcfs/priority baselines.
+    (`ltr.scheduling.score_updates`); `served_log`: the served-traffic log's settings
+    (`ltr.data.served_log.ServedLogConfig` fields); all ignored for the fcfs/priority baselines.
     """
     platform = platform or current_platform()
     if platform not in ("cpu", "gpu"):
@@ -114,7 +118,8 @@ def engine_kwargs(model: str, policy: PolicyConfig, *, platform: Platform | None
         kwargs["scheduling_policy"] = "fcfs"
         kwargs["scheduler_cls"] = SCHEDULER_QUALNAME
         extra = dict(kwargs.get("additional_config") or {})
-        extra.update(additional_config_for(policy, stats_path, score_updates_path=score_updates_path))
+        extra.update(additional_config_for(policy, stats_path, score_updates_path=score_updates_path,
+                                           served_log=served_log))
         kwargs["additional_config"] = extra
     return kwargs
 

@@ -26,6 +26,7 @@ SCHEDULER_METHODS: dict[str, tuple[str, ...]] = {
     "shutdown": (),
     "_preempt_request": ("request", "timestamp", "drop_stale_output"),
     "_request_blocks_can_be_freed": ("request",),
+    "_free_request": ("request", "delay_free_blocks"),
     "_is_blocked_waiting_status": ("status",),
 }
 #: Properties of ``Scheduler`` the adapter reads.

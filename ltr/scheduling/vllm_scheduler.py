@@ -66,6 +66,10 @@ class AdapterConfig:
     stats_every: int = 50
     #: Where late scores are appended (``ltr.scheduling.score_updates``); None: scores are final at arrival.
     score_updates_path: str | None = None
+    #: The served-traffic log (``ltr.data.served_log.ServedLogConfig`` fields); None: nothing is logged.
+    served_log: Mapping[str, Any] | None = None
+    #: Rolling ranking quality of finished requests (``ltr.predictor.live_quality.LiveQualityConfig`` fields).
+    live_quality: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> AdapterConfig:
@@ -76,7 +80,7 @@ class AdapterConfig:
         where = f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]"
         if not isinstance(section, Mapping):
             raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
-        allowed = ("policy", "stats_path", "stats_every", "score_updates_path")
+        allowed = ("policy", "stats_path", "stats_every", "score_updates_path", "served_log", "live_quality")
         unknown = sorted(set(section) - set(allowed))
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
@@ -93,7 +97,19 @@ class AdapterConfig:
         stats_every = section.get("stats_every", 50)
         if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
             raise ValueError(f"{where}['stats_every'] must be an integer >= 1, got {stats_every!r}")
-        return cls(policy=policy, stats_every=stats_every, **paths)
+        from ltr.data.served_log import ServedLogConfig
+        from ltr.predictor.live_quality import LiveQualityConfig
+
+        served_log, live_quality = section.get("served_log"), section.get("live_quality") or {}
+        try:
+            ServedLogConfig.from_mapping(served_log)
+            if not isinstance(live_quality, Mapping):
+                raise ValueError(f"must be a mapping, got {type(live_quality).__name__}")
+            LiveQualityConfig(**live_quality)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}['served_log'/'live_quality']: {exc}") from exc
+        return cls(policy=policy, stats_every=stats_every, served_log=served_log, live_quality=dict(live_quality),
+                   **paths)
 
 
 class RankedRequestQueue(RequestQueue):
@@ -241,6 +257,15 @@ class RankScheduler(Scheduler):
         self._rescored_running: list[RankState] = []
         #: The caller's id of each request that may get a late score -> vLLM's internal id for it.
         self._late_score_ids: dict[str, str] = {}
+        from ltr.data.served_log import ServedLogConfig, ServedLogWriter
+        from ltr.predictor.live_quality import LiveQualityConfig, LiveRankQuality
+
+        log_config = ServedLogConfig.from_mapping(self.adapter_config.served_log)
+        self._served_log = ServedLogWriter(log_config) if log_config else None
+        self._live_quality = LiveRankQuality(LiveQualityConfig(**self.adapter_config.live_quality))
+        names = self.vllm_config.model_config.served_model_name
+        self._model_name = str(names[0] if isinstance(names, list | tuple) else names or
+                               self.vllm_config.model_config.model)
         logger.info("rank scheduler: policy %s", self.adapter_config.policy)
 
     # -- per-request state -------------------------------------------------------------------
@@ -348,8 +373,24 @@ class RankScheduler(Scheduler):
 
     def _dump_if_idle(self) -> None:
         """An idle engine takes no more steps, so leave its final counters behind, not the last periodic dump."""
-        if self.adapter_config.stats_path and not self.requests:
+        if self.requests:
+            return
+        if self.adapter_config.stats_path:
             self.dump_stats()
+        if self._served_log is not None:
+            self._served_log.flush()
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
+        """Every finished request (stopped, capped or aborted) passes here once: its predicted score against
+        the tokens it produced feeds the live ranking quality and, when configured, the served-traffic log."""
+        from ltr.data.served_log import record_from_request
+
+        record = record_from_request(request, self._model_name)
+        if record.finish_reason != "abort":
+            self._live_quality.observe_record(record)
+        if self._served_log is not None:
+            self._served_log.write(record)
+        return super()._free_request(request, delay_free_blocks)
 
     def _prune_states(self) -> None:
         """Drop the states of requests that left the engine: those finished since the last step (vLLM's
@@ -544,6 +585,7 @@ class RankScheduler(Scheduler):
             "rank_preemptions": p.rank_preemptions,
             "kv_preemptions": c.kv_preemptions,
             "late_scores": c.late_scores,
+            "live_quality": self._live_quality.snapshot(),
             "scored_requests": c.scored_requests,
             "unscored_requests": c.unscored_requests,
             "waiting": len(self.waiting) + len(self.kv_holding_waiting),
@@ -570,6 +612,8 @@ class RankScheduler(Scheduler):
 
     def shutdown(self) -> None:
         self.dump_stats()
+        if self._served_log is not None:
+            self._served_log.close()
         super().shutdown()
 
 
