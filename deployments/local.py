@@ -1,6 +1,6 @@
 """Start the whole service on this machine (CPU): a private local Ray, Serve on a chosen port.
 
-    python -m deployments.local [--port 8000] [--policy ltr] [--router least_work] [--replicas N ...]
+    python -m deployments.local [--port 8000] [--policy gittins] [--router least_work] [--replicas N ...]
 
 Engine replicas, threads and seats fit the machine (`deployments.machine.fit_to_machine`, printed at
 start); `--replicas`, `--engine-threads`, `--engine-cpus` and `--max-num-seqs` override it. It never joins a
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from deployments.machine import EngineLayout, fit_to_machine
+from ltr.scheduling.policy import POLICY_NAMES, PolicyConfig
 
 APP_NAME = "ltr"
 PREDICTOR_APP_NAME = "ltr-predictor"
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="OpenMP threads per engine replica (default: fit to the machine)")
     parser.add_argument("--engine-cpus", type=float, default=None,
                         help="Ray CPUs per engine replica (default: the engines' share of --num-cpus)")
-    parser.add_argument("--policy", default="ltr", choices=["ltr", "fcfs", "priority", "mlfq"])
+    parser.add_argument("--policy", default=PolicyConfig().name, choices=POLICY_NAMES,
+                        help="scheduling policy (default: the PolicyConfig default; 'ltr' = static rank)")
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="engine batch seats per replica (default: fit to the machine)")
