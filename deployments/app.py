@@ -42,7 +42,7 @@ class AppArgs(BaseModel):
     model: str = "smollm2"
     served_model_name: str | None = None
     #: Scheduling policy mapping for the engines (`PolicyConfig.from_mapping`), e.g. {"name": "fcfs"}.
-    policy: dict[str, Any] = Field(default_factory=lambda: {"name": "ltr"})
+    policy: dict[str, Any] = Field(default_factory=lambda: {"name": PolicyConfig().name})
     router: Literal["least_work", "pow2"] = "least_work"
     stats_staleness_s: float = Field(5.0, gt=0)
     routing_stats_period_s: float = Field(1.0, gt=0)
@@ -66,11 +66,22 @@ class AppArgs(BaseModel):
     tool_call_parser: str | None = None
     #: `vllm serve --trust-request-chat-template`: off keeps vLLM's default, a request's chat_template is refused.
     trust_request_chat_template: bool = False
+    #: The served-traffic log the engines write (`ltr.data.served_log.ServedLogConfig` fields, e.g.
+    #: {directory: /var/log/ltr}); None: nothing is logged. `ingress.log_text` adds the scored text.
+    served_log: dict[str, Any] | None = None
 
     @field_validator("policy")
     @classmethod
     def _valid_policy(cls, value: dict[str, Any]) -> dict[str, Any]:
         PolicyConfig.from_mapping(value)   # ValueError names the key
+        return value
+
+    @field_validator("served_log")
+    @classmethod
+    def _valid_served_log(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from ltr.data.served_log import ServedLogConfig
+
+        ServedLogConfig.from_mapping(value)   # ValueError names the field
         return value
 
     @model_validator(mode="after")
@@ -106,7 +117,7 @@ class AppArgs(BaseModel):
                                  trust_request_chat_template=self.trust_request_chat_template)
         return EngineSpec(model=model_path, policy=PolicyConfig.from_mapping(self.policy),
                           platform="gpu" if self.engine_num_gpus > 0 else "cpu", serving=serving,
-                          overrides=dict(self.engine_kwargs))
+                          overrides=dict(self.engine_kwargs), served_log=self.served_log)
 
     def replica_env(self) -> dict[str, str]:
         """Environment of each engine replica: the CPU engine settings under the configured ones on CPU."""
@@ -148,7 +159,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """The serving application: OpenAI ingress -> routed vLLM engine replicas."""
     parsed = AppArgs(**(args or {}))
     model_path = parsed.model_path()
-    settings = IngressSettings(**{"served_model_name": parsed.served_name(model_path), **parsed.ingress})
+    settings = IngressSettings(**{"served_model_name": parsed.served_name(model_path),
+                                  "served_log": parsed.served_log is not None, **parsed.ingress})
     actor_options: dict[str, Any] = {"num_cpus": parsed.ingress_num_cpus}
     if parsed.ingress_env:
         actor_options["runtime_env"] = {"env_vars": dict(parsed.ingress_env)}

@@ -73,17 +73,21 @@ class EngineSpec:
     serving: ServingOptions
     #: `engine_kwargs` overrides from the config (vLLM `AsyncEngineArgs` fields).
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: The served-traffic log's settings (`ltr.data.served_log.ServedLogConfig` fields); None: off.
+    served_log: dict[str, Any] | None = None
 
-    def vllm_kwargs(self, stats_path: str | None = None, score_updates_path: str | None = None) -> dict[str, Any]:
+    def vllm_kwargs(self, stats_path: str | None = None, score_updates_path: str | None = None,
+                    writer_id: str = "") -> dict[str, Any]:
         """The exact `AsyncEngineArgs` keyword arguments of a replica whose scheduler dumps its counters to
-        `stats_path` and reads late scores from `score_updates_path`."""
+        `stats_path`, reads late scores from `score_updates_path` and names its log segments `writer_id`."""
         overrides = {"served_model_name": self.serving.served_model_name, **self.overrides}
         if self.serving.max_tokens_cap is not None:
             generation = dict(overrides.get("override_generation_config") or {})
             generation.setdefault("max_new_tokens", self.serving.max_tokens_cap)
             overrides["override_generation_config"] = generation
+        served_log = None if self.served_log is None else {**self.served_log, "writer_id": writer_id}
         return engine_kwargs(self.model, self.policy, platform=self.platform, stats_path=stats_path,
-                             score_updates_path=score_updates_path, **overrides)
+                             score_updates_path=score_updates_path, served_log=served_log, **overrides)
 
     def scheduler_class(self) -> str:
         """The scheduler class vLLM will run, from its resolved async-scheduling setting."""
@@ -111,6 +115,9 @@ class EngineRequest:
     #: The predictor's pending answer (a Ray ObjectRef of a `Prediction`) when the ingress stopped waiting
     #: for it: the replica re-ranks the request when it lands.
     late_prediction: Any = None
+    #: What the served-traffic log records of the request besides the engine's own counts
+    #: (`ltr.data.served_log.log_extra_args`: input hash and length, predictor version, opt-in text).
+    log_fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,8 @@ class LLMEngine:
         self.stats_path = self._stats_dir / "scheduler_stats.json"
         #: Late scores go to the rank scheduler through this file (`ltr.scheduling.score_updates`).
         self.score_updates_path = self._stats_dir / "score_updates.tsv"
-        args = AsyncEngineArgs(**spec.vllm_kwargs(str(self.stats_path), str(self.score_updates_path)))
+        args = AsyncEngineArgs(**spec.vllm_kwargs(str(self.stats_path), str(self.score_updates_path),
+                                                  writer_id=self.replica))
         #: The engine core's latest SchedulerStats (running/waiting/KV use), for `debug_stats`.
         self.core_stats: dict[str, Any] = {}
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
@@ -237,7 +245,9 @@ class LLMEngine:
         awaits_score = request.late_prediction is not None and self.policy.runs_rank_scheduler
         body = dict(request.body)
         # The scheduler's keys come from the ingress only: a client cannot rank itself through vllm_xargs.
-        xargs = {k: v for k, v in (body.get("vllm_xargs") or {}).items() if k not in (SCORE_KEY, LATE_SCORE_ID_KEY)}
+        # Every `ltr_` key is ours (score, late-score id, what the served-traffic log records).
+        xargs = {k: v for k, v in (body.get("vllm_xargs") or {}).items() if not str(k).startswith("ltr_")}
+        xargs.update(request.log_fields)
         if request.score is not None:
             xargs[SCORE_KEY] = float(request.score)
         if awaits_score:

@@ -45,6 +45,7 @@ from deployments.metrics import prometheus_text
 from deployments.neutral import NeutralPlacement, calibration_median
 from deployments.predictor import Prediction, PredictorUnavailable
 from deployments.router import ReplicaProbe
+from ltr.data.served_log import log_extra_args
 from ltr.routing import request_work
 
 logger = logging.getLogger("ray.serve")
@@ -73,6 +74,12 @@ class IngressSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     served_model_name: str
+    #: Whether the engines log served traffic (set by `app.py` from `served_log`): then each request carries
+    #: what the log records of it (`ltr.data.served_log.log_extra_args`).
+    served_log: bool = False
+    #: Log the scored text itself, not only its hash (the user's data: opt-in; `ltr train-predictor --data`
+    #: needs it).
+    log_text: bool = False
     #: Largest `max_tokens` a request may ask for (400 above it); also the engines' default output cap
     #: (vLLM's `override_generation_config.max_new_tokens`, set by `app.py`).
     max_tokens_cap: int = Field(1024, ge=1)
@@ -390,9 +397,12 @@ class OpenAIIngress:
         prediction, reason, placement, pending = await self._place(request, served, text)
         score = prediction.score if prediction else None
         expected = prediction.expected_tokens if prediction else None
+        log_fields = {} if not self.settings.served_log else log_extra_args(
+            text, prediction.version if placement == "predicted" and prediction else None, self.settings.log_text)
         engine_request = EngineRequest(
             kind=kind, body=body, request_id=request_id, score=score, expected_tokens=expected,
-            predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN), late_prediction=pending)
+            predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN), late_prediction=pending,
+            log_fields=log_fields)
         self.requests[kind] += 1
         headers = {SCORE_HEADER: "none" if score is None else repr(score), REQUEST_ID_HEADER: request_id,
                    PLACEMENT_HEADER: placement}
