@@ -19,6 +19,8 @@ import httpx
 import openai
 import pytest
 
+from ltr.scheduling.policy import PolicyConfig
+
 MODEL_NAME = "tiny-llama"
 API_KEY = "test-key-123"
 #: Generation requests the API-key ingress holds at once (back-pressure test).
@@ -276,7 +278,8 @@ def test_score_reaches_engine_scheduler(client: httpx.Client) -> None:
         time.sleep(0.2)
     assert settled, scheduler
     assert scheduler["scored_requests"] == before.get(replica, 0) + 1, (before, scheduler)
-    assert stats["policy"] == "ltr" and scheduler["policy"]["name"] == "ltr"
+    default = PolicyConfig().name   # the app runs the default policy
+    assert stats["policy"] == default and scheduler["policy"]["name"] == default
     assert stats["counters"]["scored"] > 0
 
 

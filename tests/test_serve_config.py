@@ -115,7 +115,7 @@ def test_resolve_config_gpu_engines_take_vllm_defaults_and_the_async_rank_schedu
     assert kwargs["max_num_seqs"] == 256
     assert kwargs["max_model_len"] == configured.engine_kwargs["max_model_len"] == 8192
     assert not any(key.startswith("VLLM_CPU") for key in engine["env"])
-    assert kwargs["additional_config"]["ltr"]["policy"]["name"] == "ltr"
+    assert kwargs["additional_config"]["ltr"]["policy"]["name"] == "gittins"
 
 
 def test_resolve_config_cpu_engines_get_the_cpu_workarounds() -> None:

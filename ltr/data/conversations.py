@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ltr.data.sharegpt import DataError, Splits, _bucket, default_sharegpt_path, iter_sharegpt_records
+from ltr.data.sharegpt import (DataError, Splits, _bucket, default_sharegpt_path, iter_sharegpt_records,
+                               write_cache)
 from ltr.models import cache_dir
 
 _TURNS_FORMAT = 1
@@ -134,10 +135,7 @@ def load_turns(source: Path | None = None, tokenizer_path: Path | None = None, u
     turns = [Turn(cid, index, history, prompt, answer, len(ids), continued)
              for (cid, index, history, prompt, answer, continued), ids in zip(raw, answer_ids)]
     if use_cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(asdict(t)) + "\n" for t in turns), encoding="utf-8")
-        tmp.replace(cached)
+        write_cache(cached, turns)
     return turns
 
 

@@ -130,11 +130,16 @@ def load_pairs(source: Path | None = None, tokenizer_path: Path | None = None,
     pairs = [Pair(cid, p, a, len(pi), len(ai))
              for (cid, p, a), pi, ai in zip(raw, prompt_ids, answer_ids)]
     if use_cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(asdict(p)) + "\n" for p in pairs), encoding="utf-8")
-        tmp.replace(cached)
+        write_cache(cached, pairs)
     return pairs
+
+
+def write_cache(path: Path, rows: Sequence[object]) -> None:
+    """Dataclass rows as JSON Lines, written whole or not at all (a crash leaves no half cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(asdict(row)) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _bucket(base_id: str) -> float:
