@@ -43,9 +43,10 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 from deployments.engine import EngineRequest, ReplyHead
 from deployments.metrics import prometheus_text
 from deployments.neutral import NeutralPlacement, calibration_median
-from deployments.predictor import Prediction, PredictorUnavailable
+from deployments.predictor import Prediction, PredictorInput, PredictorUnavailable
 from deployments.router import ReplicaProbe
 from ltr.data.served_log import log_extra_args
+from ltr.predictor.render import last_user_text
 from ltr.routing import request_work
 
 logger = logging.getLogger("ray.serve")
@@ -181,6 +182,17 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _fallback_text(item: PredictorInput) -> str:
+    """The text a request is known by when the predictor did not score it: the prompt, or the chat's last
+    user message ("" when it has none, which the predictor could not score either)."""
+    if isinstance(item, str):
+        return item
+    try:
+        return last_user_text(item)
+    except ValueError:
+        return ""
+
+
 # ---- the deployment --------------------------------------------------------------------------------
 
 @serve.ingress(api)
@@ -290,20 +302,20 @@ class OpenAIIngress:
                            else "at the neutral score")
         return None, reason
 
-    async def _predict(self, text: str) -> tuple[Prediction | None, str | None, Any]:
+    async def _predict(self, item: PredictorInput) -> tuple[Prediction | None, str | None, Any]:
         """(prediction, fallback reason, pending): the request proceeds either way. On a timeout with
         `late_scores`, `pending` is the predictor's answer still on its way (a Ray ObjectRef), which the
         engine replica applies when it lands."""
         if self._predictor is None:
             return (*self._fallback("disabled"), None)
-        if not text.strip():
+        if not _fallback_text(item).strip():
             return (*self._fallback("no_text"), None)
         if time.monotonic() < self._breaker_open_until:
             return (*self._fallback("circuit_open"), None)
         reason, detail, pending, response = None, "", None, None
         deadline = time.monotonic() + self.settings.predictor_timeout_s
         try:
-            response = self._predictor.score.remote(text)
+            response = self._predictor.score.remote(item)
             ref = await asyncio.wait_for(response._to_object_ref(), timeout=self.settings.predictor_timeout_s)
             answer = asyncio.wrap_future(ref.future())
             try:
@@ -348,15 +360,15 @@ class OpenAIIngress:
                            "BadRequestError")
         return Prediction(score, expected)
 
-    async def _place(self, request: Request, served: bool, text: str) -> tuple[Prediction | None, str | None,
-                                                                               str, Any]:
+    async def _place(self, request: Request, served: bool, item: PredictorInput) -> tuple[
+            Prediction | None, str | None, str, Any]:
         """(prediction, fallback reason, placement, pending late answer) of one request."""
         override = self._override(request)
         if override is not None:
             return override, "override", "override", None
         if not served:   # vLLM answers 404 for this model name: nothing to score
             return None, None, "first", None
-        prediction, reason, pending = await self._predict(text)
+        prediction, reason, pending = await self._predict(item)
         placement = "predicted"
         if prediction is not None:
             self._neutral.observe(prediction)
@@ -370,7 +382,7 @@ class OpenAIIngress:
     # -- one generation request ------------------------------------------------------------------------
 
     async def _generate(self, request: Request, kind: Literal["chat", "completion"], data: dict[str, Any],
-                        parsed: Any, text: str, prompt_chars: int) -> Response:
+                        parsed: Any, item: PredictorInput, prompt_chars: int) -> Response:
         self._check_cap(parsed)
         if self.in_flight >= self.settings.max_queued_requests:
             self.requests["rejected_queue_full"] += 1
@@ -379,7 +391,7 @@ class OpenAIIngress:
                            headers={"Retry-After": str(self.settings.retry_after_s)})
         self.in_flight += 1
         try:
-            response = await self._generate_admitted(request, kind, data, parsed, text, prompt_chars)
+            response = await self._generate_admitted(request, kind, data, parsed, item, prompt_chars)
         except BaseException:
             self.in_flight -= 1
             raise
@@ -388,17 +400,20 @@ class OpenAIIngress:
         return response
 
     async def _generate_admitted(self, request: Request, kind: Literal["chat", "completion"],
-                                 data: dict[str, Any], parsed: Any, text: str, prompt_chars: int) -> Response:
+                                 data: dict[str, Any], parsed: Any, item: PredictorInput,
+                                 prompt_chars: int) -> Response:
         hex_id = uuid.uuid4().hex
         request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{hex_id}"
         body = dict(data)
         body.setdefault("request_id", hex_id)   # vLLM names its answer "<prefix>-<request_id>"
         served = parsed.model in (None, self.settings.served_model_name)
-        prediction, reason, placement, pending = await self._place(request, served, text)
+        prediction, reason, placement, pending = await self._place(request, served, item)
         score = prediction.score if prediction else None
         expected = prediction.expected_tokens if prediction else None
+        scored_text = prediction.input_text if placement == "predicted" and prediction else None
         log_fields = {} if not self.settings.served_log else log_extra_args(
-            text, prediction.version if placement == "predicted" and prediction else None, self.settings.log_text)
+            scored_text or _fallback_text(item), prediction.version if scored_text is not None else None,
+            self.settings.log_text)
         engine_request = EngineRequest(
             kind=kind, body=body, request_id=request_id, score=score, expected_tokens=expected,
             predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN), late_prediction=pending,
@@ -488,9 +503,11 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request) -> Response:
         self._check_auth(request)
         data, parsed = await self._parse(request, ChatCompletionRequest)
-        texts = [(_field(message, "role"), _text_of(_field(message, "content"))) for message in parsed.messages]
-        user_text = next((text for role, text in reversed(texts) if role == "user"), "")
-        return await self._generate(request, "chat", data, parsed, user_text, sum(len(t) for _, t in texts))
+        # Scored as the conversation: the predictor deployment renders it with its artifact's renderer.
+        messages = [{"role": _field(message, "role"), "content": _text_of(_field(message, "content"))}
+                    for message in parsed.messages]
+        return await self._generate(request, "chat", data, parsed, messages,
+                                    sum(len(m["content"]) for m in messages))
 
     @api.get("/v1/ltr/stats")
     async def stats(self, request: Request) -> dict[str, Any]:

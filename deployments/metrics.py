@@ -91,6 +91,26 @@ class _StatsCollector:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     family.add_metric([replica], value)
             yield family
+        yield from self._live_quality()
+
+    def _live_quality(self) -> Iterator[Metric]:
+        """The rank scheduler's rolling censor-aware tau (`ltr.predictor.live_quality`), per engine replica
+        and predictor version; tau only once the window holds a pair of known order."""
+        labels = ["replica", "predictor_version"]
+        tau = GaugeMetricFamily("ltr_live_kendall_tau", "Kendall tau of predicted score vs output tokens over "
+                                "this replica's last finished requests (censor-aware)", labels=labels)
+        window = GaugeMetricFamily("ltr_live_tau_window_requests", "finished requests in the live tau window",
+                                   labels=labels)
+        censored = GaugeMetricFamily("ltr_live_tau_censored_requests", "of which cut at max_tokens or aborted "
+                                     "(their length is a lower bound)", labels=labels)
+        for replica, stats in sorted(self.engines.items()):
+            versions = ((stats.get("scheduler") or {}).get("live_quality") or {}).get("versions") or {}
+            for version, snapshot in versions.items():
+                if snapshot.get("kendall_tau") is not None:
+                    tau.add_metric([replica, version], snapshot["kendall_tau"])
+                window.add_metric([replica, version], snapshot.get("n", 0))
+                censored.add_metric([replica, version], snapshot.get("censored", 0))
+        yield from (tau, window, censored)
 
 
 class _VLLMCollector:

@@ -1,4 +1,8 @@
-"""Predictor deployment: scores prompts in batches with the shipped ranking predictor.
+"""Predictor deployment: scores prompts and chats in batches with the shipped ranking predictor.
+
+A chat arrives as its messages and is turned into the predictor's input here, by the loaded artifact's
+own renderer (`RankPredictor.chat_input`, the function training and evaluation use), so the ingress needs
+no tokenizer and the input always matches the model that scores it, across hot swaps too.
 
 It is its own Serve application (default name `ltr-predictor`) so it scales, restarts and can even be
 deleted independently of the serving path: the ingress treats a missing, failing or slow predictor
@@ -24,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from ray import serve
 
@@ -39,6 +43,12 @@ class Prediction:
     score: float
     expected_tokens: float | None
     version: str | None = None
+    #: The text the predictor scored (a chat rendered by the artifact's renderer); None: not scored.
+    input_text: str | None = None
+
+
+#: What the ingress asks to score: a completion's prompt, or a chat's messages ({"role", "content"}).
+PredictorInput = Union[str, list[dict[str, Any]]]
 
 
 def artifact_version(directory: Path, max_length: int | None, int8: bool) -> str:
@@ -157,18 +167,19 @@ class Predictor:
         await self._loading
 
     @staticmethod
-    def _score_sync(loaded: _Loaded, prompts: list[str]) -> list[Prediction]:
-        scores = loaded.model.score(prompts)
+    def _score_sync(loaded: _Loaded, inputs: list[PredictorInput]) -> list[Prediction]:
+        texts = [item if isinstance(item, str) else loaded.model.chat_input(item) for item in inputs]
+        scores = loaded.model.score(texts)
         try:
             expected: list[float | None] = list(loaded.model.expected_tokens(scores))
         except ValueError:  # an uncalibrated predictor still ranks
             expected = [None] * len(scores)
-        return [Prediction(float(s), None if e is None else float(e), loaded.version)
-                for s, e in zip(scores, expected)]
+        return [Prediction(float(s), None if e is None else float(e), loaded.version, text)
+                for s, e, text in zip(scores, expected, texts)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
-    async def score(self, prompts: list[str]) -> list[Prediction]:
-        """Batched scoring; raises PredictorUnavailable when no model is loaded."""
+    async def score(self, inputs: list[PredictorInput]) -> list[Prediction]:
+        """Batched scoring of prompts and chats; raises PredictorUnavailable when no model is loaded."""
         if self.settings.fault == "hang":
             await asyncio.sleep(self.settings.hang_s)
         if self.settings.fault == "raise":
@@ -177,9 +188,9 @@ class Predictor:
         loaded = self._loaded   # this batch is scored by one model, even if a swap lands meanwhile
         if loaded is None:
             raise PredictorUnavailable(self._load_error or "predictor not loaded")
-        predictions = await asyncio.to_thread(self._score_sync, loaded, prompts)
+        predictions = await asyncio.to_thread(self._score_sync, loaded, inputs)
         self.batches += 1
-        self.scored += len(prompts)
+        self.scored += len(inputs)
         return predictions
 
     def status(self) -> dict[str, Any]:

@@ -13,8 +13,11 @@ router sends each request to the replica holding the least predicted outstanding
 
 The choice itself is the shared pure rule `ltr.routing.choose_replica("least_work", ...)`; the
 remaining replicas follow as fallback ranks, so a full replica never blocks routing. A call carrying a
-`ReplicaProbe` goes to a replica it has not visited yet, so the ingress can collect every replica's debug
-stats in one sweep (Serve handles have no broadcast).
+`ReplicaProbe` goes only to replicas it has not visited yet, so the ingress can collect every replica's
+debug stats in one sweep (Serve handles have no broadcast): while one is left, the call waits for it (Serve
+backs off and asks again) instead of falling back to a visited one. Serve skips a replica whose queue-length
+probe answers late (0.1 s at first), which on a saturated machine happens often; a fallback rank there made
+sweeps end early and miss replicas. Once all are visited, the call goes to any: the repeat ends the sweep.
 """
 
 from __future__ import annotations
@@ -128,11 +131,15 @@ class LeastWorkRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            # Serve sleeps between rounds in which no replica took the request only when the router says so
+            # (its own locality and multiplex rules do; a custom router that does not spins: a busy loop of
+            # queue-length probes that starved a 2-core box in CI; ray-project/ray PRs 63238, 66051).
+            pending_request.routing_context.should_backoff = True
         visited_ids = visited_by_probe(pending_request)
         if visited_ids is not None:
             unvisited = [r for r in candidate_replicas if r.replica_id.unique_id not in visited_ids]
-            visited = [r for r in candidate_replicas if r.replica_id.unique_id in visited_ids]
-            return [ranked for ranked in (unvisited, visited) if ranked]
+            return [unvisited or candidate_replicas]
         loads = self.replica_loads(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         best = choose_replica("least_work", loads, self._rng)

@@ -148,3 +148,42 @@ def test_swap_under_load_fails_nothing_and_names_each_version(serve_instance: No
     status = _wait_for(handle, lambda st: st["error"] is not None)
     assert status["version"] == new_version and "predictor file missing" in status["error"]
     assert handle.score.remote(PROMPTS[0]).result().version == new_version
+
+
+def test_chats_are_scored_by_the_loaded_artifacts_own_renderer(serve_instance: None, tmp_path: Path,
+                                                                smollm2_path: Path) -> None:
+    """The deployment turns a chat into the predictor's input with the artifact's renderer (the function
+    training used): a prompt-trained artifact scores the last user message, one trained on rendered
+    conversations (config `chat_template`) the conversation, cut from the left to its encoder window."""
+    import json
+
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from ltr.predictor.model import CONFIG_NAME, RankPredictor
+    from ltr.predictor.render import chat_input
+
+    messages = [{"role": "user", "content": "ancient history " * 200}, {"role": "assistant", "content": "Sure."},
+                {"role": "user", "content": "Now summarise it in one line."}]
+    _deploy(SETTINGS)
+    handle = serve.get_deployment_handle("Predictor", app_name="ltr-predictor")
+    _wait_for(handle, lambda st: st["loaded"] and st["artifact_dir"] == str(shipped_artifact_dir()))
+    plain = handle.score.remote(messages).result()
+    assert plain.input_text == "Now summarise it in one line."
+
+    template = AutoTokenizer.from_pretrained(smollm2_path).chat_template
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(shipped_artifact_dir(), chat_dir)
+    config = json.loads((chat_dir / CONFIG_NAME).read_text())
+    (chat_dir / CONFIG_NAME).write_text(json.dumps({**config, "chat_template": template}))
+    _deploy({**SETTINGS, "artifact_dir": str(chat_dir)})
+    _wait_for(handle, lambda st: st["artifact_dir"] == str(chat_dir))
+    rendered = handle.score.remote(messages).result()
+    local = RankPredictor.from_pretrained(chat_dir).for_serving(SETTINGS["max_length"])
+    expected = chat_input(messages, template, local.tokenizer, SETTINGS["max_length"])
+    assert rendered.input_text == expected == local.chat_input(messages)
+    assert expected.rstrip().endswith("assistant") and "Now summarise it in one line." in expected
+    assert rendered.score == pytest.approx(local.score([expected])[0], abs=1e-4)
+    assert rendered.score != pytest.approx(plain.score, abs=1e-4)
+    # A completion prompt is scored as it is, by either artifact.
+    assert handle.score.remote("hi").result().input_text == "hi"

@@ -189,6 +189,18 @@ def test_the_scheduler_logs_finished_requests_and_tracks_live_tau(tiny_model_pat
     live = scheduler.stats()["live_quality"]
     assert live["versions"]["v1"]["n"] == 6                     # the aborted request is no label
     assert live["versions"]["v1"]["kendall_tau"] == pytest.approx(13 / 15)
+    # ... and /metrics carries it per engine replica and predictor version.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deployments.metrics import prometheus_text
+
+    text = prometheus_text("ingress-1", {}, {"replica-1": {"scheduler": scheduler.stats()}}).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    labels = (("predictor_version", "v1"), ("replica", "replica-1"))
+    assert samples[("ltr_live_kendall_tau", labels)] == pytest.approx(13 / 15)
+    assert samples[("ltr_live_tau_window_requests", labels)] == 6
+    assert samples[("ltr_live_tau_censored_requests", labels)] == 1
     scheduler.shutdown()
     records = {r.request_id: r for r in read_served_log(log_dir)}
     assert set(records) == {f"r{i}" for i in range(6)} | {"gone"}
