@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from ray import serve
 
-from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP, ReplicaProbe
+from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP
 from ltr.scheduling.engine import Platform, engine_kwargs, require_tested_vllm, scheduler_class_for
 from ltr.scheduling.policy import PolicyConfig
 
@@ -312,9 +312,9 @@ class LLMEngine:
         """`GET /v1/models` as vLLM answers it."""
         return (await self.state.openai_serving_models.show_available_models()).model_dump()
 
-    async def vllm_metrics(self, probe: ReplicaProbe | None = None) -> dict[str, str]:
+    async def vllm_metrics(self) -> dict[str, str]:
         """vLLM's own Prometheus metrics, which its stat logger keeps in this process's default registry
-        (text format), and this replica's id. `probe`: see `debug_stats`."""
+        (text format), and this replica's id (the ingress broadcasts this call to every replica)."""
         from deployments.metrics import vllm_registry_text
 
         return {"replica": self.replica, "text": vllm_registry_text()}
@@ -356,11 +356,8 @@ class LLMEngine:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    async def debug_stats(self, probe: ReplicaProbe | None = None) -> dict[str, Any]:
-        """What this replica saw: request counters, current load, and the scheduler's own counters.
-
-        `probe` is only read by `LeastWorkRouter`, to steer the call to a replica not yet visited.
-        """
+    async def debug_stats(self) -> dict[str, Any]:
+        """What this replica saw: request counters, current load, and the scheduler's own counters."""
         return {"replica": self.replica, "policy": self.policy.name, "counters": dict(self.counters),
                 "in_flight": len(self._tracked), "outstanding_work": self.outstanding_work(),
                 "scheduler": self.scheduler_stats(), "engine_core": dict(self.core_stats),

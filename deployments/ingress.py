@@ -44,7 +44,6 @@ from deployments.engine import EngineRequest, ReplyHead
 from deployments.metrics import prometheus_text
 from deployments.neutral import NeutralPlacement, calibration_median
 from deployments.predictor import Prediction, PredictorInput, PredictorUnavailable
-from deployments.router import ReplicaProbe
 from ltr.data.served_log import log_extra_args
 from ltr.predictor.render import last_user_text
 from ltr.routing import request_work
@@ -58,10 +57,6 @@ PLACEMENT_HEADER = "x-ltr-placement"
 REQUEST_ID_HEADER = "x-ltr-request-id"
 SCORE_OVERRIDE_HEADER = "x-ltr-score-override"
 EXPECTED_OVERRIDE_HEADER = "x-ltr-expected-tokens-override"
-#: Engine sweeps (`/v1/ltr/engine_stats`, `/metrics`): stop after this many already-seen replicas (or failed
-#: calls) in a row, or this many calls.
-ENGINE_STATS_REPEATS = 3
-ENGINE_STATS_MAX_CALLS = 256
 #: Characters per token of the routing estimate of a prompt's length before vLLM has tokenized it (the
 #: prefill term of `request_work` is small; the replica replaces it with the real count).
 CHARS_PER_TOKEN = 4
@@ -109,7 +104,7 @@ class IngressSettings(BaseModel):
     allow_score_override: bool = False
     #: Use the engine deployment of another Serve application instead of a bound one (extra ingresses).
     engine_app: str | None = None
-    #: How long `/metrics` and `/v1/ltr/engine_stats` wait for one engine replica's answer.
+    #: How long `/metrics` and `/v1/ltr/engine_stats` wait for the engine replicas' answers.
     engine_stats_timeout_s: float = Field(10.0, gt=0)
 
 
@@ -517,9 +512,9 @@ class OpenAIIngress:
 
     @api.get("/v1/ltr/engine_stats")
     async def engine_stats(self, request: Request) -> dict[str, Any]:
-        """Every engine replica's debug stats, keyed by replica id (see `_sweep_engines`)."""
+        """Every engine replica's debug stats, keyed by replica id (see `_every_engine`)."""
         self._check_auth(request)
-        replicas, failures = await self._sweep_engines("debug_stats")
+        replicas, failures = await self._every_engine("debug_stats")
         return {"replicas": replicas, "failed_calls": failures}
 
     @api.get("/metrics")
@@ -528,7 +523,7 @@ class OpenAIIngress:
         of every engine replica (label `replica`). A replica that fails to answer is left out."""
         self._check_auth(request)
         (engines, stats_failures), (vllm, vllm_failures) = await asyncio.gather(
-            self._sweep_engines("debug_stats"), self._sweep_engines("vllm_metrics"))
+            self._every_engine("debug_stats"), self._every_engine("vllm_metrics"))
         body = prometheus_text(self.replica, self._ingress_stats(), engines,
                                {replica: answer["text"] for replica, answer in vllm.items()},
                                scrape_failures=stats_failures + vllm_failures)
@@ -539,31 +534,23 @@ class OpenAIIngress:
                 "neutral_placements": self.neutral_placements, "replicas_seen": dict(self.replicas_seen),
                 "breaker_open": time.monotonic() < self._breaker_open_until, "in_flight": self.in_flight}
 
-    async def _sweep_engines(self, method: str) -> tuple[dict[str, Any], int]:
-        """({replica: answer}, failed calls) of one sweep of `method` calls over the engine replicas.
+    async def _every_engine(self, method: str) -> tuple[dict[str, Any], int]:
+        """({replica: answer}, failed replicas) of `method` called on every running engine replica.
 
-        Each call carries the replicas seen so far and the least-work router sends it to an unseen one;
-        the sweep ends at the first few repeats (or failures) in a row. A failed or slow call is counted,
-        not raised: one sick replica does not hide the others. (Ray's default router ignores the probe, so
-        with it the sweep samples replicas at random and may miss some.)
+        Serve's `broadcast` sends the call to each replica directly, past the router (no queue-length
+        probes, so a busy replica still answers). A replica that raises is left out and counted; one that
+        does not answer within `engine_stats_timeout_s` costs the whole call (counted once): Serve's health
+        check replaces a hung replica.
         """
-        replicas: dict[str, Any] = {}
-        repeats = failures = failed_in_a_row = 0
-        for _ in range(ENGINE_STATS_MAX_CALLS):
-            call = getattr(self.engine, method).remote(ReplicaProbe(frozenset(replicas)))
-            try:
-                answer = await asyncio.wait_for(call, timeout=self.settings.engine_stats_timeout_s)
-            except Exception as exc:
-                logger.warning("engine %s call failed: %s: %s", method, type(exc).__name__, str(exc)[:200])
-                failures += 1
-                failed_in_a_row += 1
-                if failed_in_a_row >= ENGINE_STATS_REPEATS:
-                    break
-                continue
-            failed_in_a_row = 0
-            repeats = repeats + 1 if answer["replica"] in replicas else 0
-            replicas[answer["replica"]] = answer
-            if repeats >= ENGINE_STATS_REPEATS:
-                break
-        return replicas, failures
+        try:
+            answers = await self.engine.broadcast(method).results_async(
+                timeout_s=self.settings.engine_stats_timeout_s, return_exceptions=True)
+        except Exception as exc:   # timeout, or no replica running: an empty answer, not a failed route
+            logger.warning("engine %s broadcast failed: %s: %s", method, type(exc).__name__, str(exc)[:200])
+            return {}, 1
+        replicas = {answer["replica"]: answer for answer in answers if isinstance(answer, dict)}
+        for answer in answers:
+            if not isinstance(answer, dict):
+                logger.warning("engine %s call failed: %s: %s", method, type(answer).__name__, str(answer)[:200])
+        return replicas, len(answers) - len(replicas)
 

@@ -12,12 +12,8 @@ router sends each request to the replica holding the least predicted outstanding
   has in flight on it (exact for a single ingress, a lower bound with several).
 
 The choice itself is the shared pure rule `ltr.routing.choose_replica("least_work", ...)`; the
-remaining replicas follow as fallback ranks, so a full replica never blocks routing. A call carrying a
-`ReplicaProbe` goes only to replicas it has not visited yet, so the ingress can collect every replica's
-debug stats in one sweep (Serve handles have no broadcast): while one is left, the call waits for it (Serve
-backs off and asks again) instead of falling back to a visited one. Serve skips a replica whose queue-length
-probe answers late (0.1 s at first), which on a saturated machine happens often; a fallback rank there made
-sweeps end early and miss replicas. Once all are visited, the call goes to any: the repeat ends the sweep.
+remaining replicas follow as fallback ranks, so a full replica never blocks routing. (Debug calls that
+must reach every replica do not come here: the ingress uses Serve's `broadcast`.)
 """
 
 from __future__ import annotations
@@ -62,18 +58,6 @@ def predicted_work_of(pending_request: PendingRequest | None) -> float:
     work = _argument_attribute(pending_request, "predicted_work",
                                lambda v: isinstance(v, (int, float)) and v >= 0)
     return request_work(None, 0) if work is None else float(work)
-
-
-@dataclass(frozen=True)
-class ReplicaProbe:
-    """Argument of a debug call that should reach a replica not in `visited_replicas` (unique ids)."""
-
-    visited_replicas: frozenset[str] = frozenset()
-
-
-def visited_by_probe(pending_request: PendingRequest | None) -> frozenset[str] | None:
-    """The replicas a `ReplicaProbe` argument has visited, or None for an ordinary request."""
-    return _argument_attribute(pending_request, "visited_replicas", lambda v: isinstance(v, frozenset))
 
 
 @dataclass
@@ -136,10 +120,6 @@ class LeastWorkRouter(RequestRouter):
             # (its own locality and multiplex rules do; a custom router that does not spins: a busy loop of
             # queue-length probes that starved a 2-core box in CI; ray-project/ray PRs 63238, 66051).
             pending_request.routing_context.should_backoff = True
-        visited_ids = visited_by_probe(pending_request)
-        if visited_ids is not None:
-            unvisited = [r for r in candidate_replicas if r.replica_id.unique_id not in visited_ids]
-            return [unvisited or candidate_replicas]
         loads = self.replica_loads(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         best = choose_replica("least_work", loads, self._rng)

@@ -107,7 +107,7 @@ def _check_success(response: httpx.Response, streamed: bool) -> None:
 
 
 async def _engine_stats(url: str) -> dict[str, dict]:
-    """Debug stats of every engine replica (one call: the ingress sweeps the replicas)."""
+    """Debug stats of every engine replica (one call: the ingress broadcasts to the replicas)."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         reply = await http.get("/v1/ltr/engine_stats")
     assert reply.status_code == 200, reply.text

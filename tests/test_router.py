@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from deployments.router import LeastWorkRouter, ReplicaProbe
+from deployments.router import LeastWorkRouter
 
 
 def _replica(name: str) -> SimpleNamespace:
@@ -25,15 +25,6 @@ def _choose(router: LeastWorkRouter, replicas: list, *args) -> list[list[str]]:
     # round of full or slow replicas is retried at once, forever (a busy loop of queue-length probes).
     assert pending.routing_context.should_backoff is True
     return [[r.replica_id.unique_id for r in rank] for rank in ranks]
-
-
-def test_a_probe_waits_for_an_unvisited_replica_and_never_falls_back_to_a_visited_one() -> None:
-    router, replicas = _router(), [_replica("a"), _replica("b"), _replica("c")]
-    # One rank only: if Serve finds "c" busy it backs off and asks again, never hands the call to a or b.
-    assert _choose(router, replicas, ReplicaProbe(frozenset({"a", "b"}))) == [["c"]]
-    assert _choose(router, replicas, ReplicaProbe(frozenset({"a"}))) == [["b", "c"]]
-    # All visited: any replica; the repeat is what ends the ingress's sweep.
-    assert _choose(router, replicas, ReplicaProbe(frozenset({"a", "b", "c"}))) == [["a", "b", "c"]]
 
 
 def test_ordinary_requests_rank_every_replica_least_work_first() -> None:

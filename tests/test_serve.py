@@ -216,14 +216,14 @@ def test_least_work_router_avoids_the_replica_holding_long_work(serve_app: dict)
 
 
 def _scheduler_totals(client: httpx.Client) -> dict[str, dict]:
-    """Latest debug stats per engine replica, from the ingress's one-sweep debug route."""
+    """Latest debug stats per engine replica, from the ingress's debug route (one broadcast)."""
     response = client.get("/v1/ltr/engine_stats")
     assert response.status_code == 200, response.text
     return response.json()["replicas"]
 
 
 def test_engine_stats_covers_every_replica_in_one_call(client: httpx.Client) -> None:
-    # Without the probe, the least-work router sends every idle-time call to the same replica.
+    # Through the router, every idle-time call would go to the same replica; the broadcast reaches each.
     for _ in range(3):
         per_replica = _scheduler_totals(client)
         assert len(per_replica) == 2, sorted(per_replica)

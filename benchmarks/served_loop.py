@@ -1,0 +1,376 @@
+"""The served-traffic loop on this machine: serve ShareGPT prompts with the real served model, log them,
+retrain the predictor on the log, hot-swap it in, and compare on held-out served traffic.
+
+    python benchmarks/served_loop.py [--prompts 700 --samples 2 --max-tokens 128 --budget-s 1500]
+
+1. **Serve.** The local service as `python -m deployments.local` starts it on this machine (fitted engine
+   layout, default policy, shipped predictor at its serving length), plus the served-traffic log with the
+   predictor's input text (`served_log`, ingress `log_text`). The official `openai` client sends each
+   ShareGPT prompt (first turns of the val + test conversations: the shipped predictor never trained on
+   them) `--samples` times as a chat request, sampled (temperature 1.0, `--max-tokens`), `--concurrency`
+   at a time, until every prompt is served or `--budget-s` runs out.
+2. **Retrain.** `ltr train-predictor --data LOG --init SHIPPED` on the log's train slice (split by prompt
+   hash: the held-out slice is never trained on).
+3. **Swap.** Held-out prompts are served once more; after a quarter of them, a `serve deploy`-style update
+   gives the Predictor the retrained artifact. Every request must succeed; the log says which version
+   scored each.
+4. **Compare** on the held-out slice of the phase-1 log (every sample of every held-out prompt): the
+   censor-aware Kendall tau (`ltr.predictor.live_quality`) of the shipped and the retrained predictor's
+   scores against the served model's own lengths, and the ceiling measured the same way: one sample's
+   length ranking the other's. Intervals: 95% bootstrap over held-out prompts (paired for the gain).
+
+Writes benchmarks/results/<out>.json (command inside, `summary` with tau_shipped, tau_retrained,
+tau_gain_vs_shipped, tau_ceiling) and <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shlex
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+sys.path.insert(0, str(REPO))
+
+PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving default
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=700, help="distinct ShareGPT prompts to serve")
+    p.add_argument("--samples", type=int, default=2, help="sampled answers per prompt (>= 2: the ceiling)")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer cap (a capped answer is censored)")
+    p.add_argument("--max-prompt-tokens", type=int, default=384, help="prompts longer than this are skipped")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
+    p.add_argument("--budget-s", type=float, default=1500.0, help="stop sending phase-1 requests after this")
+    p.add_argument("--holdout", type=float, default=0.25, help="held-out share of prompts (by prompt hash)")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", default="served_loop")
+    args = p.parse_args(argv)
+    if args.samples < 2:
+        p.error("--samples must be >= 2 (the ceiling compares two answers to one prompt)")
+    for name in ("prompts", "max_tokens", "concurrency", "epochs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def pick_prompts(count: int, max_prompt_tokens: int, seed: int) -> list[str]:
+    """Distinct first-turn prompts of the val and test conversations, shuffled."""
+    from ltr.data import load_pairs, split_pairs
+
+    splits = split_pairs(load_pairs())
+    prompts = sorted({p.prompt for p in (*splits.val, *splits.test)
+                      if p.prompt.strip() and p.prompt_len <= max_prompt_tokens})
+    random.Random(seed).shuffle(prompts)
+    if len(prompts) < count:
+        raise SystemExit(f"only {len(prompts)} prompts of <= {max_prompt_tokens} tokens, --prompts {count}")
+    return prompts[:count]
+
+
+def deploy_predictor(settings: dict) -> None:
+    """What `serve deploy CONFIG` does with the predictor app: its settings become the Predictor
+    deployment's `user_config`, which Serve applies in place (the hot swap)."""
+    from ray.serve._private.api import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.local import PREDICTOR_APP_NAME
+
+    config = {"applications": [{
+        "name": PREDICTOR_APP_NAME, "route_prefix": None, "import_path": "deployments.app:build_predictor_app",
+        "deployments": [{"name": "Predictor", "user_config": settings}]}]}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
+def start_service(log_dir: Path, port: int) -> str:
+    """The local default service (deployments.local's layout and args) with the served-traffic log on."""
+    import psutil
+    import ray
+    from ray import serve
+    from vllm.utils.torch_utils import available_cpu_count
+
+    from deployments.app import build_app
+    from deployments.local import APP_NAME, app_args, engine_layout, parse_args as local_args
+    from ltr.models import prepare_model
+
+    options = local_args(["--port", str(port)])
+    cpus = available_cpu_count()
+    layout = engine_layout(options, cpus, psutil.virtual_memory().total / 2**30, cpus)
+    print(layout.describe(), flush=True)
+    ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="ltr-loop-bench-"), include_dashboard=False,
+             num_cpus=cpus, logging_level="WARNING")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy_predictor(PREDICTOR_SETTINGS)
+    config = app_args(options, layout)
+    config["model"] = str(prepare_model())
+    config["served_log"] = {"directory": str(log_dir)}
+    config["ingress"] = {**config["ingress"], "log_text": True}
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, str]], max_tokens: int, concurrency: int,
+                     budget_s: float, during: Any = None) -> list[dict]:
+    """Send (prompt id, sample, prompt) chat requests with the openai client; one result dict each.
+    `during(done)` is awaited after each answer (phase 3 uses it to start the swap)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0)
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    results: list[dict] = []
+    deadline = time.monotonic() + budget_s
+
+    async def worker() -> None:
+        while not queue.empty() and time.monotonic() < deadline:
+            prompt_id, sample, prompt = queue.get_nowait()
+            started = time.monotonic()
+            try:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                    temperature=1.0, seed=1000 * sample + prompt_id)
+                answer = raw.parse()
+                results.append({"prompt": prompt_id, "sample": sample, "ok": True,
+                                "placement": raw.headers.get("x-ltr-placement"),
+                                "tokens": answer.usage.completion_tokens,
+                                "finish": answer.choices[0].finish_reason, "latency_s": time.monotonic() - started})
+            except openai.APIError as exc:
+                results.append({"prompt": prompt_id, "sample": sample, "ok": False, "error": repr(exc)[:300]})
+            if during is not None:
+                await during(len(results))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await client.close()
+    return results
+
+
+def wait_for_records(log_dir: Path, count: int, timeout_s: float = 60.0) -> list:
+    from ltr.data.served_log import read_served_log
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(read_served_log(log_dir))
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def tau(scores: np.ndarray, lengths: np.ndarray, censored: np.ndarray) -> float | None:
+    from ltr.predictor.live_quality import censored_kendall_tau
+
+    return censored_kendall_tau(scores, lengths, censored)["kendall_tau"]
+
+
+def bootstrap(groups: list[np.ndarray], stat, resamples: int = 300, seed: int = 0) -> list[float] | None:
+    """95% interval of `stat(indices)` over resampled prompts (`groups`: record indices per prompt); None
+    when the statistic is undefined (no pair of known order, e.g. every answer cut at the cap)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        picked = rng.integers(0, len(groups), len(groups))
+        value = stat(np.concatenate([groups[i] for i in picked]))
+        if value is not None:
+            values.append(value)
+    if not values:
+        return None
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def compare(log_dir: Path, phase1_ids: set[str], shipped: Path, retrained: Path, holdout: float) -> dict:
+    """Taus on the held-out slice of the phase-1 log: shipped, retrained, gain, ceiling, prompt length."""
+    from ltr.data.served_log import read_served_log, text_sha256
+    from ltr.predictor.model import RankPredictor
+    from ltr.predictor.train import served_slice
+
+    records = [r for r in read_served_log(log_dir) if r.request_id in phase1_ids and r.finish_reason not in
+               ("abort", "error") and served_slice(r.input_sha256 or text_sha256(r.text)) < holdout]
+    texts = sorted({r.text for r in records})
+    scores = {}
+    for name, artifact in (("shipped", shipped), ("retrained", retrained)):
+        model = RankPredictor.from_pretrained(artifact).for_serving(PREDICTOR_SETTINGS["max_length"])
+        by_text = dict(zip(texts, model.score(texts, batch_size=64)))
+        scores[name] = np.array([by_text[r.text] for r in records])
+    lengths = np.array([r.output_tokens for r in records], dtype=np.int64)
+    censored = np.array([r.censored for r in records], dtype=bool)
+    prompt_tokens = np.array([r.prompt_tokens for r in records], dtype=np.float64)
+    groups_of: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups_of[r.text].append(i)
+    groups = [np.array(v) for v in groups_of.values()]
+
+    def tau_of(values: np.ndarray):
+        return lambda idx: tau(values[idx], lengths[idx], censored[idx])
+
+    def gain(idx: np.ndarray) -> float | None:
+        a, b = tau_of(scores["retrained"])(idx), tau_of(scores["shipped"])(idx)
+        return None if a is None or b is None else a - b
+
+    # Ceiling: for prompts with two answers, the first answer's length as the "score" of the second.
+    pairs = [g[:2] for g in groups if len(g) >= 2]
+    first, second = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    def ceiling(idx: np.ndarray) -> float | None:
+        return tau(lengths[first[idx]].astype(np.float64), lengths[second[idx]], censored[second[idx]])
+
+    everything = np.arange(len(records))
+    result = {"held_out_records": len(records), "held_out_prompts": len(groups),
+              "censored_share": float(censored.mean()), "mean_output_tokens": float(lengths.mean())}
+    for name, stat, grouping in (("tau_shipped", tau_of(scores["shipped"]), groups),
+                                 ("tau_retrained", tau_of(scores["retrained"]), groups),
+                                 ("tau_gain_vs_shipped", gain, groups),
+                                 ("tau_prompt_length", tau_of(prompt_tokens), groups),
+                                 ("tau_ceiling", ceiling, [np.array([i]) for i in range(len(pairs))])):
+        point = stat(everything if grouping is groups else np.arange(len(pairs)))
+        result[name] = point
+        result[f"{name}_ci95"] = bootstrap(grouping, stat)
+    # Spread over answer samples: each model's tau against sample k's lengths alone.
+    by_sample: dict[str, dict[str, float | None]] = {}
+    for k in range(2):
+        idx = np.array([g[k] for g in groups if len(g) > k])
+        by_sample[f"answer_{k}"] = {name: tau_of(scores[name])(idx) for name in scores}
+    result["by_answer_sample"] = by_sample
+    return result
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["tau_prompt_length", "tau_shipped", "tau_retrained", "tau_ceiling"]
+    labels = ["prompt length", "shipped predictor", "retrained on the log", "ceiling (answer vs answer)"]
+    values = [summary[n] or 0.0 for n in names]
+    intervals = [summary[f"{n}_ci95"] or [v, v] for n, v in zip(names, values)]
+    errors = np.array([[v - low, high - v] for v, (low, high) in zip(values, intervals)]).T
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(labels, values, yerr=errors, capsize=6, color=["#999", "#4c72b0", "#dd8452", "#55a868"])
+    ax.set_ylabel("censor-aware Kendall tau vs served lengths")
+    gain = summary["tau_gain_vs_shipped"]
+    ax.set_title(f"Held-out served traffic ({summary['held_out_prompts']} prompts, {summary['held_out_records']} "
+                 f"answers); gain {'n/a' if gain is None else f'{gain:+.3f}'}")
+    ax.axhline(0, color="black", linewidth=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ray import serve
+
+    from deployments.local import PREDICTOR_APP_NAME
+    from deployments.predictor import artifact_version
+    from ltr.cli import main as ltr_main
+    from ltr.models import prepare_model
+    from ltr.predictor.model import shipped_artifact_dir
+    from ltr.predictor.train import served_slice
+    from ltr.data.served_log import text_sha256
+
+    command = "python benchmarks/served_loop.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    work = Path(tempfile.mkdtemp(prefix="ltr-served-loop-"))
+    log_dir, retrained = work / "served-log", work / "retrained"
+    prompts = pick_prompts(args.prompts, args.max_prompt_tokens, args.seed)
+    model_name = prepare_model().name
+    url = start_service(log_dir, args.port)
+    timings: dict[str, float] = {}
+    try:
+        # 1. serve, prompt-major so that a budget cut leaves whole prompts.
+        jobs = [(i, k, prompt) for i, prompt in enumerate(prompts) for k in range(args.samples)]
+        started = time.monotonic()
+        phase1 = asyncio.run(serve_jobs(url, model_name, jobs, args.max_tokens, args.concurrency, args.budget_s))
+        timings["serve_s"] = time.monotonic() - started
+        ok = [r for r in phase1 if r["ok"]]
+        records = wait_for_records(log_dir, len(ok))
+        print(f"phase 1: {len(ok)}/{len(phase1)} answered in {timings['serve_s']:.0f} s, {len(records)} logged",
+              flush=True)
+
+        # 2. retrain on the log's train slice.
+        started = time.monotonic()
+        train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(shipped_artifact_dir()),
+                      "--holdout", str(args.holdout), "--val-fraction", str(args.val_fraction),
+                      "--epochs", str(args.epochs), "--max-length", str(PREDICTOR_SETTINGS["max_length"]),
+                      "--seed", str(args.seed), "--output", str(retrained)]
+        if ltr_main(train_argv) != 0:
+            raise SystemExit("train-predictor failed")
+        timings["retrain_s"] = time.monotonic() - started
+
+        # 3. serve held-out prompts again, swapping the predictor a quarter of the way in.
+        held_out = [i for i, p in enumerate(prompts) if served_slice(text_sha256(p)) < args.holdout
+                    and any(r["prompt"] == i and r["ok"] for r in ok)]
+        handle = serve.get_deployment_handle("Predictor", app_name=PREDICTOR_APP_NAME)
+        new_version = artifact_version(retrained, PREDICTOR_SETTINGS["max_length"], False)
+        swap: dict[str, Any] = {}
+
+        async def maybe_swap(done: int) -> None:
+            if "task" not in swap and done >= len(held_out) // 4:
+                swap["sent_before"] = done
+                swap["task"] = asyncio.create_task(asyncio.to_thread(
+                    deploy_predictor, {**PREDICTOR_SETTINGS, "artifact_dir": str(retrained)}))
+
+        async def phase3() -> list[dict]:
+            results = await serve_jobs(url, model_name, [(i, args.samples, prompts[i]) for i in held_out],
+                                       args.max_tokens, args.concurrency, float("inf"), maybe_swap)
+            if "task" in swap:
+                await swap["task"]
+            return results
+
+        started = time.monotonic()
+        phase3_results = asyncio.run(phase3())
+        timings["swap_phase_s"] = time.monotonic() - started
+        deadline = time.monotonic() + 120
+        while handle.status.remote().result()["version"] != new_version and time.monotonic() < deadline:
+            time.sleep(0.5)
+        all_records = wait_for_records(log_dir, len(records) + sum(r["ok"] for r in phase3_results))
+        phase1_ids = {r.request_id for r in records}
+        versions: dict[str, int] = defaultdict(int)
+        for record in all_records:
+            if record.request_id not in phase1_ids:
+                versions[record.predictor_version or "none"] += 1
+        swap_report = {"requests": len(phase3_results), "failed": sum(not r["ok"] for r in phase3_results),
+                       "sent_before_swap": swap.get("sent_before"), "logged_by_version": dict(versions),
+                       "new_version": new_version, "predictor_status": handle.status.remote().result()}
+        print(f"phase 3: {swap_report['requests']} requests, {swap_report['failed']} failed, versions "
+              f"{dict(versions)}", flush=True)
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+
+    summary = compare(log_dir, phase1_ids, shipped_artifact_dir(), retrained, args.holdout)
+    train_meta = json.loads((retrained / "config.json").read_text())["metadata"]
+    result = {
+        "command": command, "args": vars(args), "summary": summary, "timings_s": timings, "swap": swap_report,
+        "phase1": {"sent": len(phase1), "answered": len(ok), "logged": len(records),
+                   "placements": {p: sum(r.get("placement") == p for r in ok) for p in
+                                  {r.get("placement") for r in ok}},
+                   "finish_reasons": {f: sum(r.get("finish") == f for r in ok) for f in {r.get("finish") for r in ok}},
+                   "output_tokens_per_s": sum(r["tokens"] for r in ok) / timings["serve_s"]},
+        "retrain": {"command": train_meta.get("command"), "best_epoch": train_meta["history"].get("best_epoch"),
+                    "best_val_tau": train_meta["history"].get("best_val_tau"), "test": train_meta.get("test")},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(summary, RESULTS / f"{args.out}.png")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
