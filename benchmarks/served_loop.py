@@ -1,7 +1,7 @@
 """The served-traffic loop on this machine: serve ShareGPT prompts with the real served model, log them,
 retrain the predictor on the log, hot-swap it in, and compare on held-out served traffic.
 
-    python benchmarks/served_loop.py [--prompts 700 --samples 2 --max-tokens 128 --budget-s 1500]
+    python benchmarks/served_loop.py [--prompts 700 --samples 2 --max-tokens 128 --budget-s 900]
 
 1. **Serve.** The local service as `python -m deployments.local` starts it on this machine (fitted engine
    layout, default policy, shipped predictor at its serving length), plus the served-traffic log with the
@@ -52,12 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=700, help="distinct ShareGPT prompts to serve")
     p.add_argument("--samples", type=int, default=2, help="sampled answers per prompt (>= 2: the ceiling)")
     p.add_argument("--max-tokens", type=int, default=128, help="answer cap (a capped answer is censored)")
-    p.add_argument("--max-prompt-tokens", type=int, default=384, help="prompts longer than this are skipped")
+    p.add_argument("--max-prompt-tokens", type=int, default=128,
+                   help="prompts longer than this are skipped (keeps CPU retraining affordable)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
-    p.add_argument("--budget-s", type=float, default=1500.0, help="stop sending phase-1 requests after this")
+    p.add_argument("--budget-s", type=float, default=900.0, help="stop sending phase-1 requests after this")
     p.add_argument("--holdout", type=float, default=0.25, help="held-out share of prompts (by prompt hash)")
     p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-max-length", type=int, default=128, help="MiniLM tokens per prompt in retraining")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="served_loop")
@@ -148,6 +150,7 @@ async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, str]], max
                 answer = raw.parse()
                 results.append({"prompt": prompt_id, "sample": sample, "ok": True,
                                 "placement": raw.headers.get("x-ltr-placement"),
+                                "fallback": raw.headers.get("x-ltr-fallback"),
                                 "tokens": answer.usage.completion_tokens,
                                 "finish": answer.choices[0].finish_reason, "latency_s": time.monotonic() - started})
             except openai.APIError as exc:
@@ -248,6 +251,13 @@ def compare(log_dir: Path, phase1_ids: set[str], shipped: Path, retrained: Path,
     return result
 
 
+def _counts(values) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for value in values:
+        counts[str(value)] += 1
+    return dict(counts)
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -304,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(shipped_artifact_dir()),
                       "--holdout", str(args.holdout), "--val-fraction", str(args.val_fraction),
-                      "--epochs", str(args.epochs), "--max-length", str(PREDICTOR_SETTINGS["max_length"]),
+                      "--epochs", str(args.epochs), "--max-length", str(args.train_max_length),
                       "--seed", str(args.seed), "--output", str(retrained)]
         if ltr_main(train_argv) != 0:
             raise SystemExit("train-predictor failed")
@@ -343,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             if record.request_id not in phase1_ids:
                 versions[record.predictor_version or "none"] += 1
         swap_report = {"requests": len(phase3_results), "failed": sum(not r["ok"] for r in phase3_results),
+                       "placements": _counts(r.get("placement") for r in phase3_results),
+                       "fallbacks": _counts(r.get("fallback") for r in phase3_results if r.get("fallback")),
                        "sent_before_swap": swap.get("sent_before"), "logged_by_version": dict(versions),
                        "new_version": new_version, "predictor_status": handle.status.remote().result()}
         print(f"phase 3: {swap_report['requests']} requests, {swap_report['failed']} failed, versions "
@@ -358,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": command, "args": vars(args), "summary": summary, "timings_s": timings, "swap": swap_report,
         "phase1": {"sent": len(phase1), "answered": len(ok), "logged": len(records),
-                   "placements": {p: sum(r.get("placement") == p for r in ok) for p in
-                                  {r.get("placement") for r in ok}},
-                   "finish_reasons": {f: sum(r.get("finish") == f for r in ok) for f in {r.get("finish") for r in ok}},
+                   "placements": _counts(r.get("placement") for r in ok),
+                   "fallbacks": _counts(r.get("fallback") for r in ok if r.get("fallback")),
+                   "finish_reasons": _counts(r.get("finish") for r in ok),
                    "output_tokens_per_s": sum(r["tokens"] for r in ok) / timings["serve_s"]},
         "retrain": {"command": train_meta.get("command"), "best_epoch": train_meta["history"].get("best_epoch"),
                     "best_val_tau": train_meta["history"].get("best_val_tau"), "test": train_meta.get("test")},
