@@ -8,6 +8,7 @@ gives exact finish order and per-step observations without any timing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -344,6 +345,32 @@ def test_gittins_keys_move_with_the_output_and_evict_an_outlived_prediction(
     ltr_order, ltr_stats = orders["ltr"]
     assert set(gittins_order[:2]) == {"g-f0", "g-f1"} and gittins_stats["rank_preemptions"] >= 2, gittins_stats
     assert set(ltr_order[-2:]) == {"g-f0", "g-f1"} and ltr_stats["rank_preemptions"] == 0, ltr_stats
+    assert queue_order_violations == []
+
+
+def test_running_batch_follows_keys_that_move_past_each_other(
+        engines: dict[str, Any], rank_scheduler: Any, queue_order_violations: list[str], tmp_path: Path) -> None:
+    # Two requests predicted 1-4 tokens run ahead of two predicted 5-6; all four really generate 12. Past
+    # 4 tokens the first two move to the pooled tail (4-1000), behind the other two, which follow them
+    # past 6: the batch's order must flip twice while no request enters or leaves it.
+    path = tmp_path / "dist.json"
+    path.write_text(json.dumps({"edges": [0.0], "bins": [[1, 2, 3, 4], [5, 6]], "pooled": [1, 4, 1000]}))
+    specs = [Spec(f"m-a{i}", f"Short guess {i}", 12, -1.0) for i in range(2)] + \
+            [Spec(f"m-b{i}", f"Longer guess {i}", 12, 1.0) for i in range(2)]
+    rank_scheduler.set_policy(PolicyConfig(name="gittins", starvation=None, length_distribution=str(path)))
+    firsts = []
+    policy = rank_scheduler.rank_policy
+    observe = policy.observe_step
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        observe(*args, **kwargs)
+        firsts.append(rank_scheduler.running[0].request_id if rank_scheduler.running else None)
+
+    policy.observe_step = record
+    run = _drive(engines["ltr"], specs)
+    assert all(len(run.tokens[s.request_id]) == s.max_tokens for s in specs)
+    # The batch's head after each step, by group: a-guesses, then b-guesses once a's moved, then a's again.
+    assert [group for group, _ in itertools.groupby(f[:3] for f in firsts if f)] == ["m-a", "m-b", "m-a"], firsts
     assert queue_order_violations == []
 
 

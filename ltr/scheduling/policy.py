@@ -234,23 +234,22 @@ class SchedulingPolicy(ABC):
         longest waiters age first, equal waits in arrival order.
         """
         moved: list[RankState] = []
-        if generated is not None and self.moves_keys:
-            held = self._held
-            for request_id, tokens in generated.items():
-                state = held.get(request_id)
-                if state is None:
-                    continue
-                state.generated = tokens
-                if tokens >= state.next_boundary:
-                    state.key_cache = None
-                    state.next_boundary = self.key_horizon(state)
-                    moved.append(state)
-        self.last_moved = moved
+        outputs = generated if self.moves_keys else None
         steps = self.stats.steps = self.stats.steps + 1
         held, expired = self._held, []
         for request_id, tokens in scheduled.items():
             state = held.get(request_id)
-            if state is None or tokens <= 0:
+            if state is None:
+                continue
+            if outputs is not None:
+                output = outputs.get(request_id)
+                if output is not None:
+                    state.generated = output
+                    if output >= state.next_boundary:
+                        state.key_cache = None
+                        state.next_boundary = self.key_horizon(state)
+                        moved.append(state)
+            if tokens <= 0:
                 continue
             state.served_tokens += tokens
             state.wait_start = steps
@@ -258,6 +257,7 @@ class SchedulingPolicy(ABC):
                 state.promoted_left -= 1
                 if state.promoted_left == 0:
                     expired.append(state)
+        self.last_moved = moved
         self.last_expired = expired
         self.last_promoted = []
         if self.starvation is None:
@@ -327,11 +327,15 @@ def admissible_count(needs: Iterable[tuple[int, int]], seats: int, free_blocks: 
     The one rule behind rank preemption's "free seats", for the vLLM adapter and the simulator alike.
     """
     fits = 0
+    if seats <= 0:
+        return fits
     for required, taken in needs:
-        if fits >= seats or required > free_blocks:
+        if required > free_blocks:
             break
         free_blocks -= taken
         fits += 1
+        if fits >= seats:
+            break
     return fits
 
 
