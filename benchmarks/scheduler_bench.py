@@ -6,10 +6,11 @@ the same work and relative lengths are kept) are replayed for every policy:
 
 - load points: Poisson arrivals at each `--rates` value (requests/s) and a burst (all at t=0);
 - policies: fcfs (vLLM default), priority (vLLM's policy="priority", score quantized to int), mlfq,
-  ltr (predictor scores, the project's default policy: aged requests keep their seat, capped aged
-  share, preemption patience), ltr-paper (predictor scores, the paper's aging rule 200/10 with
-  immediate rank preemption), ltr-nostarve (aging off), oracle (SJF: the true capped length as the
-  score, aging off);
+  ltr (predictor scores, static rank: aged requests keep their seat, capped aged share, preemption
+  patience), ltr-paper (predictor scores, the paper's aging rule 200/10 with immediate rank preemption),
+  ltr-nostarve (aging off), gittins (the project's default policy: the Gittins index over the shipped
+  length distribution, scaled and capped as the trace's answers are), oracle (SJF: the true capped
+  length as the score, aging off);
 - synthetic data generation (`--sdg-requests`): a separate, larger burst with its own output cap,
   cut off at `--budget-s`; completions over time for fcfs / ltr / oracle.
 
@@ -34,6 +35,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,8 +60,8 @@ from ltr.scheduling.policy import PAPER_RULE, PolicyConfig, StarvationConfig  # 
 from ltr.sim.workload import poisson_arrivals  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-paper", "ltr-nostarve", "oracle")
-SDG_POLICIES = ("fcfs", "ltr", "oracle")
+POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-paper", "ltr-nostarve", "gittins", "oracle")
+SDG_POLICIES = ("fcfs", "ltr", "gittins", "oracle")
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,23 @@ def score_requests(requests: list[BenchRequest], source: str, seed: int) -> tupl
     return scored, info
 
 
+def scaled_distribution(scale: float, cap: int) -> str:
+    """The shipped length distribution for this trace's answers (cut to 1/scale, capped), as a JSON path."""
+    from ltr.scheduling.length_distribution import load_distribution
+
+    path = Path(tempfile.gettempdir()) / f"ltr-bench-length-distribution-scale{scale:g}-cap{cap}.json"
+    path.write_text(json.dumps(load_distribution().scaled(scale, cap).to_mapping()))
+    return str(path)
+
+
 def policy_setup(name: str, scores: list[float], aged_share: float | None = None,
-                 patience: int | None = None) -> tuple[PolicyConfig, str]:
+                 patience: int | None = None, distribution: str | None = None,
+                 prefill_weight: float | None = None) -> tuple[PolicyConfig, str]:
     """(PolicyConfig, which score each request carries) for a benchmark policy name.
 
-    `aged_share` and `patience` override the default starvation share and preemption patience (`ltr` only).
+    `aged_share` and `patience` override the default starvation share and preemption patience (`ltr` only);
+    `distribution` and `prefill_weight` are the Gittins policy's length distribution (None: the shipped
+    one) and prefill weight (None: the default).
     """
     if name == "fcfs":
         return PolicyConfig(name="fcfs"), "none"
@@ -141,6 +155,11 @@ def policy_setup(name: str, scores: list[float], aged_share: float | None = None
         return PAPER_RULE, "predicted"
     if name == "ltr-nostarve":
         return PolicyConfig(name="ltr", starvation=None), "predicted"
+    if name == "gittins":
+        policy = PolicyConfig(name="gittins", length_distribution=distribution)
+        if prefill_weight is not None:
+            policy = replace(policy, gittins_prefill_weight=prefill_weight)
+        return policy, "predicted"
     if name == "oracle":
         return PolicyConfig(name="ltr", starvation=None), "true"
     raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")
@@ -234,6 +253,7 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
     from vllm import LLM
 
     scores = [r.score for r in requests if r.score is not None]
+    distribution = scaled_distribution(args.length_scale, args.output_cap)
     common = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
               "enforce_eager": not args.compile, "disable_log_stats": True}
     groups = [[n] for n in names if n in ("fcfs", "priority")]
@@ -242,14 +262,16 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
         groups.append(adapter)
     results: dict = {}
     for group in groups:
-        first_policy, _ = policy_setup(group[0], scores, args.aged_share, args.preemption_patience)
+        first_policy, _ = policy_setup(group[0], scores, args.aged_share, args.preemption_patience, distribution,
+                                       args.gittins_prefill_weight)
         t0 = time.perf_counter()
         llm = LLM(**engine_kwargs(args.model, first_policy, **common))
         startup = time.perf_counter() - t0
         print(f"[{'/'.join(group)}] engine started in {startup:.1f}s", flush=True)
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         for name in group:
-            policy, score_kind = policy_setup(name, scores, args.aged_share, args.preemption_patience)
+            policy, score_kind = policy_setup(name, scores, args.aged_share, args.preemption_patience, distribution,
+                                              args.gittins_prefill_weight)
             if hasattr(scheduler, "set_policy"):
                 scheduler.set_policy(policy)
             warm = [BenchRequest("warmup", "Hello", 1, 4, None)] * 2
@@ -317,6 +339,27 @@ def targets(results: dict, rate_names: list[str]) -> dict:
             r = nl / max(nf, 1)
             out[f"synthetic data generation: ltr/fcfs completions within {b:g} s (>= 6.5)"] = {
                 "value": r, "met": nf > 0 and r >= 6.5, "fcfs": nf, "ltr": nl}
+    for load in [heavy, "burst"]:   # issue 14: the Gittins default against oracle SJF and vLLM priority
+        f, g, o, p = (ld(name, load) for name in ("fcfs", "gittins", "oracle", "priority"))
+        if not (f and g):
+            continue
+        per_token = {name: d["per_token_latency_s"]["mean"] for name, d in
+                     (("fcfs", f), ("gittins", g), ("oracle", o), ("priority", p)) if d}
+        if o:
+            r = per_token["gittins"] / per_token["oracle"]
+            out[f"{load}: gittins/oracle mean per-token latency (<= 1.2)"] = {"value": r, "met": r <= 1.2}
+            oracle_gain = per_token["fcfs"] / per_token["oracle"]
+            r = per_token["fcfs"] / per_token["gittins"]
+            out[f"{load}: fcfs/gittins mean per-token latency (>= 3 where oracle >= 3.6)"] = {
+                "value": r, "oracle": oracle_gain, "met": r >= 3 or oracle_gain < 3.6}
+        if p:
+            r = per_token["gittins"] / per_token["priority"]
+            out[f"{load}: gittins/priority mean per-token latency (<= 1)"] = {"value": r, "met": r <= 1}
+            if g["e2e_long_s"] and p["e2e_long_s"]:
+                r = g["e2e_long_s"]["p99"] / p["e2e_long_s"]["p99"]
+                out[f"{load}: gittins/priority long-request p99 e2e (<= 1)"] = {"value": r, "met": r <= 1}
+        r = g["throughput_tok_s"] / f["throughput_tok_s"]
+        out[f"{load}: gittins/fcfs throughput (>= 0.97)"] = {"value": r, "met": r >= 0.97}
     sched = results.get("ltr", {}).get("scheduler", {})
     if "adapter_overhead_fraction_of_model_step" in sched:
         r = sched["adapter_overhead_fraction_of_model_step"]
@@ -380,6 +423,9 @@ def main() -> int:
                         help="the ltr policy's starvation aged_share (default: the PolicyConfig default)")
     parser.add_argument("--preemption-patience", type=int, default=None,
                         help="the ltr policy's preemption_patience (default: the PolicyConfig default)")
+    parser.add_argument("--gittins-prefill-weight", type=float, default=None,
+                        help="the gittins policy's prefill weight (default: the PolicyConfig default, tuned "
+                             "on the A100 profile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="scheduler_bench", help="results/<out>.json and .png")
     args = parser.parse_args()

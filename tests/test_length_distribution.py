@@ -95,6 +95,19 @@ def test_fit_recovers_bins_and_quantiles() -> None:
     assert LengthDistribution.from_mapping(json.loads(json.dumps(dist.to_mapping()))) == dist
 
 
+def test_scaled_table_describes_cut_and_capped_answers() -> None:
+    # The scheduler benchmark serves max_tokens = min(max(1, round(length / 4)), 128): the scaled table's
+    # quantiles are the quantiles of those served lengths, so the same transform of every entry.
+    table = _table()
+    scaled = table.scaled(4, 128)
+    assert scaled.edges == table.edges
+    assert scaled.bins == ((1.0, 2.0, 5.0, 10.0), (75.0, 125.0, 128.0, 128.0))
+    assert scaled.pooled == tuple(min(max(1.0, round(v / 4)), 128) for v in table.pooled)
+    assert scaled.quantile(1.0, 0.5) == 126.5
+    with pytest.raises(ValueError, match="scale"):
+        table.scaled(0, 128)
+
+
 def test_bad_tables_are_rejected() -> None:
     with pytest.raises(ValueError, match="edges need"):
         LengthDistribution(edges=(0.0,), bins=((1.0, 2.0),), pooled=(1.0,))

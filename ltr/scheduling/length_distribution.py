@@ -128,6 +128,17 @@ class LengthDistribution:
         """1 / Gittins index after `attained` generated tokens (see `gittins_remaining`)."""
         return gittins_remaining(self.conditional_quantiles(bin_index, attained), attained, per_token, overhead)
 
+    def scaled(self, scale: float, cap: float) -> LengthDistribution:
+        """The same distribution for answers cut to 1/`scale` of their length and capped at `cap` tokens (as
+        the scheduler benchmark's workload is), so keys move where those shorter answers actually end."""
+        if not (scale > 0 and cap >= 1):
+            raise ValueError(f"scale must be > 0 and cap >= 1, got {scale}, {cap}")
+
+        def cut(table: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(float(min(max(1, round(v / scale)), cap)) for v in table)
+
+        return LengthDistribution(self.edges, tuple(cut(b) for b in self.bins), cut(self.pooled))
+
     def to_mapping(self) -> dict[str, Any]:
         return {"edges": list(self.edges), "bins": [list(b) for b in self.bins], "pooled": list(self.pooled)}
 

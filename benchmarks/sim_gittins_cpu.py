@@ -1,0 +1,120 @@
+"""The Gittins policy on the scheduler benchmark's own trace, simulated on the calibrated CPU profile (issue 14).
+
+`scheduler_bench.py` serves 96 ShareGPT test prompts (≤ 512 tokens) whose answers are cut to a quarter and
+capped at 128 tokens, on one SmolLM2 engine with 8 seats. Its answers are about 4x shorter than at paper scale
+while the prompts are not, so the Gittins policy's prefill term (`gittins_prefill_weight`, tuned at paper
+scale) weighs far more here. This replays that trace for many sample seeds (prompts, scores and arrivals, as
+`scheduler_bench.py --seed` draws them) in the simulator on `results/sim_calibration_cpu.json` with 8 seats,
+and sets FCFS, vLLM priority, static LTR, the Gittins policy at several prefill weights (length distribution
+scaled like the answers) and oracle SJF side by side. No engine runs.
+
+    python benchmarks/sim_gittins_cpu.py [--seeds 10 --rate 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+import scheduler_bench as bench
+import sim_vs_bench
+from ltr.sim import load_profile
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINES = ("fcfs", "priority", "ltr", "oracle")
+PREFILL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+TRACE = {"num_requests": 96, "output_cap": 128, "max_prompt": 512, "length_scale": 4, "scores": "predictor",
+         "no_burst": True, "max_num_seqs": 8}
+
+
+def measure(job: tuple[int, list, np.ndarray, str, float | None, str]) -> dict:
+    seed, requests, arrivals, name, weight, distribution = job
+    scores = [r.score for r in requests]
+    policy, kind = bench.policy_setup(name, scores, distribution=distribution, prefill_weight=weight)
+    carried = {"none": None, "predicted": scores, "true": [float(r.output_len) for r in requests]}[kind]
+    profile = load_profile(RESULTS / "sim_calibration_cpu.json")
+    profile = dataclasses.replace(profile, limits=dataclasses.replace(profile.limits,
+                                                                      max_num_seqs=TRACE["max_num_seqs"]))
+    res = sim_vs_bench.replay(requests, arrivals, carried, profile, policy)
+    out = np.array([r.output_len for r in res.records])
+    latency = np.array([r.latency for r in res.records])
+    split = np.median([r.output_len for r in requests])
+    worst = max(res.records, key=lambda r: r.per_token_latency)
+    return {"seed": seed, "policy": name if weight is None else f"gittins-pw{weight:g}",
+            "mean_per_token_latency": float(np.mean([r.per_token_latency for r in res.records])),
+            "long_p99_latency": float(np.percentile(latency[out > split], 99)),
+            "throughput_tok_s": float(out.sum() / res.makespan), "rank_preemptions": res.rank_preemptions,
+            "worst_request": {"output_len": worst.output_len, "prompt_len": worst.prompt_len,
+                              "latency": worst.latency}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=4.0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "sim_gittins_cpu.json")
+    args = ap.parse_args()
+    started = time.time()
+    distribution = bench.scaled_distribution(TRACE["length_scale"], TRACE["output_cap"])
+    jobs = []
+    for seed in range(args.seeds):
+        requests, loads, _ = sim_vs_bench.rebuild({**TRACE, "seed": seed, "rates": [args.rate]})
+        arrivals = loads[0][1]
+        jobs += [(seed, requests, arrivals, name, None, distribution) for name in BASELINES]
+        jobs += [(seed, requests, arrivals, "gittins", w, distribution) for w in PREFILL_WEIGHTS]
+    with Pool(2) as pool:
+        rows = pool.map(measure, jobs)
+    by = {(r["policy"], r["seed"]): r for r in rows}
+    seeds = range(args.seeds)
+    summary = {}
+    for label in dict.fromkeys(r["policy"] for r in rows):
+        def ratio(key: str, other: str) -> list[float]:
+            return [by[(label, s)][key] / by[(other, s)][key] for s in seeds]
+        gains = [1 / g for g in ratio("mean_per_token_latency", "fcfs")]
+        summary[label] = {"gain_over_fcfs_mean": float(np.mean(gains)), "gain_over_fcfs_min": min(gains),
+                          "per_token_vs_oracle_max": max(ratio("mean_per_token_latency", "oracle")),
+                          "per_token_vs_ltr_mean": float(np.mean(ratio("mean_per_token_latency", "ltr"))),
+                          "per_token_vs_priority_max": max(ratio("mean_per_token_latency", "priority")),
+                          "long_p99_vs_priority_max": max(ratio("long_p99_latency", "priority")),
+                          "throughput_vs_fcfs_min": min(ratio("throughput_tok_s", "fcfs"))}
+        print(f"{label:16s} " + " ".join(f"{k} {v:.2f}" for k, v in summary[label].items()), flush=True)
+    report = {"command": "python " + shlex.join(["benchmarks/sim_gittins_cpu.py", *sys.argv[1:]]),
+              "trace": {**TRACE, "rate": args.rate, "seeds": list(seeds)},
+              "profile": "results/sim_calibration_cpu.json (measured SmolLM2-135M on vLLM-CPU), 8 seats",
+              "summary": summary, "rows": rows, "wall_s": time.time() - started}
+    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    plot(report, args.out.with_suffix(".png"))
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(report["summary"])
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fcfs = {r["seed"]: r["mean_per_token_latency"] for r in rows if r["policy"] == "fcfs"}
+    for i, label in enumerate(labels):
+        gains = [fcfs[r["seed"]] / r["mean_per_token_latency"] for r in rows if r["policy"] == label]
+        ax.scatter([i] * len(gains), gains, s=12, alpha=0.6)
+        ax.plot([i - 0.3, i + 0.3], [np.mean(gains)] * 2, c="k")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("FCFS ÷ policy, mean per-token latency")
+    ax.set_title(f"scheduler_bench trace on the CPU profile, {len(fcfs)} sample seeds, "
+                 f"{report['trace']['rate']:g} req/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
