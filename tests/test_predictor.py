@@ -163,10 +163,14 @@ def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: Exampl
     out = tmp_path / "retrained"
     with pytest.raises(SystemExit, match="needs --output"):
         main(["train-predictor", "--data", str(tmp_path / "log")])
+    with pytest.raises(SystemExit, match="--lora-r 8 .the artifact has 32"):   # a weight shape: refused
+        main(["train-predictor", "--data", str(tmp_path / "log"), "--init", str(shipped_artifact_dir()),
+              "--lora-r", "8", "--output", str(out)])
     assert main(["train-predictor", "--data", str(tmp_path / "log"), "--init", str(shipped_artifact_dir()),
                  "--epochs", "1", "--list-size", "8", "--holdout", "0.25", "--val-fraction", "0.25",
-                 "--output", str(out)]) == 0
+                 "--max-length", "128", "--output", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
+    assert config["max_length"] == 128   # the input window follows the flag; the shapes stay the artifact's
     meta = config["metadata"]
     assert "--data=" in meta["command"] and "--init=" in meta["command"]
     assert meta["history"]["init"] == str(shipped_artifact_dir()) and meta["test"]["censored"] >= 1
@@ -177,5 +181,5 @@ def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: Exampl
     assert main(["eval-predictor", "--data", str(tmp_path / "log"), "--holdout", "0.25",
                  "--val-fraction", "0.25", "--predictor", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "served log" in printed and "censored" in printed and "listmle/lora@512" in printed
+    assert "served log" in printed and "censored" in printed and "listmle/lora@128" in printed
     assert f"{meta['test']['kendall_tau']:.4f}" in printed   # the same held-out slice as training's test

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from ltr.predictor.model import PredictorConfig, shipped_artifact_dir
+from ltr.predictor.model import CONFIG_NAME, PredictorConfig, shipped_artifact_dir
 from ltr.predictor.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -123,6 +125,24 @@ def _test_report(model: RankPredictor, examples: Sequence[Example]) -> dict:
     return ranking_report(scores, [e.output_len for e in examples], model.expected_tokens(scores), censored)
 
 
+def _init_config(args: argparse.Namespace) -> PredictorConfig:
+    """The model settings of a run that fine-tunes `--init`: the artifact's own (its weights have their
+    shapes), with the input window `--max-length` taken from the command line when given there. Any other
+    model flag set to something else would be ignored silently, so it is an error that names the flag."""
+    path = Path(args.init) / CONFIG_NAME
+    if not path.is_file():
+        raise SystemExit(f"train-predictor --init {args.init}: no {CONFIG_NAME} there (not a predictor artifact)")
+    kept, defaults = PredictorConfig(**json.loads(path.read_text(encoding="utf-8"))), PredictorConfig()
+    clashes = [f"--{flag} {getattr(args, key)} (the artifact has {getattr(kept, key)!r})"
+               for key, flag in _MODEL_FLAGS.items() if key != "max_length"
+               and getattr(args, key) != getattr(defaults, key) and getattr(args, key) != getattr(kept, key)]
+    if clashes:
+        raise SystemExit(f"train-predictor --init {args.init} keeps the artifact's model settings; drop "
+                         f"{', '.join(clashes)} or train without --init")
+    window = args.max_length if args.max_length != defaults.max_length else kept.max_length
+    return replace(kept, max_length=window, metadata={})
+
+
 def _train(args: argparse.Namespace) -> int:
     from ltr.predictor.train import train_predictor
 
@@ -131,6 +151,8 @@ def _train(args: argparse.Namespace) -> int:
                          "by a model trained on one deployment's traffic)")
     output = args.output or shipped_artifact_dir()
     model_cfg, train_cfg = configs_from_args(args)
+    if args.init is not None:
+        model_cfg = _init_config(args)
     data = examples_from_args(args)
     model, history = train_predictor(model_cfg, train_cfg, data, backbone_path=args.backbone, init=args.init)
     test = _test_report(model, data.test)

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +189,8 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     """Train, keep the epoch with the best validation tau, fit the token calibration on val.
 
     `init`: fine-tune this artifact instead of a fresh head and adapters; its own config (shape,
-    objective, bucket edges) replaces `model_config`. Returns the predictor (on `train_config.device`)
+    objective, bucket edges) replaces `model_config`, except for the input window (`max_length`), which
+    shapes no weight and is taken from `model_config`. Returns the predictor (on `train_config.device`)
     and a history dict for metadata/benchmarks.
     """
     from tqdm.auto import tqdm
@@ -208,6 +209,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
         model = RankPredictor(model_config, backbone_path=backbone_path).to(device)
     else:
         model = RankPredictor.from_pretrained(init, device=tc.device, backbone_path=backbone_path)
+        model.config = replace(model.config, max_length=model_config.max_length)
     train_ids = model.tokenize([e.prompt for e in train])
     val_ids = model.tokenize([e.prompt for e in data.val])
     train_len = np.array([e.output_len for e in train], dtype=np.float64)
