@@ -160,6 +160,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=10, help="arrival seeds for the seeds/diagnosis sections")
     ap.add_argument("--aside-seeds", type=int, default=3,
                     help="arrival seeds for the ablations and the tau and frontier sections")
+    ap.add_argument("--frontier-seeds", type=int, default=None,
+                    help="arrival seeds for the frontier section (default: --aside-seeds)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--taus", type=float, nargs="+", default=[0.3, 0.45, 0.6, 0.75, 0.9])
     ap.add_argument("--workers", type=int, default=2)
@@ -177,7 +179,8 @@ def main() -> int:
         tau_variants = [fcfs, *(v for v in main_variants() if v.label in ("ltr", "gittins", "oracle-sjf"))]
         jobs += [("tau", v, s, tau) for tau in args.taus for v in tau_variants for s in aside]
     if "frontier" in args.sections:
-        jobs += [("frontier", v, s, None) for v in [fcfs, *frontier_variants()] for s in aside]
+        frontier_seeds = range(args.frontier_seeds or args.aside_seeds)
+        jobs += [("frontier", v, s, None) for v in [fcfs, *frontier_variants()] for s in frontier_seeds]
     with Pool(args.workers) as pool:
         rows = []
         for row in pool.imap_unordered(measure, jobs):
