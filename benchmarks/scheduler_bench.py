@@ -253,7 +253,7 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
     from vllm import LLM
 
     scores = [r.score for r in requests if r.score is not None]
-    distribution = scaled_distribution(args.length_scale, args.output_cap)
+    distribution = scaled_distribution(args.length_scale, args.output_cap) if "gittins" in names else None
     common = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
               "enforce_eager": not args.compile, "disable_log_stats": True}
     groups = [[n] for n in names if n in ("fcfs", "priority")]

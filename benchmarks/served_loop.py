@@ -33,7 +33,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -251,13 +251,6 @@ def compare(log_dir: Path, phase1_ids: set[str], shipped: Path, retrained: Path,
     return result
 
 
-def _counts(values) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for value in values:
-        counts[str(value)] += 1
-    return dict(counts)
-
-
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -353,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             if record.request_id not in phase1_ids:
                 versions[record.predictor_version or "none"] += 1
         swap_report = {"requests": len(phase3_results), "failed": sum(not r["ok"] for r in phase3_results),
-                       "placements": _counts(r.get("placement") for r in phase3_results),
-                       "fallbacks": _counts(r.get("fallback") for r in phase3_results if r.get("fallback")),
+                       "placements": dict(Counter(str(r.get("placement")) for r in phase3_results)),
+                       "fallbacks": dict(Counter(r["fallback"] for r in phase3_results if r.get("fallback"))),
                        "sent_before_swap": swap.get("sent_before"), "logged_by_version": dict(versions),
                        "new_version": new_version, "predictor_status": handle.status.remote().result()}
         print(f"phase 3: {swap_report['requests']} requests, {swap_report['failed']} failed, versions "
@@ -370,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": command, "args": vars(args), "summary": summary, "timings_s": timings, "swap": swap_report,
         "phase1": {"sent": len(phase1), "answered": len(ok), "logged": len(records),
-                   "placements": _counts(r.get("placement") for r in ok),
-                   "fallbacks": _counts(r.get("fallback") for r in ok if r.get("fallback")),
-                   "finish_reasons": _counts(r.get("finish") for r in ok),
+                   "placements": dict(Counter(str(r.get("placement")) for r in ok)),
+                   "fallbacks": dict(Counter(r["fallback"] for r in ok if r.get("fallback"))),
+                   "finish_reasons": dict(Counter(str(r.get("finish")) for r in ok)),
                    "output_tokens_per_s": sum(r["tokens"] for r in ok) / timings["serve_s"]},
         "retrain": {"command": train_meta.get("command"), "best_epoch": train_meta["history"].get("best_epoch"),
                     "best_val_tau": train_meta["history"].get("best_val_tau"), "test": train_meta.get("test")},

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shlex
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 
 import scheduler_bench as bench
 import sim_vs_bench
-from ltr.sim import load_profile
+from ltr.sim import HardwareProfile, load_profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("fcfs", "priority", "ltr", "oracle")
@@ -35,15 +36,19 @@ TRACE = {"num_requests": 96, "output_cap": 128, "max_prompt": 512, "length_scale
          "no_burst": True, "max_num_seqs": 8}
 
 
+@functools.cache
+def cpu_profile() -> HardwareProfile:
+    """The calibrated CPU profile with the benchmark's seats, read once per worker."""
+    profile = load_profile(RESULTS / "sim_calibration_cpu.json")
+    return dataclasses.replace(profile, limits=dataclasses.replace(profile.limits, max_num_seqs=TRACE["max_num_seqs"]))
+
+
 def measure(job: tuple[int, list, np.ndarray, str, float | None, str]) -> dict:
     seed, requests, arrivals, name, weight, distribution = job
     scores = [r.score for r in requests]
     policy, kind = bench.policy_setup(name, scores, distribution=distribution, prefill_weight=weight)
     carried = {"none": None, "predicted": scores, "true": [float(r.output_len) for r in requests]}[kind]
-    profile = load_profile(RESULTS / "sim_calibration_cpu.json")
-    profile = dataclasses.replace(profile, limits=dataclasses.replace(profile.limits,
-                                                                      max_num_seqs=TRACE["max_num_seqs"]))
-    res = sim_vs_bench.replay(requests, arrivals, carried, profile, policy)
+    res = sim_vs_bench.replay(requests, arrivals, carried, cpu_profile(), policy)
     out = np.array([r.output_len for r in res.records])
     latency = np.array([r.latency for r in res.records])
     split = np.median([r.output_len for r in requests])

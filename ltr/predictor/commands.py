@@ -127,8 +127,9 @@ def _test_report(model: RankPredictor, examples: Sequence[Example]) -> dict:
 
 def _init_config(args: argparse.Namespace) -> PredictorConfig:
     """The model settings of a run that fine-tunes `--init`: the artifact's own (its weights have their
-    shapes), with the input window `--max-length` taken from the command line when given there. Any other
-    model flag set to something else would be ignored silently, so it is an error that names the flag."""
+    shapes), with the input window `--max-length` taken from the command line when set to other than its
+    default. Any other model flag set away from its default and from the artifact's value would be ignored
+    silently, so it is an error that names the flag."""
     path = Path(args.init) / CONFIG_NAME
     if not path.is_file():
         raise SystemExit(f"train-predictor --init {args.init}: no {CONFIG_NAME} there (not a predictor artifact)")
