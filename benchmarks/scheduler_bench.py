@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 from ltr.scheduling.engine import (  # noqa: E402
     CPU_MAX_MODEL_LEN,
     engine_kwargs,
+    platform_policy,
     priority_for,
     scored_sampling_params,
 )
@@ -62,6 +63,8 @@ from ltr.sim.workload import poisson_arrivals  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-paper", "ltr-nostarve", "gittins", "oracle")
 SDG_POLICIES = ("fcfs", "ltr", "gittins", "oracle")
+#: `gittins` at one of several `--gittins-prefill-weight` values runs as `gittins-pw<weight>`.
+GITTINS_WEIGHT_LABEL = "gittins-pw"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,14 @@ def scaled_distribution(scale: float, cap: int) -> str:
     return str(path)
 
 
+def expand_gittins_weights(names: list[str], weights: list[float] | None) -> list[str]:
+    """`gittins` once per prefill weight (`gittins-pw<W>`) when several weights are given."""
+    if not weights or len(weights) < 2:
+        return names
+    return [label for n in names for label in
+            ([f"{GITTINS_WEIGHT_LABEL}{w:g}" for w in weights] if n == "gittins" else [n])]
+
+
 def policy_setup(name: str, scores: list[float], aged_share: float | None = None,
                  patience: int | None = None, distribution: str | None = None,
                  prefill_weight: float | None = None) -> tuple[PolicyConfig, str]:
@@ -134,7 +145,7 @@ def policy_setup(name: str, scores: list[float], aged_share: float | None = None
 
     `aged_share` and `patience` override the default starvation share and preemption patience (`ltr` only);
     `distribution` and `prefill_weight` are the Gittins policy's length distribution (None: the shipped
-    one) and prefill weight (None: the default).
+    one) and prefill weight (None: the CPU default, `CPU_POLICY_DEFAULTS`).
     """
     if name == "fcfs":
         return PolicyConfig(name="fcfs"), "none"
@@ -155,8 +166,12 @@ def policy_setup(name: str, scores: list[float], aged_share: float | None = None
         return PAPER_RULE, "predicted"
     if name == "ltr-nostarve":
         return PolicyConfig(name="ltr", starvation=None), "predicted"
-    if name == "gittins":
-        policy = PolicyConfig(name="gittins", length_distribution=distribution)
+    if name.startswith("gittins"):
+        # What a CPU deployment runs (these engines are CPU ones): the CPU prefill weight unless one is given.
+        policy = platform_policy({"name": "gittins"}, "cpu")
+        policy = replace(policy, length_distribution=distribution)
+        if name.startswith(GITTINS_WEIGHT_LABEL):
+            prefill_weight = float(name.removeprefix(GITTINS_WEIGHT_LABEL))
         if prefill_weight is not None:
             policy = replace(policy, gittins_prefill_weight=prefill_weight)
         return policy, "predicted"
@@ -247,13 +262,20 @@ def run_sdg(llm: Any, name: str, policy: PolicyConfig, score_kind: str, sdg: lis
             "tokens_of_completed": int(sum(o.tokens for o in outcomes if o.tokens == o.output_len))}
 
 
+def _one_weight(args: argparse.Namespace) -> float | None:
+    """The single --gittins-prefill-weight value (several are expanded into gittins-pw<W> labels)."""
+    weights = args.gittins_prefill_weight or []
+    return weights[0] if len(weights) == 1 else None
+
+
 def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tuple[str, list[float]]],
                  args: argparse.Namespace, split_len: int, sdg: list[BenchRequest]) -> dict:
     """fcfs and priority on vLLM's scheduler; adapter policies on one shared RankScheduler engine."""
     from vllm import LLM
 
     scores = [r.score for r in requests if r.score is not None]
-    distribution = scaled_distribution(args.length_scale, args.output_cap) if "gittins" in names else None
+    distribution = (scaled_distribution(args.length_scale, args.output_cap)
+                    if any(n.startswith("gittins") for n in names) else None)
     common = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
               "enforce_eager": not args.compile, "disable_log_stats": True}
     groups = [[n] for n in names if n in ("fcfs", "priority")]
@@ -263,7 +285,7 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
     results: dict = {}
     for group in groups:
         first_policy, _ = policy_setup(group[0], scores, args.aged_share, args.preemption_patience, distribution,
-                                       args.gittins_prefill_weight)
+                                       _one_weight(args))
         t0 = time.perf_counter()
         llm = LLM(**engine_kwargs(args.model, first_policy, **common))
         startup = time.perf_counter() - t0
@@ -271,7 +293,7 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         for name in group:
             policy, score_kind = policy_setup(name, scores, args.aged_share, args.preemption_patience, distribution,
-                                              args.gittins_prefill_weight)
+                                              _one_weight(args))
             if hasattr(scheduler, "set_policy"):
                 scheduler.set_policy(policy)
             warm = [BenchRequest("warmup", "Hello", 1, 4, None)] * 2
@@ -342,21 +364,21 @@ def targets(results: dict, rate_names: list[str]) -> dict:
     # Issue 14: the Gittins default as a ratio to each reference, (reference, metric, statistic, at most).
     gittins_checks = (("oracle", "per_token_latency_s", "mean", 1.2), ("priority", "per_token_latency_s", "mean", 1.0),
                       ("priority", "e2e_long_s", "p99", 1.0))
-    for load in [heavy, "burst"]:
-        f, g, o = ld("fcfs", load), ld("gittins", load), ld("oracle", load)
+    for label, load in ((p, load) for p in results if p.startswith("gittins") for load in [heavy, "burst"]):
+        f, g, o = ld("fcfs", load), ld(label, load), ld("oracle", load)
         if not (f and g):
             continue
         for other, metric, stat, limit in gittins_checks:
             ref = ld(other, load)
             if ref and ref[metric] and g[metric]:
                 r = g[metric][stat] / ref[metric][stat]
-                out[f"{load}: gittins/{other} {metric} {stat} (<= {limit:g})"] = {"value": r, "met": r <= limit}
+                out[f"{load}: {label}/{other} {metric} {stat} (<= {limit:g})"] = {"value": r, "met": r <= limit}
         if o:
             gain, oracle_gain = (f["per_token_latency_s"]["mean"] / d["per_token_latency_s"]["mean"] for d in (g, o))
-            out[f"{load}: fcfs/gittins mean per-token latency (>= 3 where oracle >= 3.6)"] = {
+            out[f"{load}: fcfs/{label} mean per-token latency (>= 3 where oracle >= 3.6)"] = {
                 "value": gain, "oracle": oracle_gain, "met": gain >= 3 or oracle_gain < 3.6}
         r = g["throughput_tok_s"] / f["throughput_tok_s"]
-        out[f"{load}: gittins/fcfs throughput (>= 0.97)"] = {"value": r, "met": r >= 0.97}
+        out[f"{load}: {label}/fcfs throughput (>= 0.97)"] = {"value": r, "met": r >= 0.97}
     sched = results.get("ltr", {}).get("scheduler", {})
     if "adapter_overhead_fraction_of_model_step" in sched:
         r = sched["adapter_overhead_fraction_of_model_step"]
@@ -370,7 +392,7 @@ def plot(results: dict, load_names: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    policies = [p for p in POLICIES if p in results]
+    policies = list(results)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     width = 0.8 / max(len(policies), 1)
     x = np.arange(len(load_names))
@@ -420,9 +442,9 @@ def main() -> int:
                         help="the ltr policy's starvation aged_share (default: the PolicyConfig default)")
     parser.add_argument("--preemption-patience", type=int, default=None,
                         help="the ltr policy's preemption_patience (default: the PolicyConfig default)")
-    parser.add_argument("--gittins-prefill-weight", type=float, default=None,
-                        help="the gittins policy's prefill weight (default: the PolicyConfig default, tuned "
-                             "on the A100 profile)")
+    parser.add_argument("--gittins-prefill-weight", type=float, nargs="+", default=None,
+                        help="the gittins policy's prefill weight (default: the CPU engines' default, "
+                             "CPU_POLICY_DEFAULTS); several values run gittins once per value, as gittins-pw<W>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="scheduler_bench", help="results/<out>.json and .png")
     args = parser.parse_args()
@@ -446,7 +468,8 @@ def main() -> int:
         loads.append(("burst", [0.0] * len(requests)))
 
     wall = time.perf_counter()
-    results = run_policies(args.policies, requests, loads, args, split_len, sdg)
+    names = expand_gittins_weights(args.policies, args.gittins_prefill_weight)
+    results = run_policies(names, requests, loads, args, split_len, sdg)
 
     from ltr.sim.calibrate import machine_description
 

@@ -2,13 +2,14 @@
 
 `scheduler_bench.py` serves 96 ShareGPT test prompts (≤ 512 tokens) whose answers are cut to a quarter and
 capped at 128 tokens, on one SmolLM2 engine with 8 seats. Its answers are about 4x shorter than at paper scale
-while the prompts are not, so the Gittins policy's prefill term (`gittins_prefill_weight`, tuned at paper
-scale) weighs far more here. This replays that trace for many sample seeds (prompts, scores and arrivals, as
+while the prompts are not, so the Gittins policy's prefill term (`gittins_prefill_weight`: 2 as tuned at paper
+scale; CPU engines run the weight in `CPU_POLICY_DEFAULTS`, chosen from this and the real engine) weighs far
+more here. This replays that trace for many sample seeds (prompts, scores and arrivals, as
 `scheduler_bench.py --seed` draws them) in the simulator on `results/sim_calibration_cpu.json` with 8 seats,
 and sets FCFS, vLLM priority, static LTR, the Gittins policy at several prefill weights (length distribution
 scaled like the answers) and oracle SJF side by side. No engine runs.
 
-    python benchmarks/sim_gittins_cpu.py [--seeds 10 --rate 4]
+    python benchmarks/sim_gittins_cpu.py [--seeds 20 --rate 4]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def measure(job: tuple[int, list, np.ndarray, str, float | None, str]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--rate", type=float, default=4.0)
     ap.add_argument("--out", type=Path, default=RESULTS / "sim_gittins_cpu.json")
     args = ap.parse_args()

@@ -24,6 +24,7 @@ from deployments.engine import CPU_ENGINE_ENV, EngineSpec, LLMEngine, ServingOpt
 from deployments.ingress import IngressSettings, OpenAIIngress
 from deployments.predictor import Predictor
 from deployments.router import LeastWorkRouter
+from ltr.scheduling.engine import platform_policy
 from ltr.scheduling.policy import PolicyConfig
 
 ENGINE_DEPLOYMENT = "LLMEngine"
@@ -115,9 +116,9 @@ class AppArgs(BaseModel):
                                  enable_auto_tool_choice=self.enable_auto_tool_choice,
                                  tool_call_parser=self.tool_call_parser,
                                  trust_request_chat_template=self.trust_request_chat_template)
-        return EngineSpec(model=model_path, policy=PolicyConfig.from_mapping(self.policy),
-                          platform="gpu" if self.engine_num_gpus > 0 else "cpu", serving=serving,
-                          overrides=dict(self.engine_kwargs), served_log=self.served_log)
+        platform = "gpu" if self.engine_num_gpus > 0 else "cpu"
+        return EngineSpec(model=model_path, policy=platform_policy(self.policy, platform), platform=platform,
+                          serving=serving, overrides=dict(self.engine_kwargs), served_log=self.served_log)
 
     def replica_env(self) -> dict[str, str]:
         """Environment of each engine replica: the CPU engine settings under the configured ones on CPU."""

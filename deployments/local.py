@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from deployments.machine import EngineLayout, fit_to_machine
+from ltr.scheduling.engine import platform_policy
 from ltr.scheduling.policy import POLICY_NAMES, PolicyConfig
 
 APP_NAME = "ltr"
@@ -103,6 +104,13 @@ def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
             "ingress": ingress, "ingress_env": ingress_env}
 
 
+def policy_line(name: str) -> str:
+    """What the engines will schedule by, as printed at start."""
+    policy = platform_policy({"name": name}, "cpu")
+    weight = f", prefill weight {policy.gittins_prefill_weight:g} (CPU)" if policy.name == "gittins" else ""
+    return f"scheduling policy: {policy.name}{weight}"
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ray_cpus = args.num_cpus or cpus
     layout = engine_layout(args, cpus, psutil.virtual_memory().total / 2**30, ray_cpus)
     print(layout.describe(), flush=True)
+    print(policy_line(args.policy), flush=True)
     model = str(prepare_model()) if args.model == "smollm2" else args.model
     temp_dir = args.temp_dir or tempfile.mkdtemp(prefix="ltr-ray-")
     ray.init(address="local", _temp_dir=str(Path(temp_dir).resolve()), include_dashboard=False,

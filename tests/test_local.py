@@ -123,6 +123,7 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
             time.sleep(1.0)
         lines = log_path.read_text(errors="replace").splitlines()
         assert expected.describe() in lines, [line for line in lines if "layout" in line]
+        assert "scheduling policy: gittins, prefill weight 0 (CPU)" in lines, lines[:20]
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
         answer = client.completions.create(model=smollm2_path.name, prompt="Hello,", max_tokens=8)

@@ -129,7 +129,8 @@ def test_resolve_config_cpu_engines_get_the_cpu_workarounds() -> None:
 
 
 def test_engine_spec_by_platform_and_async_rule() -> None:
-    from ltr.scheduling.engine import CPU_ENGINE_DEFAULTS, resolved_async_scheduling
+    from ltr.scheduling.engine import CPU_ENGINE_DEFAULTS, CPU_POLICY_DEFAULTS, resolved_async_scheduling
+    from ltr.scheduling.policy import PolicyConfig
 
     gpu = AppArgs(model="/m", engine_num_gpus=1, engine_kwargs={"max_model_len": 4096}).engine_spec("/m")
     assert not set(CPU_ENGINE_DEFAULTS) & set(gpu.vllm_kwargs()) - {"max_model_len"}
@@ -141,6 +142,13 @@ def test_engine_spec_by_platform_and_async_rule() -> None:
     assert resolved_async_scheduling({"speculative_config": {"method": "ngram"}}, "gpu") is False
     assert resolved_async_scheduling({"speculative_config": {"method": "eagle3"}}, "gpu") is True
     assert resolved_async_scheduling({"async_scheduling": True}, "cpu") is False
+    # The Gittins prefill weight by platform (CPU_POLICY_DEFAULTS); a configured value wins on either.
+    assert gpu.policy.gittins_prefill_weight == PolicyConfig().gittins_prefill_weight == 2.0
+    assert cpu.policy.gittins_prefill_weight == CPU_POLICY_DEFAULTS["gittins_prefill_weight"] == 0.0
+    assert cpu.vllm_kwargs()["additional_config"]["ltr"]["policy"]["gittins_prefill_weight"] == 0.0
+    for gpus in (0, 1):
+        set_weight = AppArgs(model="/m", engine_num_gpus=gpus, policy={"name": "gittins", "gittins_prefill_weight": 1.0})
+        assert set_weight.engine_spec("/m").policy.gittins_prefill_weight == 1.0
     fcfs = AppArgs(model="/m", engine_num_gpus=1, policy={"name": "fcfs"}).engine_spec("/m")
     assert fcfs.scheduler_class() == "vllm.v1.core.sched.async_scheduler.AsyncScheduler"
     with pytest.raises(ValueError, match="unknown scheduling policy"):

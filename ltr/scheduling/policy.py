@@ -496,7 +496,8 @@ class PolicyConfig:
     gittins_per_token: bool = True
     #: Gittins: work of one prompt token still to prefill, in output tokens (0: prompts are free). A prompt
     #: token costs about as much step time as a decode token, and a queued prefill delays every running
-    #: request; 2 is the best of 0-4 in benchmarks/sim_gittins.py.
+    #: request; 2 is the best of 0-4 in benchmarks/sim_gittins.py (A100 profile). CPU engines run 0
+    #: (`ltr.scheduling.engine.CPU_POLICY_DEFAULTS`, measured on the CPU engine).
     gittins_prefill_weight: float = 2.0
     #: Gittins: a length distribution JSON (`ltr.predictor.length_distribution`); None: the shipped one.
     length_distribution: str | None = None
