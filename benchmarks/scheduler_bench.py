@@ -168,8 +168,7 @@ def policy_setup(name: str, scores: list[float], aged_share: float | None = None
         return PolicyConfig(name="ltr", starvation=None), "predicted"
     if name.startswith("gittins"):
         # What a CPU deployment runs (these engines are CPU ones): the CPU prefill weight unless one is given.
-        policy = platform_policy({"name": "gittins"}, "cpu")
-        policy = replace(policy, length_distribution=distribution)
+        policy = platform_policy({"name": "gittins", "length_distribution": distribution}, "cpu")
         if name.startswith(GITTINS_WEIGHT_LABEL):
             prefill_weight = float(name.removeprefix(GITTINS_WEIGHT_LABEL))
         if prefill_weight is not None:
