@@ -63,7 +63,7 @@ from ltr.sim.workload import poisson_arrivals  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("fcfs", "priority", "mlfq", "ltr", "ltr-paper", "ltr-nostarve", "gittins", "oracle")
 SDG_POLICIES = ("fcfs", "ltr", "gittins", "oracle")
-#: `gittins` at one of several `--gittins-prefill-weight` values runs as `gittins-pw<weight>`.
+#: `gittins` at a `--gittins-prefill-weight` value runs as `gittins-pw<weight>`.
 GITTINS_WEIGHT_LABEL = "gittins-pw"
 
 
@@ -131,21 +131,20 @@ def scaled_distribution(scale: float, cap: int) -> str:
 
 
 def expand_gittins_weights(names: list[str], weights: list[float] | None) -> list[str]:
-    """`gittins` once per prefill weight (`gittins-pw<W>`) when several weights are given."""
-    if not weights or len(weights) < 2:
+    """`gittins` once per prefill weight (`gittins-pw<W>`) when weights are given."""
+    if not weights:
         return names
     return [label for n in names for label in
             ([f"{GITTINS_WEIGHT_LABEL}{w:g}" for w in weights] if n == "gittins" else [n])]
 
 
 def policy_setup(name: str, scores: list[float], aged_share: float | None = None,
-                 patience: int | None = None, distribution: str | None = None,
-                 prefill_weight: float | None = None) -> tuple[PolicyConfig, str]:
+                 patience: int | None = None, distribution: str | None = None) -> tuple[PolicyConfig, str]:
     """(PolicyConfig, which score each request carries) for a benchmark policy name.
 
     `aged_share` and `patience` override the default starvation share and preemption patience (`ltr` only);
-    `distribution` and `prefill_weight` are the Gittins policy's length distribution (None: the shipped
-    one) and prefill weight (None: the CPU default, `CPU_POLICY_DEFAULTS`).
+    `distribution` is the Gittins policy's length distribution (None: the shipped one); `gittins-pw<W>` runs it
+    at prefill weight W, plain `gittins` at the CPU default (`CPU_POLICY_DEFAULTS`).
     """
     if name == "fcfs":
         return PolicyConfig(name="fcfs"), "none"
@@ -170,9 +169,7 @@ def policy_setup(name: str, scores: list[float], aged_share: float | None = None
         # What a CPU deployment runs (these engines are CPU ones): the CPU prefill weight unless one is given.
         policy = platform_policy({"name": "gittins", "length_distribution": distribution}, "cpu")
         if name.startswith(GITTINS_WEIGHT_LABEL):
-            prefill_weight = float(name.removeprefix(GITTINS_WEIGHT_LABEL))
-        if prefill_weight is not None:
-            policy = replace(policy, gittins_prefill_weight=prefill_weight)
+            policy = replace(policy, gittins_prefill_weight=float(name.removeprefix(GITTINS_WEIGHT_LABEL)))
         return policy, "predicted"
     if name == "oracle":
         return PolicyConfig(name="ltr", starvation=None), "true"
@@ -261,12 +258,6 @@ def run_sdg(llm: Any, name: str, policy: PolicyConfig, score_kind: str, sdg: lis
             "tokens_of_completed": int(sum(o.tokens for o in outcomes if o.tokens == o.output_len))}
 
 
-def _one_weight(args: argparse.Namespace) -> float | None:
-    """The single --gittins-prefill-weight value (several are expanded into gittins-pw<W> labels)."""
-    weights = args.gittins_prefill_weight or []
-    return weights[0] if len(weights) == 1 else None
-
-
 def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tuple[str, list[float]]],
                  args: argparse.Namespace, split_len: int, sdg: list[BenchRequest]) -> dict:
     """fcfs and priority on vLLM's scheduler; adapter policies on one shared RankScheduler engine."""
@@ -283,16 +274,14 @@ def run_policies(names: list[str], requests: list[BenchRequest], loads: list[tup
         groups.append(adapter)
     results: dict = {}
     for group in groups:
-        first_policy, _ = policy_setup(group[0], scores, args.aged_share, args.preemption_patience, distribution,
-                                       _one_weight(args))
+        first_policy, _ = policy_setup(group[0], scores, args.aged_share, args.preemption_patience, distribution)
         t0 = time.perf_counter()
         llm = LLM(**engine_kwargs(args.model, first_policy, **common))
         startup = time.perf_counter() - t0
         print(f"[{'/'.join(group)}] engine started in {startup:.1f}s", flush=True)
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         for name in group:
-            policy, score_kind = policy_setup(name, scores, args.aged_share, args.preemption_patience, distribution,
-                                              _one_weight(args))
+            policy, score_kind = policy_setup(name, scores, args.aged_share, args.preemption_patience, distribution)
             if hasattr(scheduler, "set_policy"):
                 scheduler.set_policy(policy)
             warm = [BenchRequest("warmup", "Hello", 1, 4, None)] * 2
@@ -443,7 +432,7 @@ def main() -> int:
                         help="the ltr policy's preemption_patience (default: the PolicyConfig default)")
     parser.add_argument("--gittins-prefill-weight", type=float, nargs="+", default=None,
                         help="the gittins policy's prefill weight (default: the CPU engines' default, "
-                             "CPU_POLICY_DEFAULTS); several values run gittins once per value, as gittins-pw<W>")
+                             "CPU_POLICY_DEFAULTS); gittins runs once per value, as gittins-pw<W>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="scheduler_bench", help="results/<out>.json and .png")
     args = parser.parse_args()

@@ -47,14 +47,15 @@ def cpu_profile() -> HardwareProfile:
 def measure(job: tuple[int, list, np.ndarray, str, float | None, str]) -> dict:
     seed, requests, arrivals, name, weight, distribution = job
     scores = [r.score for r in requests]
-    policy, kind = bench.policy_setup(name, scores, distribution=distribution, prefill_weight=weight)
+    label = name if weight is None else f"{bench.GITTINS_WEIGHT_LABEL}{weight:g}"
+    policy, kind = bench.policy_setup(label, scores, distribution=distribution)
     carried = {"none": None, "predicted": scores, "true": [float(r.output_len) for r in requests]}[kind]
     res = sim_vs_bench.replay(requests, arrivals, carried, cpu_profile(), policy)
     out = np.array([r.output_len for r in res.records])
     latency = np.array([r.latency for r in res.records])
     split = np.median([r.output_len for r in requests])
     worst = max(res.records, key=lambda r: r.per_token_latency)
-    return {"seed": seed, "policy": name if weight is None else f"gittins-pw{weight:g}",
+    return {"seed": seed, "policy": label,
             "mean_per_token_latency": float(np.mean([r.per_token_latency for r in res.records])),
             "long_p99_latency": float(np.percentile(latency[out > split], 99)),
             "throughput_tok_s": float(out.sum() / res.makespan), "rank_preemptions": res.rank_preemptions,
