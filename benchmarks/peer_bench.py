@@ -418,6 +418,34 @@ def scored(before: dict | None, after: dict | None) -> dict | None:
             "scored_share": (requests - n_fallbacks) / requests if requests else None}
 
 
+def engine_stats(server: Server) -> dict:
+    try:
+        return http_json(f"{server.url}/v1/ltr/engine_stats", timeout=60)
+    except (OSError, ValueError) as exc:
+        return {"error": str(exc)[:200]}
+
+
+def admitted_awaiting_score(stats: dict) -> int | None:
+    """Requests the engines admitted while their late score was still on its way (cumulative, all replicas)."""
+    replicas = stats.get("replicas")
+    if not replicas:
+        return None
+    return sum(r.get("scheduler", {}).get("admitted_awaiting_score", 0) for r in replicas.values())
+
+
+def ranked_share(stats: dict | None, engines_before: dict, engines_after: dict) -> float | None:
+    """Share of the run's requests whose own score placed them when they were admitted: scored in time, or
+    late with the score landing while they still waited. Not ranked: a fallback that sends no late score
+    (error, open breaker, no text), or a request admitted before its late score came."""
+    if stats is None or not stats["requests"]:
+        return None
+    before, after = admitted_awaiting_score(engines_before), admitted_awaiting_score(engines_after)
+    if before is None or after is None:
+        return None
+    without_late = sum(n for reason, n in stats["predictor_fallbacks"].items() if reason != "timeout")
+    return 1 - (without_late + after - before) / stats["requests"]
+
+
 def row_from(result: dict, requests: list[Any]) -> dict:
     """The per-run metrics from the client's saved (detailed) result."""
     lat, ttft, out = result.get("latencies", []), result.get("ttfts", []), result.get("output_lens", [])
@@ -458,6 +486,7 @@ def run_once(args: argparse.Namespace, server: Server, model_path: str, requests
     cargs = client_args(args, server, model_path, dataset, len(requests), rate, seed, work / "client",
                         f"{tag}.json", tag)
     before = ltr_stats(server) if server.name.startswith("ltr") else None
+    engines_before = engine_stats(server) if server.name.startswith("ltr") else {}
     load_before = os.getloadavg()
     env = {**_BASE_ENV, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
@@ -484,13 +513,12 @@ def run_once(args: argparse.Namespace, server: Server, model_path: str, requests
     if server.name.startswith("ltr"):
         row["ltr_stats"] = scored(before, after)
         row["scored_share"] = row["ltr_stats"]["scored_share"] if row["ltr_stats"] else None
-        try:
-            row["engine_stats_after"] = http_json(f"{server.url}/v1/ltr/engine_stats", timeout=60)
-        except (OSError, ValueError) as exc:
-            row["engine_stats_after"] = {"error": str(exc)[:200]}
+        row["engine_stats_after"] = engine_stats(server)
+        row["ranked_share"] = ranked_share(row["ltr_stats"], engines_before, row["engine_stats_after"])
     else:
-        row["scored_share"] = None
-    share = "" if not server.name.startswith("ltr") else f" scored {fmt(row['scored_share'], '.2f')}"
+        row["scored_share"] = row["ranked_share"] = None
+    share = "" if not server.name.startswith("ltr") else \
+        f" scored {fmt(row['scored_share'], '.2f')} ranked {fmt(row['ranked_share'], '.2f')}"
     log(f"{tag}: per-token {fmt(row['per_token_latency_mean_s'], '.4f')}s e2e mean {row['e2e_mean_s']:.2f}s "
         f"p99 {row['e2e_p99_s']:.2f}s ttft {row['ttft_mean_s']:.2f}s tpot {row['tpot_mean_ms']:.0f}ms "
         f"{row['output_throughput_tok_s']:.1f} tok/s ok {row['completed']}/{row['num_requests']}"
@@ -526,6 +554,7 @@ def compare(rows: list[dict], system: str, rate: float) -> dict | None:
             "ttft_mean_gain_vs_vllm": _ratio(b["ttft_mean_s"], m["ttft_mean_s"]),
             "throughput_ratio_vs_vllm": _ratio(m["output_throughput_tok_s"], b["output_throughput_tok_s"]),
             "scored_share": m.get("scored_share"),
+            "ranked_share": m.get("ranked_share"),
         })
     valid = [p for p in per_sample if p["per_token_gain_vs_vllm"] is not None]
     worst = min(valid, key=lambda p: p["per_token_gain_vs_vllm"]) if valid else per_sample[0]
@@ -711,6 +740,9 @@ def main(argv: list[str] | None = None) -> None:
             "engine_stats_after": "ltr-serve runs: /v1/ltr/engine_stats after the run, cumulative since the "
                                   "server started (warm-up and earlier runs included)",
             "scored": "ltr-serve requests not counted as a predictor fallback in /v1/ltr/stats (delta over the run)",
+            "ranked": "ltr-serve requests placed by their own score when admitted: scored in time, or a timeout "
+                      "whose late score landed while the request still waited (1 - (non-timeout fallbacks + "
+                      "the engines' admitted_awaiting_score delta) / requests)",
         },
         "workload": {"split": "ShareGPT test (conversation-disjoint, ltr.data)",
                      "selection_and_scaling": "benchmarks/serve_bench.py build_trace: seeded sample of test prompts "

@@ -22,6 +22,7 @@ from ray.serve.deployment import Application
 
 from deployments.engine import CPU_ENGINE_ENV, EngineSpec, LLMEngine, ServingOptions
 from deployments.ingress import IngressSettings, OpenAIIngress
+from deployments.machine import omp_env
 from deployments.predictor import Predictor
 from deployments.router import LeastWorkRouter
 from ltr.scheduling.engine import platform_policy
@@ -52,6 +53,11 @@ class AppArgs(BaseModel):
     engine_num_gpus: float = Field(0.0, ge=0)
     #: Extra environment for engine replicas (CPU defaults are added when engine_num_gpus == 0).
     engine_env: dict[str, str] = Field(default_factory=dict)
+    #: Nice adjustment (as `nice -n`) of each engine replica's vLLM processes (engine core and workers) against
+    #: the replica's own priority: above 0 where the engines share cores with latency-bound work (the predictor,
+    #: the ingress), which then runs first. Ray starts its workers at nice 15 unless told otherwise
+    #: (`worker_niceness`); the kernel stops at 19.
+    engine_nice: int = Field(0, ge=0, le=19)
     max_ongoing_requests: int = Field(256, ge=1)
     #: Overrides for `ltr.scheduling.engine.engine_args` (max_num_seqs, max_model_len, dtype, ...).
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -118,7 +124,8 @@ class AppArgs(BaseModel):
                                  trust_request_chat_template=self.trust_request_chat_template)
         platform = "gpu" if self.engine_num_gpus > 0 else "cpu"
         return EngineSpec(model=model_path, policy=platform_policy(self.policy, platform), platform=platform,
-                          serving=serving, overrides=dict(self.engine_kwargs), served_log=self.served_log)
+                          serving=serving, overrides=dict(self.engine_kwargs), served_log=self.served_log,
+                          nice=self.engine_nice)
 
     def replica_env(self) -> dict[str, str]:
         """Environment of each engine replica: the CPU engine settings under the configured ones on CPU."""
@@ -133,8 +140,19 @@ class PredictorArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    #: Torch threads of each replica (None: Ray's rule, the actor's whole CPUs, at least 1). Scoring comes in
+    #: short bursts that requests wait on, so where the engines yield to it (`AppArgs.engine_nice`) it can
+    #: take every core for them.
+    threads: int | None = Field(None, ge=1)
     #: PredictorSettings fields (reload_interval_s, fault drill), changeable live as user_config.
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    def actor_options(self) -> dict[str, Any]:
+        """Ray actor options of each predictor replica."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.threads is not None:
+            options["runtime_env"] = {"env_vars": omp_env(self.threads)}
+        return options
 
 
 def engine_deployment(args: AppArgs, model_path: str) -> Application:
@@ -180,6 +198,5 @@ def build_predictor_app(args: dict[str, Any] | None = None) -> Application:
     PredictorSettings(**parsed.settings)  # validate now, not in a replica
     deployment = serve.deployment(
         Predictor, name=PREDICTOR_DEPLOYMENT, num_replicas=parsed.num_replicas, max_ongoing_requests=256,
-        user_config=parsed.settings,
-        ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus})
+        user_config=parsed.settings, ray_actor_options=parsed.actor_options())
     return deployment.bind()

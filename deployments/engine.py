@@ -19,7 +19,8 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,8 @@ class EngineSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: The served-traffic log's settings (`ltr.data.served_log.ServedLogConfig` fields); None: off.
     served_log: dict[str, Any] | None = None
+    #: Nice adjustment of the engine core and worker processes vLLM starts (`AppArgs.engine_nice`).
+    nice: int = 0
 
     def vllm_kwargs(self, stats_path: str | None = None, score_updates_path: str | None = None,
                     writer_id: str = "") -> dict[str, Any]:
@@ -180,6 +183,25 @@ class _TrackingEngineClient:
                 await self._llm.abort(request_id)
 
 
+@contextmanager
+def _nice(adjustment: int) -> Iterator[None]:
+    """Run the body `adjustment` nice levels lower in priority (as `nice -n`). Linux keeps a nice value per
+    thread and a process started from a thread inherits that thread's, so vLLM's engine core and workers
+    started in the body keep the lower priority while the replica's own threads go back to theirs."""
+    if not adjustment:
+        yield
+        return
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    os.setpriority(os.PRIO_PROCESS, 0, min(19, before + adjustment))
+    try:
+        yield
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, before)
+        except PermissionError:   # no CAP_SYS_NICE: this thread cannot raise its priority again
+            logger.warning("engine replica thread stays at the engines' lower priority (needs CAP_SYS_NICE)")
+
+
 def _latest_stats_logger(sink: dict[str, Any]) -> type:
     """A vLLM stat logger that keeps only the latest scheduler stats in `sink`.
 
@@ -229,7 +251,8 @@ class LLMEngine:
                                                   writer_id=self.replica))
         #: The engine core's latest SchedulerStats (running/waiting/KV use), for `debug_stats`.
         self.core_stats: dict[str, Any] = {}
-        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
+        with _nice(spec.nice):   # the processes vLLM starts now inherit it; this replica keeps its own
+            self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self.state = await _serving_state(_TrackingEngineClient(self.llm), spec)
         self._tracked: dict[str, _Tracked] = {}

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="OpenMP threads per engine replica (default: fit to the machine)")
     parser.add_argument("--engine-cpus", type=float, default=None,
                         help="Ray CPUs per engine replica (default: the engines' share of --num-cpus)")
+    parser.add_argument("--engine-nice", type=int, default=None,
+                        help="nice levels (0-19) the engines' vLLM processes run below the rest of the service "
+                             "(default: fit to the machine)")
     parser.add_argument("--policy", default=PolicyConfig().name, choices=POLICY_NAMES,
                         help="scheduling policy (default: the PolicyConfig default; 'ltr' = static rank)")
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
@@ -58,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.engine_cpus is not None and args.engine_cpus < 0:
         parser.error("--engine-cpus must be >= 0")
+    if args.engine_nice is not None and not 0 <= args.engine_nice <= 19:
+        parser.error(f"--engine-nice must be in 0..19, got {args.engine_nice}")
     if args.api_key_env and not os.environ.get(args.api_key_env):
         parser.error(f"--api-key-env {args.api_key_env}: that environment variable is empty")
     return args
@@ -81,7 +86,7 @@ def engine_layout(args: argparse.Namespace, cpus: int, memory_gib: float, ray_cp
     budget = engine_cpu_budget(args, ray_cpus)
     layout = fit_to_machine(cpus, memory_gib, budget).override(
         replicas=args.replicas, threads=args.engine_threads, num_cpus=args.engine_cpus,
-        max_num_seqs=args.max_num_seqs, engine_cpu_budget=budget)
+        max_num_seqs=args.max_num_seqs, nice=args.engine_nice, engine_cpu_budget=budget)
     if layout.replicas * layout.num_cpus > budget + 1e-9:
         # Ray would never place the last replicas, and serve.run would wait for them forever.
         raise SystemExit(f"{layout.replicas} engines x {layout.num_cpus:g} Ray CPUs do not fit the {budget:g} "
@@ -98,7 +103,7 @@ def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
         ingress_env[args.api_key_env] = os.environ[args.api_key_env]
     return {"model": args.model, "policy": {"name": args.policy}, "router": args.router,
             "num_engine_replicas": layout.replicas, "engine_num_cpus": layout.num_cpus,
-            "engine_env": layout.engine_env(),
+            "engine_env": layout.engine_env(), "engine_nice": layout.nice,
             "engine_kwargs": {"enforce_eager": not args.compile, "max_num_seqs": layout.max_num_seqs,
                               **({"max_model_len": args.max_model_len} if args.max_model_len is not None else {})},
             "ingress": ingress, "ingress_env": ingress_env}
@@ -133,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     print(policy_line(args.policy), flush=True)
     model = str(prepare_model()) if args.model == "smollm2" else args.model
     temp_dir = args.temp_dir or tempfile.mkdtemp(prefix="ltr-ray-")
+    # Ray would start every worker at nice 15 (`worker_niceness`); here the engines yield instead (layout.nice)
+    # and the predictor, the ingress and Serve's proxy keep normal priority.
     ray.init(address="local", _temp_dir=str(Path(temp_dir).resolve()), include_dashboard=False,
-             num_cpus=ray_cpus, logging_level="WARNING")
+             num_cpus=ray_cpus, logging_level="WARNING", _system_config={"worker_niceness": 0})
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # While starting, a signal must break out of serve.run (which waits for every replica, forever if
@@ -143,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         if not args.no_predictor:
-            serve.run(build_predictor_app(), name=PREDICTOR_APP_NAME, route_prefix=None)
+            serve.run(build_predictor_app({"threads": layout.predictor_threads}), name=PREDICTOR_APP_NAME,
+                      route_prefix=None)
         config = app_args(args, layout)
         config["model"] = model
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")

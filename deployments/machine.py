@@ -19,6 +19,24 @@ THREADS_PER_ENGINE = 1
 #: Serve replica ~1.1 GiB, vLLM's engine core ~0.75, its worker ~2.5 with the 1 GiB KV cache
 #: (VLLM_CPU_KVCACHE_SPACE); layout_bench records the last two per run.
 ENGINE_MEMORY_GIB = 4.5
+#: How many nice levels the engines' processes run below the rest of the service when they take every core.
+#: The predictor, the ingress and Serve's proxy are small, latency-bound tasks on the same cores; at equal
+#: priority they queue behind model steps, and the predictor misses its timeout.
+ENGINE_NICE = 10
+#: Most torch threads the predictor gets where the engines yield to it: scoring throughput was measured on 1
+#: and 2 threads (benchmarks/results/predictor_speed.json: 1.7x on 2 at 256 tokens).
+PREDICTOR_THREADS = 2
+
+
+def omp_env(threads: int) -> dict[str, str]:
+    """Environment of a process with `threads` OpenMP threads. Torch keeps the count an outside OMP_NUM_THREADS
+    sets (vLLM too: vllm.utils.torch_utils.set_torch_threads_for_runtime; Ray sets it to an actor's whole CPUs,
+    1 below 2). Several threads spin-wait after every parallel region, which starves everything else on the
+    cores, so they sleep instead (OMP_WAIT_POLICY=PASSIVE; layout_bench offline stage)."""
+    env = {"OMP_NUM_THREADS": str(threads)}
+    if threads > 1:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
 
 
 @dataclass(frozen=True)
@@ -29,28 +47,30 @@ class EngineLayout:
     threads: int
     num_cpus: float
     max_num_seqs: int
+    #: Nice adjustment of each engine's vLLM processes (0: the same priority as the rest of the service).
+    nice: int
     reason: str
+    #: Torch threads of the predictor (None: Ray's rule for its CPUs). Where the engines yield, its short
+    #: scoring bursts take every core.
+    predictor_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.replicas < 1 or self.threads < 1 or self.max_num_seqs < 1 or self.num_cpus < 0:
+        if self.replicas < 1 or self.threads < 1 or self.max_num_seqs < 1 or self.num_cpus < 0 \
+                or not 0 <= self.nice <= 19:
             raise ValueError(f"invalid engine layout {self}")
 
     def engine_env(self) -> dict[str, str]:
-        """Environment of each engine replica. vLLM keeps the torch thread count an outside OMP_NUM_THREADS
-        sets (vllm.utils.torch_utils.set_torch_threads_for_runtime; Ray sets it to the actor's whole CPUs, 1
-        below 2). Several threads spin-wait after every parallel region, which starves everything else on
-        the cores, so they sleep instead (OMP_WAIT_POLICY=PASSIVE; layout_bench offline stage)."""
-        env = {"OMP_NUM_THREADS": str(self.threads)}
-        if self.threads > 1:
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
-        return env
+        """Environment of each engine replica."""
+        return omp_env(self.threads)
 
     def override(self, *, replicas: int | None = None, threads: int | None = None, num_cpus: float | None = None,
-                 max_num_seqs: int | None = None, engine_cpu_budget: float) -> EngineLayout:
+                 max_num_seqs: int | None = None, nice: int | None = None,
+                 engine_cpu_budget: float) -> EngineLayout:
         """This layout with the given fields set (the command line's). A changed replica count re-splits the
         engines' CPU budget: Ray CPUs evenly, threads to the whole CPUs each gets (at least 1)."""
         given = {name: value for name, value in (("replicas", replicas), ("threads", threads),
-                                                 ("num_cpus", num_cpus), ("max_num_seqs", max_num_seqs))
+                                                 ("num_cpus", num_cpus), ("max_num_seqs", max_num_seqs),
+                                                 ("nice", nice))
                  if value is not None}
         if not given:
             return self
@@ -62,14 +82,15 @@ class EngineLayout:
             if "threads" not in given:
                 layout = replace(layout, threads=max(1, math.floor(share + 0.5)))
         flags = ", ".join("--" + {"replicas": "replicas", "threads": "engine-threads", "num_cpus": "engine-cpus",
-                                  "max_num_seqs": "max-num-seqs"}[name] for name in given)
+                                  "max_num_seqs": "max-num-seqs", "nice": "engine-nice"}[name] for name in given)
         return replace(layout, reason=f"set by {flags}")
 
     def describe(self) -> str:
         """The one line `deployments.local` prints at start."""
         return (f"engine layout: {self.replicas} replica{'s' if self.replicas > 1 else ''} x {self.threads} "
                 f"thread{'s' if self.threads > 1 else ''} ({self.num_cpus:g} Ray CPUs each), "
-                f"{self.max_num_seqs} seats each; {self.reason}")
+                f"{self.max_num_seqs} seats each{f', nice {self.nice}' if self.nice else ''}"
+                f"{f', predictor {self.predictor_threads} threads' if self.predictor_threads else ''}; {self.reason}")
 
 
 def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> EngineLayout:
@@ -81,8 +102,10 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
     0.45-0.48 s mean per-token latency at 3 req/s and 80-84 tok/s, one 2-thread engine 0.73-0.82 s and
     54-56 tok/s (offline, one engine decodes only 1.1-1.3x faster on 2 threads than on 1, so a second
     engine buys more than a second thread). Rule: one-thread engines, one per core (capped by memory at
-    ENGINE_MEMORY_GIB each, at least one), SEATS seats each, the engines' Ray CPUs split evenly. Measured on
-    2 cores only; more cores repeat the per-core choice.
+    ENGINE_MEMORY_GIB each, at least one), SEATS seats each, the engines' Ray CPUs split evenly, and
+    ENGINE_NICE levels below the rest of the service when their threads fill every core, the predictor then
+    scoring on up to PREDICTOR_THREADS of them. Measured on 2 cores only; more cores repeat the per-core
+    choice.
     """
     if cpus < 1 or memory_gib <= 0 or engine_cpu_budget <= 0:
         raise ValueError(f"cpus, memory and the engine CPU budget must be positive: {cpus}, {memory_gib}, "
@@ -91,7 +114,10 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
     by_memory = max(1, math.floor(memory_gib / ENGINE_MEMORY_GIB))
     replicas = min(by_cpu, by_memory)
     bound = "memory" if by_memory < by_cpu else "cores"
+    yield_cores = replicas * THREADS_PER_ENGINE >= cpus
     return EngineLayout(replicas=replicas, threads=THREADS_PER_ENGINE,
                         num_cpus=round(engine_cpu_budget / replicas, 3), max_num_seqs=SEATS,
+                        nice=ENGINE_NICE if yield_cores else 0,
+                        predictor_threads=min(cpus, PREDICTOR_THREADS) if yield_cores else None,
                         reason=f"fit to {cpus} CPUs and {memory_gib:.0f} GiB, bound by {bound}: one-thread engines, "
                                "one per core, measured best (benchmarks/results/layout_bench.json)")

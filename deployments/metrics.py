@@ -40,6 +40,8 @@ ENGINE_METRICS: tuple[tuple[str, str, str, bool, str], ...] = (
      "running requests evicted for better-ranked waiting ones"),
     ("scheduler", "kv_preemptions", "ltr_scheduler_kv_preemptions", True, "requests evicted for lack of KV blocks"),
     ("scheduler", "late_scores", "ltr_scheduler_late_scores", True, "requests re-ranked when their late score landed"),
+    ("scheduler", "admitted_awaiting_score", "ltr_scheduler_admitted_awaiting_score", True,
+     "requests admitted at the neutral score while their late score was still on its way"),
     ("scheduler", "max_waiting", "ltr_scheduler_max_waiting_requests", False, "most requests ever waiting at once"),
     ("scheduler", "max_running", "ltr_scheduler_max_running_requests", False, "most requests ever running at once"),
     ("scheduler", "schedule_s_total", "ltr_scheduler_schedule_seconds", True, "time spent in schedule()"),

@@ -17,33 +17,37 @@ import pytest
 
 from deployments.app import AppArgs, PredictorArgs
 from deployments.local import app_args, engine_layout, parse_args
-from deployments.machine import SEATS, EngineLayout, fit_to_machine
+from deployments.machine import ENGINE_NICE, PREDICTOR_THREADS, SEATS, EngineLayout, fit_to_machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESERVED = AppArgs.model_fields["ingress_num_cpus"].default + PredictorArgs.model_fields["num_cpus"].default
 
 
-@pytest.mark.parametrize("cpus,memory_gib,replicas,threads", [
-    (1, 8.0, 1, 1),      # one core: one engine on it
-    (2, 23.0, 2, 1),     # this box: two one-thread engines (layout_bench: they beat one engine on both cores)
-    (8, 64.0, 8, 1),
-    (16, 6.0, 1, 1),     # memory-bound: one engine
+@pytest.mark.parametrize("cpus,memory_gib,replicas,threads,nice,predictor_threads", [
+    (1, 8.0, 1, 1, ENGINE_NICE, 1),   # one core: one engine on it, below the predictor and the ingress
+    (2, 23.0, 2, 1, ENGINE_NICE, 2),  # this box: two one-thread engines (layout_bench: they beat one on both cores)
+    (8, 64.0, 8, 1, ENGINE_NICE, PREDICTOR_THREADS),
+    (16, 6.0, 1, 1, 0, None),         # memory-bound: one engine, cores to spare for everything else
 ])
-def test_fit_to_machine(cpus: int, memory_gib: float, replicas: int, threads: int) -> None:
+def test_fit_to_machine(cpus: int, memory_gib: float, replicas: int, threads: int, nice: int,
+                        predictor_threads: int | None) -> None:
     budget = max(cpus - RESERVED, 0.4)
     layout = fit_to_machine(cpus, memory_gib, budget)
-    assert (layout.replicas, layout.threads, layout.max_num_seqs) == (replicas, threads, SEATS)
+    assert (layout.replicas, layout.threads, layout.max_num_seqs, layout.nice, layout.predictor_threads) == \
+        (replicas, threads, SEATS, nice, predictor_threads)
     assert layout.replicas * layout.num_cpus <= budget + 1e-9
     assert "layout_bench" in layout.reason
 
 
 def test_engine_env_sets_threads_and_passive_wait_only_for_several() -> None:
-    one = EngineLayout(replicas=2, threads=1, num_cpus=0.7, max_num_seqs=16, reason="r")
-    two = EngineLayout(replicas=1, threads=2, num_cpus=1.4, max_num_seqs=16, reason="r")
+    one = EngineLayout(replicas=2, threads=1, num_cpus=0.7, max_num_seqs=16, nice=0, reason="r")
+    two = EngineLayout(replicas=1, threads=2, num_cpus=1.4, max_num_seqs=16, nice=0, reason="r")
     assert one.engine_env() == {"OMP_NUM_THREADS": "1"}
     assert two.engine_env() == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
-    with pytest.raises(ValueError):
-        EngineLayout(replicas=0, threads=1, num_cpus=1.0, max_num_seqs=16, reason="r")
+    for bad in ({"replicas": 0}, {"nice": 20}):
+        with pytest.raises(ValueError):
+            EngineLayout(**{"replicas": 1, "threads": 1, "num_cpus": 1.0, "max_num_seqs": 16, "nice": 0,
+                            "reason": "r", **bad})
 
 
 def test_command_line_overrides_the_fitted_layout() -> None:
@@ -62,10 +66,21 @@ def test_command_line_overrides_the_fitted_layout() -> None:
     assert "--engine-threads" in seats.reason and "--max-num-seqs" in seats.reason
     with pytest.raises(SystemExit):   # two engines of 1 Ray CPU do not fit 2 CPUs less ingress and predictor
         engine_layout(parse_args(["--replicas", "2", "--engine-cpus", "1"]), 2, 23.0, 2)
-    with pytest.raises(SystemExit):
-        parse_args(["--replicas", "0"])
+    same_priority = engine_layout(parse_args(["--engine-nice", "0"]), 2, 23.0, 2)
+    assert (same_priority.nice, same_priority.replicas) == (0, fitted.replicas)
+    assert same_priority.reason == "set by --engine-nice" and "nice" not in same_priority.describe().split(";")[0]
+    assert f"nice {ENGINE_NICE}, predictor 2 threads;" in fitted.describe()
+    for bad in (["--replicas", "0"], ["--engine-nice", "20"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
     no_predictor = engine_layout(parse_args(["--no-predictor"]), 2, 23.0, 2)
     assert no_predictor.num_cpus * no_predictor.replicas > fitted.num_cpus * fitted.replicas
+
+
+def test_predictor_threads_reach_its_replica_options() -> None:
+    options = PredictorArgs(threads=2).actor_options()
+    assert options["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert "runtime_env" not in PredictorArgs().actor_options()   # Ray's rule for its CPUs
 
 
 def test_app_args_carry_the_layout_into_a_valid_app() -> None:
@@ -74,6 +89,7 @@ def test_app_args_carry_the_layout_into_a_valid_app() -> None:
     parsed = AppArgs(**app_args(args, layout))
     assert (parsed.num_engine_replicas, parsed.engine_num_cpus) == (2, layout.num_cpus)
     assert parsed.engine_kwargs["max_num_seqs"] == layout.max_num_seqs
+    assert parsed.engine_spec("/models/m").nice == layout.nice == ENGINE_NICE
     env = parsed.replica_env()
     assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
 
@@ -86,16 +102,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _engine_processes(leader: psutil.Process) -> list[psutil.Process]:
-    """The processes that run the model (vLLM titles them VLLM::Worker), among the server's descendants."""
+def _processes(leader: psutil.Process, title: str) -> list[psutil.Process]:
+    """The server's descendants whose command line holds `title`."""
     found = []
     for proc in leader.children(recursive=True):
         try:
-            if "VLLM::Worker" in " ".join(proc.cmdline()):
+            if title in " ".join(proc.cmdline()):
                 found.append(proc)
         except psutil.Error:
             continue
     return found
+
+
+def _nice_of(task: Path) -> int:
+    """A thread's nice value (Linux keeps one per thread): field 19 of /proc/PID/task/TID/stat."""
+    return int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
@@ -129,11 +150,19 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
         answer = client.completions.create(model=smollm2_path.name, prompt="Hello,", max_tokens=8)
         assert answer.usage.completion_tokens == 8 and answer.choices[0].text
 
-        workers = _engine_processes(leader)
+        workers = _processes(leader, "VLLM::Worker")   # the processes that run the model
         assert len(workers) == expected.replicas, workers
-        for worker in workers:   # the thread count reached the process that runs the model
+        for worker in workers:   # the thread count and the priority reached the process that runs the model
             environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
             assert f"OMP_NUM_THREADS={expected.threads}".encode() in environ
+            assert {_nice_of(task) for task in Path(f"/proc/{worker.pid}/task").iterdir()} == {expected.nice}
+        for replica in _processes(leader, "ServeReplica:ltr:LLMEngine"):   # the replica keeps normal priority
+            assert _nice_of(Path(f"/proc/{replica.pid}/task/{replica.pid}")) == 0
+        predictors = _processes(leader, "ServeReplica:ltr-predictor:Predictor")
+        assert len(predictors) == 1
+        environ = Path(f"/proc/{predictors[0].pid}/environ").read_bytes().split(b"\0")
+        assert f"OMP_NUM_THREADS={expected.predictor_threads}".encode() in environ
+        assert _nice_of(Path(f"/proc/{predictors[0].pid}/task/{predictors[0].pid}")) == 0
         family = {p.pid: p for p in [leader, *leader.children(recursive=True), *workers]}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log_path.read_text(errors="replace")[-4000:]

@@ -54,6 +54,7 @@ def test_a_late_score_re_ranks_waiting_and_running_requests(tiny_model_path: Pat
         driver.add(request)
     for _ in range(3):
         driver.step()
+    assert scheduler.stats()["admitted_awaiting_score"] == 2   # admitted before any late score came
     waiting = [named("wait-short", 4, 10.0), named("wait-neutral", 4, 50.0)]
     for request in waiting:
         driver.add(request)
@@ -72,6 +73,8 @@ def test_a_late_score_re_ranks_waiting_and_running_requests(tiny_model_path: Pat
     assert names(scheduler.running) == ["run-neutral", "run-short"]
     assert scheduler.stats()["late_scores"] == 2
     driver.run_until_idle(max_steps=600)
+    # wait-short's score never came: it too was admitted at its neutral place; wait-neutral by its own score.
+    assert scheduler.stats()["admitted_awaiting_score"] == 3
     # With seats freed, the re-ranked waiting request is admitted first.
     assert driver.finish_order.index("wait-neutral-3f9a2c1d") < driver.finish_order.index("wait-short-3f9a2c1d")
     assert all(scheduler.rank_states.get(r.request_id) is None for r in running + waiting)

@@ -207,6 +207,9 @@ class AdapterCounters:
     kv_preemptions: int = 0
     #: Scores applied after their request entered the engine (re-ranked where it stood).
     late_scores: int = 0
+    #: Requests admitted to the batch while their late score was still on its way: placed by the neutral
+    #: score, not their own (the ones whose late score landed while they waited were ranked by it).
+    admitted_awaiting_score: int = 0
     unscored_requests: int = 0
     scored_requests: int = 0
     max_waiting: int = 0
@@ -333,6 +336,9 @@ class RankScheduler(Scheduler):
         before_upstream = time.perf_counter()
         output = super().schedule(throttle_prefills)
         after_upstream = time.perf_counter()
+        if self._late_score_ids and output.scheduled_new_reqs:
+            awaiting = set(self._late_score_ids.values())
+            self.counters.admitted_awaiting_score += sum(new.req_id in awaiting for new in output.scheduled_new_reqs)
         for victim in victims:
             self.waiting.add_request(victim)
         kv_preempted = max(len(output.preempted_req_ids or ()) - len(victims), 0)
@@ -587,6 +593,7 @@ class RankScheduler(Scheduler):
             "rank_preemptions": p.rank_preemptions,
             "kv_preemptions": c.kv_preemptions,
             "late_scores": c.late_scores,
+            "admitted_awaiting_score": c.admitted_awaiting_score,
             "live_quality": self._live_quality.snapshot(),
             "scored_requests": c.scored_requests,
             "unscored_requests": c.unscored_requests,
