@@ -415,6 +415,7 @@ def scored(before: dict | None, after: dict | None) -> dict | None:
     n_fallbacks = sum(fallbacks.values())
     return {"requests": requests, "scored": requests - n_fallbacks, "predictor_fallbacks": fallbacks,
             "neutral_placements": after.get("neutral_placements", 0) - before.get("neutral_placements", 0),
+            "late_sent": after.get("late_sent", 0) - before.get("late_sent", 0),
             "scored_share": (requests - n_fallbacks) / requests if requests else None}
 
 
@@ -435,14 +436,14 @@ def admitted_awaiting_score(stats: dict) -> int | None:
 
 def ranked_share(stats: dict | None, engines_before: dict, engines_after: dict) -> float | None:
     """Share of the run's requests whose own score placed them when they were admitted: scored in time, or
-    late with the score landing while they still waited. Not ranked: a fallback that sends no late score
-    (error, open breaker, no text), or a request admitted before its late score came."""
+    late with the score landing while they still waited. Not ranked: a fallback sent on without a late
+    score (error, no text, too many in flight), or a request admitted before its late score came."""
     if stats is None or not stats["requests"]:
         return None
     before, after = admitted_awaiting_score(engines_before), admitted_awaiting_score(engines_after)
     if before is None or after is None:
         return None
-    without_late = sum(n for reason, n in stats["predictor_fallbacks"].items() if reason != "timeout")
+    without_late = sum(stats["predictor_fallbacks"].values()) - stats["late_sent"]
     return 1 - (without_late + after - before) / stats["requests"]
 
 
@@ -740,8 +741,8 @@ def main(argv: list[str] | None = None) -> None:
             "engine_stats_after": "ltr-serve runs: /v1/ltr/engine_stats after the run, cumulative since the "
                                   "server started (warm-up and earlier runs included)",
             "scored": "ltr-serve requests not counted as a predictor fallback in /v1/ltr/stats (delta over the run)",
-            "ranked": "ltr-serve requests placed by their own score when admitted: scored in time, or a timeout "
-                      "whose late score landed while the request still waited (1 - (non-timeout fallbacks + "
+            "ranked": "ltr-serve requests placed by their own score when admitted: scored in time, or a fallback "
+                      "whose late score landed while the request still waited (1 - (fallbacks - late_sent + "
                       "the engines' admitted_awaiting_score delta) / requests)",
         },
         "workload": {"split": "ShareGPT test (conversation-disjoint, ltr.data)",

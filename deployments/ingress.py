@@ -98,6 +98,8 @@ class IngressSettings(BaseModel):
     neutral_window: int = Field(512, ge=1)
     #: A request sent on after a predictor timeout is re-ranked in its engine when the score lands.
     late_scores: bool = True
+    #: Most late answers (after a timeout, or asked for while the breaker is open) in flight at once.
+    max_late_in_flight: int = Field(256, ge=0)
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, gt=0)
     #: Trust a client-supplied score header (oracle experiments, scheduler tests); off in production.
@@ -212,6 +214,9 @@ class OpenAIIngress:
                 self.settings.predictor_deployment, app_name=self.settings.predictor_app, _check_exists=False)
         self._failures = 0
         self._breaker_open_until = 0.0
+        self._late_in_flight = 0
+        #: Fallbacks sent on with the predictor's answer following them (re-ranked in the engine on landing).
+        self.late_sent = 0
         self.fallbacks: Counter[str] = Counter()
         self._neutral = NeutralPlacement(self.settings.neutral_window, calibration_median())
         self.neutral_placements = 0
@@ -300,13 +305,16 @@ class OpenAIIngress:
     async def _predict(self, item: PredictorInput) -> tuple[Prediction | None, str | None, Any]:
         """(prediction, fallback reason, pending): the request proceeds either way. On a timeout with
         `late_scores`, `pending` is the predictor's answer still on its way (a Ray ObjectRef), which the
-        engine replica applies when it lands."""
+        engine replica applies when it lands. An open breaker skips the wait, not the call: with
+        `late_scores` the request goes on at once and its score still follows it (at most
+        `max_late_in_flight` such answers at once), so an overloaded predictor delays no request and still
+        ranks them."""
         if self._predictor is None:
             return (*self._fallback("disabled"), None)
         if not _fallback_text(item).strip():
             return (*self._fallback("no_text"), None)
         if time.monotonic() < self._breaker_open_until:
-            return (*self._fallback("circuit_open"), None)
+            return (*self._fallback("circuit_open"), await self._send_late(item))
         reason, detail, pending, response = None, "", None, None
         deadline = time.monotonic() + self.settings.predictor_timeout_s
         try:
@@ -317,7 +325,7 @@ class OpenAIIngress:
                 prediction = await asyncio.wait_for(asyncio.shield(answer),
                                                     timeout=max(deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
-                pending = ref if self.settings.late_scores else None
+                pending = self._follow_late(ref, answer)
                 raise
             self._failures = 0
             return prediction, None, None
@@ -334,6 +342,34 @@ class OpenAIIngress:
             self._breaker_open_until = time.monotonic() + self.settings.breaker_cooldown_s
             self._failures = 0
         return (*self._fallback(reason, detail), pending)
+
+    def _follow_late(self, ref: Any, answer: asyncio.Future) -> Any:
+        """`ref` as the request's late answer when late scores are on and below their in-flight bound
+        (counted until it lands), else None."""
+        if not self.settings.late_scores or self._late_in_flight >= self.settings.max_late_in_flight:
+            return None
+        self._late_in_flight += 1
+        self.late_sent += 1
+        answer.add_done_callback(self._late_landed)
+        return ref
+
+    def _late_landed(self, answer: asyncio.Future) -> None:
+        self._late_in_flight -= 1
+        if not answer.cancelled():
+            answer.exception()   # retrieved here; the engine replica reports its own outcome
+
+    async def _send_late(self, item: PredictorInput) -> Any:
+        """While the breaker is open: ask the predictor without waiting for it; its pending answer, or None
+        (late scores off, too many in flight, or the call could not even be routed in time)."""
+        if not self.settings.late_scores or self._late_in_flight >= self.settings.max_late_in_flight:
+            return None
+        response = self._predictor.score.remote(item)
+        try:
+            ref = await asyncio.wait_for(response._to_object_ref(), timeout=self.settings.predictor_timeout_s)
+        except Exception:  # not routable now (timeout, deleted app): no late score, as before
+            response.cancel()
+            return None
+        return self._follow_late(ref, asyncio.wrap_future(ref.future()))
 
     def _override(self, request: Request) -> Prediction | None:
         """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
@@ -531,7 +567,8 @@ class OpenAIIngress:
 
     def _ingress_stats(self) -> dict[str, Any]:
         return {"requests": dict(self.requests), "predictor_fallbacks": dict(self.fallbacks),
-                "neutral_placements": self.neutral_placements, "replicas_seen": dict(self.replicas_seen),
+                "neutral_placements": self.neutral_placements, "late_sent": self.late_sent,
+                "replicas_seen": dict(self.replicas_seen),
                 "breaker_open": time.monotonic() < self._breaker_open_until, "in_flight": self.in_flight}
 
     async def _every_engine(self, method: str) -> tuple[dict[str, Any], int]:

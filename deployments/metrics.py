@@ -74,6 +74,8 @@ class _StatsCollector:
         gauges = (
             (CounterMetricFamily, "ltr_neutral_placements", "unscored requests placed at the neutral score "
              "(median of recent predictions) instead of ahead of ranked work", self.ingress.get("neutral_placements", 0)),
+            (CounterMetricFamily, "ltr_predictor_late_answers_sent", "unscored requests sent on with the predictor's "
+             "answer following them (re-ranked in their engine when it lands)", self.ingress.get("late_sent", 0)),
             (GaugeMetricFamily, "ltr_predictor_breaker_open", "1 while the predictor circuit breaker is open",
              float(bool(self.ingress.get("breaker_open")))),
             (GaugeMetricFamily, "ltr_ingress_in_flight_requests", "generation requests this ingress holds now "
