@@ -98,7 +98,7 @@ class IngressSettings(BaseModel):
     neutral_window: int = Field(512, ge=1)
     #: A request sent on after a predictor timeout is re-ranked in its engine when the score lands.
     late_scores: bool = True
-    #: Most late answers (after a timeout, or asked for while the breaker is open) in flight at once.
+    #: Most late answers (the predictor's, after a timeout) in flight at once.
     max_late_in_flight: int = Field(256, ge=0)
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, gt=0)
@@ -305,16 +305,13 @@ class OpenAIIngress:
     async def _predict(self, item: PredictorInput) -> tuple[Prediction | None, str | None, Any]:
         """(prediction, fallback reason, pending): the request proceeds either way. On a timeout with
         `late_scores`, `pending` is the predictor's answer still on its way (a Ray ObjectRef), which the
-        engine replica applies when it lands. An open breaker skips the wait, not the call: with
-        `late_scores` the request goes on at once and its score still follows it (at most
-        `max_late_in_flight` such answers at once), so an overloaded predictor delays no request and still
-        ranks them."""
+        engine replica applies when it lands (at most `max_late_in_flight` such answers at once)."""
         if self._predictor is None:
             return (*self._fallback("disabled"), None)
         if not _fallback_text(item).strip():
             return (*self._fallback("no_text"), None)
         if time.monotonic() < self._breaker_open_until:
-            return (*self._fallback("circuit_open"), await self._send_late(item))
+            return (*self._fallback("circuit_open"), None)
         reason, detail, pending, response = None, "", None, None
         deadline = time.monotonic() + self.settings.predictor_timeout_s
         try:
@@ -357,19 +354,6 @@ class OpenAIIngress:
         self._late_in_flight -= 1
         if not answer.cancelled():
             answer.exception()   # retrieved here; the engine replica reports its own outcome
-
-    async def _send_late(self, item: PredictorInput) -> Any:
-        """While the breaker is open: ask the predictor without waiting for it; its pending answer, or None
-        (late scores off, too many in flight, or the call could not even be routed in time)."""
-        if not self.settings.late_scores or self._late_in_flight >= self.settings.max_late_in_flight:
-            return None
-        response = self._predictor.score.remote(item)
-        try:
-            ref = await asyncio.wait_for(response._to_object_ref(), timeout=self.settings.predictor_timeout_s)
-        except Exception:  # not routable now (timeout, deleted app): no late score, as before
-            response.cancel()
-            return None
-        return self._follow_late(ref, asyncio.wrap_future(ref.future()))
 
     def _override(self, request: Request) -> Prediction | None:
         """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
