@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-nice", type=int, default=None,
                         help="nice levels (0-19) the engines' vLLM processes run below the rest of the service "
                              "(default: fit to the machine)")
+    parser.add_argument("--engine-spin-wait", action="store_true", default=None,
+                        help="let a multi-thread engine's OpenMP threads spin between parallel regions, as plain "
+                             "vLLM's worker does (default: they sleep, OMP_WAIT_POLICY=PASSIVE)")
     parser.add_argument("--policy", default=PolicyConfig().name, choices=POLICY_NAMES,
                         help="scheduling policy (default: the PolicyConfig default; 'ltr' = static rank)")
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
@@ -86,7 +89,8 @@ def engine_layout(args: argparse.Namespace, cpus: int, memory_gib: float, ray_cp
     budget = engine_cpu_budget(args, ray_cpus)
     layout = fit_to_machine(cpus, memory_gib, budget).override(
         replicas=args.replicas, threads=args.engine_threads, num_cpus=args.engine_cpus,
-        max_num_seqs=args.max_num_seqs, nice=args.engine_nice, engine_cpu_budget=budget)
+        max_num_seqs=args.max_num_seqs, nice=args.engine_nice, spin_wait=args.engine_spin_wait,
+        engine_cpu_budget=budget)
     if layout.replicas * layout.num_cpus > budget + 1e-9:
         # Ray would never place the last replicas, and serve.run would wait for them forever.
         raise SystemExit(f"{layout.replicas} engines x {layout.num_cpus:g} Ray CPUs do not fit the {budget:g} "

@@ -28,13 +28,14 @@ ENGINE_NICE = 10
 PREDICTOR_THREADS = 2
 
 
-def omp_env(threads: int) -> dict[str, str]:
+def omp_env(threads: int, spin_wait: bool = False) -> dict[str, str]:
     """Environment of a process with `threads` OpenMP threads. Torch keeps the count an outside OMP_NUM_THREADS
     sets (vLLM too: vllm.utils.torch_utils.set_torch_threads_for_runtime; Ray sets it to an actor's whole CPUs,
     1 below 2). Several threads spin-wait after every parallel region, which starves everything else on the
-    cores, so they sleep instead (OMP_WAIT_POLICY=PASSIVE; layout_bench offline stage)."""
+    cores, so by default they sleep instead (OMP_WAIT_POLICY=PASSIVE; layout_bench offline stage).
+    `spin_wait` keeps OpenMP's own active wait, as plain vLLM's worker runs (benchmarks/results/layout_probe)."""
     env = {"OMP_NUM_THREADS": str(threads)}
-    if threads > 1:
+    if threads > 1 and not spin_wait:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
@@ -53,6 +54,8 @@ class EngineLayout:
     #: Torch threads of the predictor (None: Ray's rule for its CPUs). Where the engines yield, its short
     #: scoring bursts take every core.
     predictor_threads: int | None = None
+    #: Whether the engines' OpenMP threads spin between parallel regions (OpenMP's default) instead of sleeping.
+    spin_wait: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.threads < 1 or self.max_num_seqs < 1 or self.num_cpus < 0 \
@@ -61,16 +64,16 @@ class EngineLayout:
 
     def engine_env(self) -> dict[str, str]:
         """Environment of each engine replica."""
-        return omp_env(self.threads)
+        return omp_env(self.threads, self.spin_wait)
 
     def override(self, *, replicas: int | None = None, threads: int | None = None, num_cpus: float | None = None,
-                 max_num_seqs: int | None = None, nice: int | None = None,
+                 max_num_seqs: int | None = None, nice: int | None = None, spin_wait: bool | None = None,
                  engine_cpu_budget: float) -> EngineLayout:
         """This layout with the given fields set (the command line's). A changed replica count re-splits the
         engines' CPU budget: Ray CPUs evenly, threads to the whole CPUs each gets (at least 1)."""
         given = {name: value for name, value in (("replicas", replicas), ("threads", threads),
                                                  ("num_cpus", num_cpus), ("max_num_seqs", max_num_seqs),
-                                                 ("nice", nice))
+                                                 ("nice", nice), ("spin_wait", spin_wait))
                  if value is not None}
         if not given:
             return self
@@ -82,7 +85,8 @@ class EngineLayout:
             if "threads" not in given:
                 layout = replace(layout, threads=max(1, math.floor(share + 0.5)))
         flags = ", ".join("--" + {"replicas": "replicas", "threads": "engine-threads", "num_cpus": "engine-cpus",
-                                  "max_num_seqs": "max-num-seqs", "nice": "engine-nice"}[name] for name in given)
+                                  "max_num_seqs": "max-num-seqs", "nice": "engine-nice",
+                                  "spin_wait": "engine-spin-wait"}[name] for name in given)
         return replace(layout, reason=f"set by {flags}")
 
     def describe(self) -> str:
@@ -90,6 +94,7 @@ class EngineLayout:
         return (f"engine layout: {self.replicas} replica{'s' if self.replicas > 1 else ''} x {self.threads} "
                 f"thread{'s' if self.threads > 1 else ''} ({self.num_cpus:g} Ray CPUs each), "
                 f"{self.max_num_seqs} seats each{f', nice {self.nice}' if self.nice else ''}"
+                f"{', OpenMP spin wait' if self.spin_wait and self.threads > 1 else ''}"
                 f"{f', predictor {self.predictor_threads} threads' if self.predictor_threads else ''}; {self.reason}")
 
 

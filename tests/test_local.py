@@ -61,6 +61,10 @@ def test_command_line_overrides_the_fitted_layout() -> None:
     assert (one.replicas, one.threads, one.num_cpus) == (1, 1, round(budget, 3))
     both = engine_layout(parse_args(["--replicas", "1", "--engine-threads", "2"]), 2, 23.0, 2)
     assert (both.threads, both.engine_env()["OMP_WAIT_POLICY"]) == (2, "PASSIVE")
+    spinning = engine_layout(parse_args(["--replicas", "1", "--engine-threads", "2", "--engine-spin-wait"]),
+                             2, 23.0, 2)   # plain vLLM's worker: OpenMP's own active wait
+    assert spinning.engine_env() == {"OMP_NUM_THREADS": "2"} and "OpenMP spin wait" in spinning.describe()
+    assert "--engine-spin-wait" in spinning.reason and not fitted.spin_wait
     seats = engine_layout(parse_args(["--max-num-seqs", "8", "--engine-threads", "1"]), 2, 23.0, 2)
     assert (seats.replicas, seats.threads, seats.max_num_seqs) == (fitted.replicas, 1, 8)
     assert "--engine-threads" in seats.reason and "--max-num-seqs" in seats.reason
