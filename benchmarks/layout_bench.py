@@ -139,7 +139,7 @@ def serve_stage(args: argparse.Namespace, model_path: str, tokenizer: Any, slice
             info["layout_line"] = next((x for x in text.splitlines() if x.startswith("engine layout:")), None)
             info["thread_log"] = sorted({x.strip()[-160:] for x in text.splitlines() if "Torch threads" in x})[:4]
             pb.warm_up(server, args, args.warmup_requests)
-            server._record_family()
+            server.record_family()
             for ri, rate in enumerate(args.rates):
                 for k in range(args.samples):
                     si = pb.slice_index(args, ri, k)

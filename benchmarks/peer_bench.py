@@ -28,7 +28,10 @@ runs) and its own arrival seed; the three systems get identical runs. Arrivals: 
 Reported per system, rate and sample: mean per-token latency (each request's e2e latency / its output
 tokens, the paper's metric, from the client's per-request results), e2e mean/p99, TTFT mean/p99, TPOT mean,
 output throughput, goodput under the stated SLO (the client's `--goodput`), and for ltr-serve the share of
-requests the predictor scored (from `/v1/ltr/stats` before and after the run). Writes
+requests the predictor scored (from `/v1/ltr/stats` before and after the run), and where the CPU went: the
+cores each process role used (model worker, engine core, and the serving path around them: API server, or
+ingress, proxy, engine replica, predictor, Serve controller, Ray) and the serving path's CPU milliseconds per
+output token (`cpu`; psutil CPU times before and after the run, per process found by title). Writes
 benchmarks/results/peer_bench.json (command, setup, per-run rows, summary) and peer_bench.png.
 """
 
@@ -216,7 +219,7 @@ class Server:
         self.pgid = self.proc.pid   # start_new_session: the leader's pid is the group id
         deadline = time.monotonic() + timeout
         while True:
-            self._record_family()
+            self.record_family()
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; log tail:\n"
                                    f"{tail(self.log_path)}")
@@ -244,7 +247,8 @@ class Server:
         except (OSError, ValueError, urllib.error.URLError):
             return False
 
-    def _record_family(self) -> None:
+    def record_family(self) -> None:
+        """Add the server's processes alive now (children, its process group, marked Ray workers) to `family`."""
         import psutil
 
         if self.proc is None:
@@ -291,7 +295,7 @@ class Server:
         if self.proc is None:
             return
         t0 = time.perf_counter()
-        self._record_family()
+        self.record_family()
         notes = []
         if self.proc.poll() is None:
             if self.name.startswith("ltr"):
@@ -479,6 +483,41 @@ def row_from(result: dict, requests: list[Any]) -> dict:
     }
 
 
+#: What each of a server's processes is, by its command line (vLLM and Ray set process titles); first match.
+PROCESS_ROLES = (("VLLM::Worker", "model worker"), ("VLLM::EngineCore", "engine core"),
+                 ("ServeReplica:ltr:LLMEngine", "engine replica"), ("OpenAIIngress", "ingress"),
+                 ("ServeReplica:ltr-predictor", "predictor"), ("ProxyActor", "proxy"),
+                 ("ServeController", "controller"), ("vllm.entrypoints.openai.api_server", "api server"))
+#: The roles that run the model; every other process is the serving path around it.
+ENGINE_ROLES = ("model worker", "engine core")
+
+
+def cpu_seconds_by_role(server: Server) -> dict[str, float]:
+    """CPU seconds (user + system) each role of the server's processes has used so far."""
+    import psutil
+
+    server.record_family()
+    totals: dict[str, float] = {}
+    for proc in server.family.values():
+        try:
+            command = " ".join(proc.cmdline())
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        role = next((name for key, name in PROCESS_ROLES if key in command), "other")
+        totals[role] = totals.get(role, 0.0) + times.user + times.system
+    return totals
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], wall_s: float, tokens: int | None) -> dict:
+    """Cores each role used over a run, and the serving path's CPU milliseconds per output token."""
+    used = {role: after[role] - before.get(role, 0.0) for role in after}
+    serving = sum(v for role, v in used.items() if role not in ENGINE_ROLES)
+    return {"cores": {role: round(v / wall_s, 3) for role, v in sorted(used.items())},
+            "serving_path_cores": round(serving / wall_s, 3),
+            "serving_path_cpu_ms_per_output_token": round(1000 * serving / tokens, 2) if tokens else None}
+
+
 def run_once(args: argparse.Namespace, server: Server, model_path: str, requests: list[Any], rate: float,
              sample: int, slice_i: int, work: Path, tokenizer: Any) -> dict:
     tag = f"{server.name}_r{rate:g}_s{sample}"
@@ -489,6 +528,7 @@ def run_once(args: argparse.Namespace, server: Server, model_path: str, requests
     before = ltr_stats(server) if server.name.startswith("ltr") else None
     engines_before = engine_stats(server) if server.name.startswith("ltr") else {}
     load_before = os.getloadavg()
+    cpu_before = cpu_seconds_by_role(server)
     env = {**_BASE_ENV, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
     client_log = work / "client" / f"{tag}.log"
@@ -503,6 +543,7 @@ def run_once(args: argparse.Namespace, server: Server, model_path: str, requests
         except subprocess.TimeoutExpired:
             rc = "timeout"
     wall = time.perf_counter() - t0
+    cpu_after = cpu_seconds_by_role(server)
     after = ltr_stats(server) if server.name.startswith("ltr") else None
     if rc != 0 or not result_path.is_file():
         raise RuntimeError(f"{tag}: vLLM client failed (rc {rc}); log tail:\n{tail(client_log)}")
@@ -511,6 +552,7 @@ def run_once(args: argparse.Namespace, server: Server, model_path: str, requests
            **row_from(result, requests), "client_wall_s": wall, "load_avg_before": load_before,
            "load_avg_after": os.getloadavg(), "client_result": str(result_path), "client_log": str(client_log),
            "client_command": shlex.join(["python", "-c", "$CLIENT_CODE", *cargs])}
+    row["cpu"] = cpu_use(cpu_before, cpu_after, wall, row["total_output_tokens"])
     if server.name.startswith("ltr"):
         row["ltr_stats"] = scored(before, after)
         row["scored_share"] = row["ltr_stats"]["scored_share"] if row["ltr_stats"] else None
@@ -523,7 +565,8 @@ def run_once(args: argparse.Namespace, server: Server, model_path: str, requests
     log(f"{tag}: per-token {fmt(row['per_token_latency_mean_s'], '.4f')}s e2e mean {row['e2e_mean_s']:.2f}s "
         f"p99 {row['e2e_p99_s']:.2f}s ttft {row['ttft_mean_s']:.2f}s tpot {row['tpot_mean_ms']:.0f}ms "
         f"{row['output_throughput_tok_s']:.1f} tok/s ok {row['completed']}/{row['num_requests']}"
-        f" len-mismatch {row['output_len_mismatches']}{share} ({wall:.0f}s)")
+        f" len-mismatch {row['output_len_mismatches']}{share} serving path "
+        f"{fmt(row['cpu']['serving_path_cpu_ms_per_output_token'], '.1f')} CPU ms/tok ({wall:.0f}s)")
     return row
 
 

@@ -25,7 +25,8 @@ from deployments.ingress import IngressSettings, OpenAIIngress
 from deployments.machine import omp_env
 from deployments.predictor import Predictor
 from deployments.router import LeastWorkRouter
-from ltr.scheduling.engine import platform_policy
+from deployments.streaming import STREAM_BATCH_S
+from ltr.scheduling.engine import Platform, platform_policy
 from ltr.scheduling.policy import PolicyConfig
 
 ENGINE_DEPLOYMENT = "LLMEngine"
@@ -58,6 +59,9 @@ class AppArgs(BaseModel):
     #: the ingress), which then runs first. Ray starts its workers at nice 15 unless told otherwise
     #: (`worker_niceness`); the kernel stops at 19.
     engine_nice: int = Field(0, ge=0, le=19)
+    #: Milliseconds an engine replica gathers a streamed answer's SSE events into one message to the ingress
+    #: (`deployments.streaming`); None: the platform's default (`STREAM_BATCH_S`), 0: every event alone.
+    stream_batch_ms: float | None = Field(None, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     #: Overrides for `ltr.scheduling.engine.engine_args` (max_num_seqs, max_model_len, dtype, ...).
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -125,7 +129,11 @@ class AppArgs(BaseModel):
         platform = "gpu" if self.engine_num_gpus > 0 else "cpu"
         return EngineSpec(model=model_path, policy=platform_policy(self.policy, platform), platform=platform,
                           serving=serving, overrides=dict(self.engine_kwargs), served_log=self.served_log,
-                          nice=self.engine_nice)
+                          nice=self.engine_nice, stream_batch_s=self.stream_batch_s(platform))
+
+    def stream_batch_s(self, platform: Platform) -> float:
+        """Seconds the engines gather a stream's events: the configured value, else the platform's default."""
+        return STREAM_BATCH_S[platform] if self.stream_batch_ms is None else self.stream_batch_ms / 1000
 
     def replica_env(self) -> dict[str, str]:
         """Environment of each engine replica: the CPU engine settings under the configured ones on CPU."""

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from ray import serve
 
 from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP
+from deployments.streaming import batched_events
 from ltr.scheduling.engine import Platform, engine_kwargs, require_tested_vllm, scheduler_class_for
 from ltr.scheduling.policy import PolicyConfig
 
@@ -78,6 +79,9 @@ class EngineSpec:
     served_log: dict[str, Any] | None = None
     #: Nice adjustment of the engine core and worker processes vLLM starts (`AppArgs.engine_nice`).
     nice: int = 0
+    #: Seconds a streamed answer's events are gathered into one message to the ingress
+    #: (`deployments.streaming`); 0 sends each event alone.
+    stream_batch_s: float = 0.0
 
     def vllm_kwargs(self, stats_path: str | None = None, score_updates_path: str | None = None,
                     writer_id: str = "") -> dict[str, Any]:
@@ -238,6 +242,7 @@ class LLMEngine:
         if not isinstance(spec, EngineSpec):
             raise TypeError(f"LLMEngine takes an EngineSpec (deployments.app builds it), got {type(spec).__name__}")
         self.policy = spec.policy
+        self.stream_batch_s = spec.stream_batch_s
         require_tested_vllm(self.policy)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -295,8 +300,8 @@ class LLMEngine:
                 yield result
                 return
             yield ReplyHead(200, self.replica)
-            async for event in result:
-                yield event
+            async for message in batched_events(result, self.stream_batch_s):
+                yield message
         except (asyncio.CancelledError, GeneratorExit):
             self.counters["aborted"] += 1
             raise

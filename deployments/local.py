@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-spin-wait", action="store_true", default=None,
                         help="let a multi-thread engine's OpenMP threads spin between parallel regions, as plain "
                              "vLLM's worker does (default: they sleep, OMP_WAIT_POLICY=PASSIVE)")
+    parser.add_argument("--stream-batch-ms", type=float, default=None,
+                        help="milliseconds an engine gathers a streamed answer's events into one message to the "
+                             "ingress (default: the platform's, deployments.streaming.STREAM_BATCH_S; 0: none)")
     parser.add_argument("--policy", default=PolicyConfig().name, choices=POLICY_NAMES,
                         help="scheduling policy (default: the PolicyConfig default; 'ltr' = static rank)")
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
@@ -64,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.engine_cpus is not None and args.engine_cpus < 0:
         parser.error("--engine-cpus must be >= 0")
+    if args.stream_batch_ms is not None and args.stream_batch_ms < 0:
+        parser.error(f"--stream-batch-ms must be >= 0, got {args.stream_batch_ms:g}")
     if args.engine_nice is not None and not 0 <= args.engine_nice <= 19:
         parser.error(f"--engine-nice must be in 0..19, got {args.engine_nice}")
     if args.api_key_env and not os.environ.get(args.api_key_env):
@@ -108,6 +113,7 @@ def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
     return {"model": args.model, "policy": {"name": args.policy}, "router": args.router,
             "num_engine_replicas": layout.replicas, "engine_num_cpus": layout.num_cpus,
             "engine_env": layout.engine_env(), "engine_nice": layout.nice,
+            **({"stream_batch_ms": args.stream_batch_ms} if args.stream_batch_ms is not None else {}),
             "engine_kwargs": {"enforce_eager": not args.compile, "max_num_seqs": layout.max_num_seqs,
                               **({"max_model_len": args.max_model_len} if args.max_model_len is not None else {})},
             "ingress": ingress, "ingress_env": ingress_env}

@@ -48,9 +48,11 @@ def resolve_serve_config(path: Path) -> dict[str, Any]:
             "num_cpus": args.engine_num_cpus,
             "env": args.replica_env(),
             "scheduler_class": spec.scheduler_class(),
-            # What vLLM settles for the two settings that differ by platform; absent kwargs take its defaults.
+            # What vLLM settles for the settings that differ by platform (absent kwargs take its defaults), and
+            # how long a replica gathers a stream's events (`deployments.streaming`).
             "resolved": {"dtype": kwargs.get("dtype", "auto"),
-                         "async_scheduling": resolved_async_scheduling(kwargs, spec.platform)},
+                         "async_scheduling": resolved_async_scheduling(kwargs, spec.platform),
+                         "stream_batch_ms": spec.stream_batch_s * 1000},
             "vllm_kwargs": kwargs,
         }}
     return {"config": str(path), "applications": resolved}

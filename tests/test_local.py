@@ -96,6 +96,11 @@ def test_app_args_carry_the_layout_into_a_valid_app() -> None:
     assert parsed.engine_spec("/models/m").nice == layout.nice == ENGINE_NICE
     env = parsed.replica_env()
     assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert parsed.stream_batch_ms is None   # the platform's default unless the command line sets it
+    batched = parse_args(["--stream-batch-ms", "500"])
+    assert AppArgs(**app_args(batched, engine_layout(batched, 2, 23.0, 2))).engine_spec("/m").stream_batch_s == 0.5
+    with pytest.raises(SystemExit):
+        parse_args(["--stream-batch-ms", "-1"])
 
 
 def _free_port() -> int:

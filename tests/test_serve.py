@@ -1,7 +1,8 @@
 """The Ray Serve application end to end: real Ray Serve, real vLLM (CPU), tiny random Llama.
 
 One local Ray + Serve instance for the whole module: the serving app (2 engine replicas, rank
-scheduler, least-work router), the predictor app, and an API-key ingress sharing the same engines.
+scheduler, least-work router, streams batched every 200 ms), the predictor app, and an API-key ingress
+sharing the same engines.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def serve_app() -> Iterator[dict]:
         engine_kwargs = {"max_num_seqs": 8, "max_model_len": 1024, "enforce_eager": True}
         serve.run(build_app({
             "model": model, "num_engine_replicas": 2, "engine_num_cpus": 0.5, "engine_kwargs": engine_kwargs,
-            "routing_stats_period_s": 0.5,
+            "routing_stats_period_s": 0.5, "stream_batch_ms": 200,   # streams cross in batched messages
             "ingress": {"allow_score_override": True, "predictor_timeout_s": 5.0, "max_tokens_cap": 512,
                         "max_body_bytes": 64 * 1024, "breaker_cooldown_s": 1.0},
         }), name="ltr", route_prefix="/")

@@ -12,6 +12,7 @@ from ray.serve.deployment import Application
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, AppArgs, PredictorArgs
+from deployments.streaming import STREAM_BATCH_S
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "deployments" / "serve_config_cpu.yaml", ROOT / "deployments" / "serve_config_gpu.yaml"]
@@ -116,6 +117,7 @@ def test_resolve_config_gpu_engines_take_vllm_defaults_and_the_async_rank_schedu
     assert kwargs["max_model_len"] == configured.engine_kwargs["max_model_len"] == 8192
     assert not any(key.startswith("VLLM_CPU") for key in engine["env"])
     assert kwargs["additional_config"]["ltr"]["policy"]["name"] == "gittins"
+    assert engine["resolved"]["stream_batch_ms"] == 50.0   # Ray Serve LLM's stream batching interval
 
 
 def test_resolve_config_cpu_engines_get_the_cpu_workarounds() -> None:
@@ -126,6 +128,7 @@ def test_resolve_config_cpu_engines_get_the_cpu_workarounds() -> None:
     assert engine["scheduler_class"] == "ltr.scheduling.vllm_scheduler.RankScheduler"
     assert kwargs["max_num_seqs"] == 16 and kwargs["max_model_len"] == 2048
     assert engine["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert engine["resolved"]["stream_batch_ms"] == STREAM_BATCH_S["cpu"] * 1000
 
 
 def test_engine_spec_by_platform_and_async_rule() -> None:
