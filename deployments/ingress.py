@@ -211,7 +211,10 @@ class OpenAIIngress:
         self._predictor: DeploymentHandle | None = None
         if self.settings.predictor_app:
             self._predictor = serve.get_deployment_handle(
-                self.settings.predictor_deployment, app_name=self.settings.predictor_app, _check_exists=False)
+                self.settings.predictor_deployment, app_name=self.settings.predictor_app,
+                # Its answer must be a Ray ObjectRef, which a late score hands on to the engine; Serve's
+                # gRPC transport (the HAProxy front's throughput mode) has none.
+                _check_exists=False).options(_by_reference=True)
         self._failures = 0
         self._breaker_open_until = 0.0
         self._late_in_flight = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -23,6 +24,8 @@ from ltr.scheduling.engine import platform_policy
 from ltr.scheduling.policy import POLICY_NAMES, PolicyConfig
 
 APP_NAME = "ltr"
+#: How HTTP reaches the ingress: `serve_env`.
+HTTP_FRONTS = ("haproxy", "proxy")
 PREDICTOR_APP_NAME = "ltr-predictor"
 
 
@@ -45,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-batch-ms", type=float, default=None,
                         help="milliseconds an engine gathers a streamed answer's events into one message to the "
                              "ingress (default: the platform's, deployments.streaming.STREAM_BATCH_S; 0: none)")
+    parser.add_argument("--http-front", choices=HTTP_FRONTS, default="haproxy",
+                        help="haproxy (default): Ray Serve's high-throughput mode, HAProxy on the port, the ingress "
+                             "replica serving HTTP itself and gRPC between replicas; proxy: Serve's Python proxy "
+                             "and Ray actor calls (benchmarks/README.md, 'Ray Serve's high-throughput mode')")
     parser.add_argument("--policy", default=PolicyConfig().name, choices=POLICY_NAMES,
                         help="scheduling policy (default: the PolicyConfig default; 'ltr' = static rank)")
     parser.add_argument("--router", default="least_work", choices=["least_work", "pow2"])
@@ -103,6 +110,22 @@ def engine_layout(args: argparse.Namespace, cpus: int, memory_gib: float, ray_cp
     return layout
 
 
+def serve_env(front: str, state_dir: str) -> dict[str, str]:
+    """Environment the local Ray's processes need for `front` (read by Ray Serve at import, so it is set
+    before Ray starts). HAProxy's files go to `state_dir`, not Ray's shared /tmp/haproxy-serve, so two
+    services on one machine stay apart; stopping an ingress replica waits 1 s, not 30, for a load balancer
+    to let go of it (only this machine's HAProxy, which health-checks it, holds it)."""
+    if front == "proxy":
+        return {}
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state_dir}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state_dir}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state_dir}/server-state",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{state_dir}/metrics.sock",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
 def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
     """The `build_app` args for these command-line options and engine layout."""
     ingress: dict = {"predictor_app": None if args.no_predictor else PREDICTOR_APP_NAME}
@@ -148,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     print(policy_line(args.policy), flush=True)
     model = str(prepare_model()) if args.model == "smollm2" else args.model
     temp_dir = args.temp_dir or tempfile.mkdtemp(prefix="ltr-ray-")
+    # HAProxy's sockets sit under this dir and a 56-character node id, and may not pass 97 characters.
+    haproxy_dir = tempfile.mkdtemp(prefix="ltrhap-", dir="/tmp")
+    for name, value in serve_env(args.http_front, haproxy_dir).items():
+        os.environ.setdefault(name, value)   # an explicit setting in the environment wins
+    print(f"HTTP front: {args.http_front}" + (f" (state in {haproxy_dir})" if args.http_front == "haproxy" else ""),
+          flush=True)
     # Ray would start every worker at nice 15 (`worker_niceness`); here the engines yield instead (layout.nice)
     # and the predictor, the ingress and Serve's proxy keep normal priority.
     ray.init(address="local", _temp_dir=str(Path(temp_dir).resolve()), include_dashboard=False,
@@ -190,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+            shutil.rmtree(haproxy_dir, ignore_errors=True)
         time.sleep(0.5)
 
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from deployments.app import AppArgs, PredictorArgs
-from deployments.local import app_args, engine_layout, parse_args
+from deployments.local import app_args, engine_layout, parse_args, serve_env
 from deployments.machine import ENGINE_NICE, PREDICTOR_THREADS, SEATS, EngineLayout, fit_to_machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +79,16 @@ def test_command_line_overrides_the_fitted_layout() -> None:
             parse_args(bad)
     no_predictor = engine_layout(parse_args(["--no-predictor"]), 2, 23.0, 2)
     assert no_predictor.num_cpus * no_predictor.replicas > fitted.num_cpus * fitted.replicas
+
+
+def test_http_front_defaults_to_haproxy_with_its_files_in_the_service_dir() -> None:
+    assert parse_args([]).http_front == "haproxy" and parse_args(["--http-front", "proxy"]).http_front == "proxy"
+    assert serve_env("proxy", "/tmp/x") == {}
+    env = serve_env("haproxy", "/tmp/x")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert all(value.startswith("/tmp/x") for name, value in env.items() if "HAPROXY_" in name)
+    with pytest.raises(SystemExit):
+        parse_args(["--http-front", "nginx"])
 
 
 def test_predictor_threads_reach_its_replica_options() -> None:
@@ -154,6 +164,8 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
         lines = log_path.read_text(errors="replace").splitlines()
         assert expected.describe() in lines, [line for line in lines if "layout" in line]
         assert "scheduling policy: gittins, prefill weight 0 (CPU)" in lines, lines[:20]
+        front = next(line for line in lines if line.startswith("HTTP front: haproxy (state in /tmp/ltrhap-"))
+        haproxy_dir = front.split("state in ")[1].rstrip(")")
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
         answer = client.completions.create(model=smollm2_path.name, prompt="Hello,", max_tokens=8)
@@ -172,12 +184,15 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
         environ = Path(f"/proc/{predictors[0].pid}/environ").read_bytes().split(b"\0")
         assert f"OMP_NUM_THREADS={expected.predictor_threads}".encode() in environ
         assert _nice_of(Path(f"/proc/{predictors[0].pid}/task/{predictors[0].pid}")) == 0
+        haproxy = _processes(leader, "haproxy")   # the port is HAProxy's, configured in the service's own dir
+        assert any(f"{haproxy_dir}/" in " ".join(p.cmdline()) for p in haproxy), haproxy
         family = {p.pid: p for p in [leader, *leader.children(recursive=True), *workers]}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log_path.read_text(errors="replace")[-4000:]
         gone, alive = psutil.wait_procs(list(family.values()), timeout=60)
         assert not alive, [(p.pid, p.name()) for p in alive]
         assert "shutting down..." in log_path.read_text(errors="replace")
+        assert not Path(haproxy_dir).exists()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
