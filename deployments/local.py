@@ -24,9 +24,9 @@ from ltr.scheduling.engine import platform_policy
 from ltr.scheduling.policy import POLICY_NAMES, PolicyConfig
 
 APP_NAME = "ltr"
+PREDICTOR_APP_NAME = "ltr-predictor"
 #: How HTTP reaches the ingress: `serve_env`.
 HTTP_FRONTS = ("haproxy", "proxy")
-PREDICTOR_APP_NAME = "ltr-predictor"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,11 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     model = str(prepare_model()) if args.model == "smollm2" else args.model
     temp_dir = args.temp_dir or tempfile.mkdtemp(prefix="ltr-ray-")
     # HAProxy's sockets sit under this dir and a 56-character node id, and may not pass 97 characters.
-    haproxy_dir = tempfile.mkdtemp(prefix="ltrhap-", dir="/tmp")
-    for name, value in serve_env(args.http_front, haproxy_dir).items():
+    haproxy_dir = tempfile.mkdtemp(prefix="ltrhap-", dir="/tmp") if args.http_front == "haproxy" else None
+    for name, value in serve_env(args.http_front, haproxy_dir or "").items():
         os.environ.setdefault(name, value)   # an explicit setting in the environment wins
-    print(f"HTTP front: {args.http_front}" + (f" (state in {haproxy_dir})" if args.http_front == "haproxy" else ""),
-          flush=True)
+    print(f"HTTP front: {args.http_front}" + (f" (state in {haproxy_dir})" if haproxy_dir else ""), flush=True)
     # Ray would start every worker at nice 15 (`worker_niceness`); here the engines yield instead (layout.nice)
     # and the predictor, the ingress and Serve's proxy keep normal priority.
     ray.init(address="local", _temp_dir=str(Path(temp_dir).resolve()), include_dashboard=False,
@@ -219,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
-            shutil.rmtree(haproxy_dir, ignore_errors=True)
+            if haproxy_dir:
+                shutil.rmtree(haproxy_dir, ignore_errors=True)
         time.sleep(0.5)
 
 
