@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Literal
+
+from ltr.scheduling.engine import Platform
 
 #: Seconds a replica gathers a stream's events into one message, per platform (`AppArgs.stream_batch_ms`
 #: overrides). GPU: Ray Serve LLM's default, where tokens come ~100x faster than here. CPU: none; a 1 s
 #: interval cut the ingress and proxy from 0.15-0.17 to 0.10-0.11 cores at ~75 tokens/s but moved neither the
 #: service's CPU per token nor its latency beyond the box's noise (benchmarks/README.md, "Stream batching").
-STREAM_BATCH_S: dict[Literal["cpu", "gpu"], float] = {"cpu": 0.0, "gpu": 0.05}
+STREAM_BATCH_S: dict[Platform, float] = {"cpu": 0.0, "gpu": 0.05}
 
 
 async def batched_events(events: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
