@@ -100,8 +100,13 @@ class IngressSettings(BaseModel):
     late_scores: bool = True
     #: Most late answers (the predictor's, after a timeout) in flight at once.
     max_late_in_flight: int = Field(256, ge=0)
+    #: Predictor failures in a row that open the circuit breaker (no predictor calls for `breaker_cooldown_s`).
+    #: A failure is an error, a timeout whose answer is not followed, or a followed answer that fails or
+    #: has not landed `breaker_late_answer_s` after the call. A slow answer that lands is a success: an
+    #: overloaded predictor keeps ranking late instead of being cut off.
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, gt=0)
+    breaker_late_answer_s: float = Field(5.0, gt=0)
     #: Trust a client-supplied score header (oracle experiments, scheduler tests); off in production.
     allow_score_override: bool = False
     #: Use the engine deployment of another Serve application instead of a bound one (extra ingresses).
@@ -218,8 +223,11 @@ class OpenAIIngress:
         self._failures = 0
         self._breaker_open_until = 0.0
         self._late_in_flight = 0
-        #: Fallbacks sent on with the predictor's answer following them (re-ranked in the engine on landing).
+        #: Fallbacks sent on with the predictor's answer following them (re-ranked in the engine on landing),
+        #: and how those answers ended here: landed, failed, or overdue (not landed `breaker_late_answer_s`
+        #: after the call; it may still land).
         self.late_sent = 0
+        self.late_answers: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
         self._neutral = NeutralPlacement(self.settings.neutral_window, calibration_median())
         self.neutral_placements = 0
@@ -316,7 +324,8 @@ class OpenAIIngress:
         if time.monotonic() < self._breaker_open_until:
             return (*self._fallback("circuit_open"), None)
         reason, detail, pending, response = None, "", None, None
-        deadline = time.monotonic() + self.settings.predictor_timeout_s
+        started = time.monotonic()
+        deadline = started + self.settings.predictor_timeout_s
         try:
             response = self._predictor.score.remote(item)
             ref = await asyncio.wait_for(response._to_object_ref(), timeout=self.settings.predictor_timeout_s)
@@ -325,7 +334,7 @@ class OpenAIIngress:
                 prediction = await asyncio.wait_for(asyncio.shield(answer),
                                                     timeout=max(deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
-                pending = self._follow_late(ref, answer)
+                pending = self._follow_late(ref, answer, started)
                 raise
             self._failures = 0
             return prediction, None, None
@@ -337,26 +346,52 @@ class OpenAIIngress:
             reason, detail = "unavailable", str(exc)[:200]
         except Exception as exc:  # replica crash, deleted app, drill: never fail the request for it
             reason, detail = "error", f"{type(exc).__name__}: {str(exc)[:200]}"
+        if pending is None:   # a followed answer is judged when it lands (`_follow_late`)
+            self._predictor_failed()
+        return (*self._fallback(reason, detail), pending)
+
+    def _predictor_failed(self) -> None:
+        """One more failure in a row; `breaker_failures` of them open the breaker."""
         self._failures += 1
         if self._failures >= self.settings.breaker_failures:
             self._breaker_open_until = time.monotonic() + self.settings.breaker_cooldown_s
             self._failures = 0
-        return (*self._fallback(reason, detail), pending)
 
-    def _follow_late(self, ref: Any, answer: asyncio.Future) -> Any:
+    def _follow_late(self, ref: Any, answer: asyncio.Future, started: float) -> Any:
         """`ref` as the request's late answer when late scores are on and below their in-flight bound
-        (counted until it lands), else None."""
+        (counted until it lands), else None. The answer is judged for the breaker: a success resets its
+        count, a failure counts, and so does an answer not landed `breaker_late_answer_s` after `started`
+        (once: what lands after that is only counted in `late_answers`)."""
         if not self.settings.late_scores or self._late_in_flight >= self.settings.max_late_in_flight:
             return None
         self._late_in_flight += 1
         self.late_sent += 1
-        answer.add_done_callback(self._late_landed)
-        return ref
+        judged = False
 
-    def _late_landed(self, answer: asyncio.Future) -> None:
-        self._late_in_flight -= 1
-        if not answer.cancelled():
-            answer.exception()   # retrieved here; the engine replica reports its own outcome
+        def overdue() -> None:
+            nonlocal judged
+            judged = True
+            self.late_answers["overdue"] += 1
+            self._predictor_failed()
+
+        def landed(done: asyncio.Future) -> None:
+            self._late_in_flight -= 1
+            timer.cancel()
+            if done.cancelled():
+                return
+            failed = done.exception() is not None   # retrieved here; the engine replica applies the score
+            self.late_answers["failed" if failed else "landed"] += 1
+            if judged:
+                return
+            if failed:
+                self._predictor_failed()
+            else:
+                self._failures = 0
+
+        timer = asyncio.get_running_loop().call_later(
+            max(started + self.settings.breaker_late_answer_s - time.monotonic(), 0.0), overdue)
+        answer.add_done_callback(landed)
+        return ref
 
     def _override(self, request: Request) -> Prediction | None:
         """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
@@ -555,7 +590,7 @@ class OpenAIIngress:
     def _ingress_stats(self) -> dict[str, Any]:
         return {"requests": dict(self.requests), "predictor_fallbacks": dict(self.fallbacks),
                 "neutral_placements": self.neutral_placements, "late_sent": self.late_sent,
-                "replicas_seen": dict(self.replicas_seen),
+                "late_answers": dict(self.late_answers), "replicas_seen": dict(self.replicas_seen),
                 "breaker_open": time.monotonic() < self._breaker_open_until, "in_flight": self.in_flight}
 
     async def _every_engine(self, method: str) -> tuple[dict[str, Any], int]:

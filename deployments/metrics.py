@@ -71,6 +71,13 @@ class _StatsCollector:
         for reason, count in sorted(self.ingress.get("predictor_fallbacks", {}).items()):
             fallbacks.add_metric([me, reason], count)
         yield fallbacks
+        late = CounterMetricFamily("ltr_predictor_late_answer_outcomes", "late predictor answers (after a timeout) "
+                                   "by outcome at the ingress: landed, failed, overdue (not landed "
+                                   "breaker_late_answer_s after the call; counted again if it lands later)",
+                                   labels=["ingress", "outcome"])
+        for outcome, count in sorted(self.ingress.get("late_answers", {}).items()):
+            late.add_metric([me, outcome], count)
+        yield late
         gauges = (
             (CounterMetricFamily, "ltr_neutral_placements", "unscored requests placed at the neutral score "
              "(median of recent predictions) instead of ahead of ranked work", self.ingress.get("neutral_placements", 0)),

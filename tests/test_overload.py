@@ -24,6 +24,8 @@ from test_reliability import _engine_stats
 from test_serve import _free_port, _set_predictor
 
 PREDICTOR_TIMEOUT_S = 1.0
+#: A late answer not landed this long after the call counts as a predictor failure.
+BREAKER_LATE_ANSWER_S = 3.0
 #: No aging, no rank preemption: finishing order = ranking order on the one seat.
 POLICY = {"name": "ltr", "starvation": None, "max_preemptions_per_step": 0}
 
@@ -51,7 +53,8 @@ def overload_app(smollm2_path) -> Iterator[OverloadApp]:
             "model": str(smollm2_path), "num_engine_replicas": 1, "engine_num_cpus": 1.0, "policy": POLICY,
             "engine_kwargs": {"max_num_seqs": 1, "max_model_len": 1024, "enforce_eager": True},
             "ingress": {"allow_score_override": True, "predictor_timeout_s": PREDICTOR_TIMEOUT_S,
-                        "breaker_failures": 3, "breaker_cooldown_s": 1.0},
+                        "breaker_failures": 3, "breaker_cooldown_s": 1.0,
+                        "breaker_late_answer_s": BREAKER_LATE_ANSWER_S},
         }), name="overload", route_prefix="/")
         yield OverloadApp(url=f"http://127.0.0.1:{port}", model=smollm2_path.name)
     finally:
@@ -165,3 +168,45 @@ def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: Overl
     else:
         assert len(unscored) == n and received >= n // 2 and applied >= 1, (fallbacks, received, applied)
 
+
+
+def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it(overload_app: OverloadApp) -> None:
+    """A predictor that answers after the timeout but answers is slow, not broken: five requests in a row all
+    time out, their answers follow them, and none meets an open breaker (three timeouts in a row used to open
+    it and cut scoring off). Answers still missing `breaker_late_answer_s` after the call are failures: three
+    of them open the breaker."""
+    url, model = overload_app.url, overload_app.model
+
+    def late_answers(stats: dict) -> dict[str, int]:
+        return stats.get("late_answers", {})
+
+    try:
+        time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
+        _set_predictor({"fault": "hang", "hang_s": PREDICTOR_TIMEOUT_S + 0.5})
+        before = _stats(url)
+        replies = [httpx.post(f"{url}/v1/completions", json=_body(model, f"Slow {i}: explain.", 2), timeout=120)
+                   for i in range(5)]
+        time.sleep(1.0)   # the last answer lands
+        after = _stats(url)
+        assert [r.status_code for r in replies] == [200] * 5, [r.text for r in replies]
+        assert [r.headers["x-ltr-fallback"] for r in replies] == ["timeout"] * 5, [r.headers for r in replies]
+        assert late_answers(after).get("landed", 0) - late_answers(before).get("landed", 0) == 5, after
+        assert late_answers(after).get("overdue", 0) == late_answers(before).get("overdue", 0), after
+        assert not after["breaker_open"]
+
+        _set_predictor({"fault": "hang", "hang_s": BREAKER_LATE_ANSWER_S + 1.5})
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                return await asyncio.gather(*(http.post("/v1/completions", json=_body(model, f"Hung {i}: explain.", 2))
+                                              for i in range(3)))
+
+        hung = asyncio.run(burst())
+        assert [r.headers["x-ltr-fallback"] for r in hung] == ["timeout"] * 3, [r.headers for r in hung]
+        deadline = time.monotonic() + 2 * BREAKER_LATE_ANSWER_S
+        while not (stats := _stats(url))["breaker_open"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stats["breaker_open"], stats
+        assert late_answers(stats).get("overdue", 0) - late_answers(after).get("overdue", 0) == 3, stats
+    finally:
+        _set_predictor({})
