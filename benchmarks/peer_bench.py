@@ -420,6 +420,10 @@ def scored(before: dict | None, after: dict | None) -> dict | None:
     return {"requests": requests, "scored": requests - n_fallbacks, "predictor_fallbacks": fallbacks,
             "neutral_placements": after.get("neutral_placements", 0) - before.get("neutral_placements", 0),
             "late_sent": after.get("late_sent", 0) - before.get("late_sent", 0),
+            "late_answers": {k: v - before.get("late_answers", {}).get(k, 0)
+                             for k, v in after.get("late_answers", {}).items()},
+            "predictor_wait_s": {le: n - before.get("predictor_wait_s", {}).get("le", {}).get(le, 0)
+                                 for le, n in after.get("predictor_wait_s", {}).get("le", {}).items()},
             "scored_share": (requests - n_fallbacks) / requests if requests else None}
 
 

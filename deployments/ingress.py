@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,7 +41,7 @@ from vllm.entrypoints.serve.exception_handling.register import init_exception_ha
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from deployments.engine import EngineRequest, ReplyHead
-from deployments.metrics import prometheus_text
+from deployments.metrics import WaitHistogram, prometheus_text
 from deployments.neutral import NeutralPlacement, calibration_median
 from deployments.predictor import Prediction, PredictorInput, PredictorUnavailable
 from ltr.data.served_log import log_extra_args
@@ -102,17 +102,26 @@ class IngressSettings(BaseModel):
     max_late_in_flight: int = Field(256, ge=0)
     #: Predictor failures in a row that open the circuit breaker (no predictor calls for `breaker_cooldown_s`).
     #: A failure is an error, a timeout whose answer is not followed, or a followed answer that fails or
-    #: has not landed `breaker_late_answer_s` after the call. A slow answer that lands is a success: an
-    #: overloaded predictor keeps ranking late instead of being cut off.
+    #: has not landed `breaker_late_answer_s` after the call (None: 10x `predictor_timeout_s`). A slow answer
+    #: that lands is a success: an overloaded predictor keeps ranking late instead of being cut off.
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, gt=0)
-    breaker_late_answer_s: float = Field(5.0, gt=0)
+    breaker_late_answer_s: float | None = Field(None, gt=0)
     #: Trust a client-supplied score header (oracle experiments, scheduler tests); off in production.
     allow_score_override: bool = False
     #: Use the engine deployment of another Serve application instead of a bound one (extra ingresses).
     engine_app: str | None = None
     #: How long `/metrics` and `/v1/ltr/engine_stats` wait for the engine replicas' answers.
     engine_stats_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _late_answer_after_timeout(self) -> IngressSettings:
+        if self.breaker_late_answer_s is None:
+            self.breaker_late_answer_s = 10 * self.predictor_timeout_s
+        elif self.breaker_late_answer_s <= self.predictor_timeout_s:
+            raise ValueError(f"breaker_late_answer_s ({self.breaker_late_answer_s}) must exceed predictor_timeout_s "
+                             f"({self.predictor_timeout_s}): a late answer is one that missed the timeout")
+        return self
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -228,6 +237,7 @@ class OpenAIIngress:
         #: after the call; it may still land).
         self.late_sent = 0
         self.late_answers: Counter[str] = Counter()
+        self.predictor_waits = WaitHistogram()
         self.fallbacks: Counter[str] = Counter()
         self._neutral = NeutralPlacement(self.settings.neutral_window, calibration_median())
         self.neutral_placements = 0
@@ -337,6 +347,7 @@ class OpenAIIngress:
                 pending = self._follow_late(ref, answer, started)
                 raise
             self._failures = 0
+            self.predictor_waits.observe(time.monotonic() - started)
             return prediction, None, None
         except asyncio.TimeoutError:
             reason = "timeout"
@@ -381,6 +392,8 @@ class OpenAIIngress:
                 return
             failed = done.exception() is not None   # retrieved here; the engine replica applies the score
             self.late_answers["failed" if failed else "landed"] += 1
+            if not failed:
+                self.predictor_waits.observe(time.monotonic() - started)
             if judged:
                 return
             if failed:
@@ -590,7 +603,8 @@ class OpenAIIngress:
     def _ingress_stats(self) -> dict[str, Any]:
         return {"requests": dict(self.requests), "predictor_fallbacks": dict(self.fallbacks),
                 "neutral_placements": self.neutral_placements, "late_sent": self.late_sent,
-                "late_answers": dict(self.late_answers), "replicas_seen": dict(self.replicas_seen),
+                "late_answers": dict(self.late_answers), "predictor_wait_s": self.predictor_waits.snapshot(),
+                "replicas_seen": dict(self.replicas_seen),
                 "breaker_open": time.monotonic() < self._breaker_open_until, "in_flight": self.in_flight}
 
     async def _every_engine(self, method: str) -> tuple[dict[str, Any], int]:

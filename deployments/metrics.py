@@ -4,7 +4,8 @@ Our numbers are those of `/v1/ltr/stats` (labelled with the ingress replica that
 label `ingress`) and `/v1/ltr/engine_stats` (one sample per engine replica, label `replica`). vLLM's own
 metrics (`vllm:` TTFT, TPOT, queue-time histograms, token counters, ...) come from each engine replica's
 process registry as text and are re-emitted with a `replica` label, so the dashboards written for vLLM
-read them per replica. Built fresh on each scrape from what was just gathered; nothing here keeps state.
+read them per replica. Built fresh on each scrape from what was just gathered; the only state here is
+`WaitHistogram`, which the ingress keeps for its predictor waits.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 #: Families taken from an engine replica's registry (the rest there is the process's own collectors).
@@ -49,6 +50,27 @@ ENGINE_METRICS: tuple[tuple[str, str, str, bool, str], ...] = (
 )
 
 
+class WaitHistogram:
+    """Seconds from a predictor call to its answer, in time or late (Prometheus histogram buckets, upper
+    bounds inclusive). Kept as plain counts so `/v1/ltr/stats` carries it and a benchmark can difference two
+    snapshots: a run's own distribution."""
+
+    BOUNDS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS_S) + 1)   # the last: above every bound (+Inf)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[next((i for i, bound in enumerate(self.BOUNDS_S) if seconds <= bound), len(self.BOUNDS_S))] += 1
+        self.sum_s += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """{"le": {bound: count in that bucket alone, ..., "+Inf": ...}, "sum_s", "count"}."""
+        labels = [repr(bound) for bound in self.BOUNDS_S] + ["+Inf"]
+        return {"le": dict(zip(labels, self.counts)), "sum_s": self.sum_s, "count": sum(self.counts)}
+
+
 class _StatsCollector:
     """A one-shot collector over stats dicts already gathered by the ingress."""
 
@@ -78,6 +100,16 @@ class _StatsCollector:
         for outcome, count in sorted(self.ingress.get("late_answers", {}).items()):
             late.add_metric([me, outcome], count)
         yield late
+        waits = self.ingress.get("predictor_wait_s")
+        if waits:
+            histogram = HistogramMetricFamily("ltr_predictor_wait_seconds", "seconds from a predictor call to its "
+                                              "answer at the ingress, in time or late", labels=["ingress"])
+            cumulative, buckets = 0, []
+            for bound, count in waits["le"].items():
+                cumulative += count
+                buckets.append((bound, cumulative))
+            histogram.add_metric([me], buckets, waits["sum_s"])
+            yield histogram
         gauges = (
             (CounterMetricFamily, "ltr_neutral_placements", "unscored requests placed at the neutral score "
              "(median of recent predictions) instead of ahead of ranked work", self.ingress.get("neutral_placements", 0)),

@@ -193,6 +193,9 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
         assert late_answers(after).get("landed", 0) - late_answers(before).get("landed", 0) == 5, after
         assert late_answers(after).get("overdue", 0) == late_answers(before).get("overdue", 0), after
         assert not after["breaker_open"]
+        # Each landed answer waited past the 1 s timeout (the drill sleeps 1.5 s): the histogram says so.
+        waited = {le: n - before["predictor_wait_s"]["le"][le] for le, n in after["predictor_wait_s"]["le"].items()}
+        assert sum(n for le, n in waited.items() if le == "+Inf" or float(le) > PREDICTOR_TIMEOUT_S) == 5, waited
 
         _set_predictor({"fault": "hang", "hang_s": BREAKER_LATE_ANSWER_S + 1.5})
 
@@ -210,3 +213,14 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
         assert late_answers(stats).get("overdue", 0) - late_answers(after).get("overdue", 0) == 3, stats
     finally:
         _set_predictor({})
+
+
+def test_a_late_answer_is_overdue_after_ten_timeouts_unless_set_and_never_before_the_timeout() -> None:
+    from pydantic import ValidationError
+
+    from deployments.ingress import IngressSettings
+
+    assert IngressSettings(served_model_name="m", predictor_timeout_s=0.2).breaker_late_answer_s == pytest.approx(2.0)
+    assert IngressSettings(served_model_name="m", breaker_late_answer_s=3.0).breaker_late_answer_s == 3.0
+    with pytest.raises(ValidationError, match="must exceed predictor_timeout_s"):
+        IngressSettings(served_model_name="m", predictor_timeout_s=1.0, breaker_late_answer_s=1.0)
