@@ -407,23 +407,25 @@ def ltr_stats(server: Server) -> dict | None:
         return None
 
 
+def counts_moved(before: dict, after: dict) -> dict:
+    """Per-key growth of a counter map between two snapshots (in the later snapshot's key order)."""
+    return {key: after.get(key, 0) - before.get(key, 0) for key in {**after, **before}}
+
+
 def scored(before: dict | None, after: dict | None) -> dict | None:
     """Requests of this run the predictor scored (= not a predictor fallback), from two stats snapshots."""
     if before is None or after is None:
         return None
     requests = sum(after.get("requests", {}).values()) - sum(before.get("requests", {}).values())
-    reasons = set(after.get("predictor_fallbacks", {})) | set(before.get("predictor_fallbacks", {}))
-    fallbacks = {r: after.get("predictor_fallbacks", {}).get(r, 0) - before.get("predictor_fallbacks", {}).get(r, 0)
-                 for r in sorted(reasons)}
-    fallbacks = {r: v for r, v in fallbacks.items() if v}
+    fallbacks = counts_moved(before.get("predictor_fallbacks", {}), after.get("predictor_fallbacks", {}))
+    fallbacks = {r: v for r, v in sorted(fallbacks.items()) if v}
     n_fallbacks = sum(fallbacks.values())
     return {"requests": requests, "scored": requests - n_fallbacks, "predictor_fallbacks": fallbacks,
             "neutral_placements": after.get("neutral_placements", 0) - before.get("neutral_placements", 0),
             "late_sent": after.get("late_sent", 0) - before.get("late_sent", 0),
-            "late_answers": {k: v - before.get("late_answers", {}).get(k, 0)
-                             for k, v in after.get("late_answers", {}).items()},
-            "predictor_wait_s": {le: n - before.get("predictor_wait_s", {}).get("le", {}).get(le, 0)
-                                 for le, n in after.get("predictor_wait_s", {}).get("le", {}).items()},
+            "late_answers": counts_moved(before.get("late_answers", {}), after.get("late_answers", {})),
+            "predictor_wait_s": counts_moved(before.get("predictor_wait_s", {}).get("le", {}),
+                                             after.get("predictor_wait_s", {}).get("le", {})),
             "scored_share": (requests - n_fallbacks) / requests if requests else None}
 
 

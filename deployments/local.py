@@ -118,8 +118,8 @@ QUIET_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRIC
 
 def serve_env(front: str, state_dir: str) -> dict[str, str]:
     """Environment the local Ray's processes need for `front`, with `QUIET_SERVE_ENV` (read by Ray Serve at
-    import, so it is set before Ray starts). HAProxy's files go to `state_dir`, not Ray's shared /tmp/haproxy-serve, so two
-    services on one machine stay apart; stopping an ingress replica waits 1 s, not 30, for a load balancer
+    import, so it is set before Ray starts). HAProxy's files go to `state_dir`, not Ray's shared
+    /tmp/haproxy-serve, so two services on one machine stay apart; stopping an ingress replica waits 1 s, not 30, for a load balancer
     to let go of it (only this machine's HAProxy, which health-checks it, holds it)."""
     if front == "proxy":
         return dict(QUIET_SERVE_ENV)
