@@ -238,6 +238,7 @@ class OpenAIIngress:
         self.late_sent = 0
         self.late_answers: Counter[str] = Counter()
         self.predictor_waits = WaitHistogram()
+        self.predictor_replica_times = WaitHistogram()   # the part of each wait spent in the predictor replica
         self.fallbacks: Counter[str] = Counter()
         self._neutral = NeutralPlacement(self.settings.neutral_window, calibration_median())
         self.neutral_placements = 0
@@ -347,7 +348,7 @@ class OpenAIIngress:
                 pending = self._follow_late(ref, answer, started)
                 raise
             self._failures = 0
-            self.predictor_waits.observe(time.monotonic() - started)
+            self._observe_wait(started, prediction)
             return prediction, None, None
         except asyncio.TimeoutError:
             reason = "timeout"
@@ -360,6 +361,11 @@ class OpenAIIngress:
         if pending is None:   # a followed answer is judged when it lands (`_follow_late`)
             self._predictor_failed()
         return (*self._fallback(reason, detail), pending)
+
+    def _observe_wait(self, started: float, prediction: Prediction) -> None:
+        self.predictor_waits.observe(time.monotonic() - started)
+        if prediction.replica_s is not None:
+            self.predictor_replica_times.observe(prediction.replica_s)
 
     def _predictor_failed(self) -> None:
         """One more failure in a row; `breaker_failures` of them open the breaker."""
@@ -393,7 +399,7 @@ class OpenAIIngress:
             failed = done.exception() is not None   # retrieved here; the engine replica applies the score
             self.late_answers["failed" if failed else "landed"] += 1
             if not failed:
-                self.predictor_waits.observe(time.monotonic() - started)
+                self._observe_wait(started, done.result())
             if judged:
                 return
             if failed:
@@ -604,6 +610,7 @@ class OpenAIIngress:
         return {"requests": dict(self.requests), "predictor_fallbacks": dict(self.fallbacks),
                 "neutral_placements": self.neutral_placements, "late_sent": self.late_sent,
                 "late_answers": dict(self.late_answers), "predictor_wait_s": self.predictor_waits.snapshot(),
+                "predictor_replica_s": self.predictor_replica_times.snapshot(),
                 "replicas_seen": dict(self.replicas_seen),
                 "breaker_open": time.monotonic() < self._breaker_open_until, "in_flight": self.in_flight}
 

@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-spin-wait", action="store_true", default=None,
                         help="let a multi-thread engine's OpenMP threads spin between parallel regions, as plain "
                              "vLLM's worker does (default: they sleep, OMP_WAIT_POLICY=PASSIVE)")
+    parser.add_argument("--predictor-replicas", type=int, default=None,
+                        help="predictor replicas, sharing the predictor's Ray CPUs (default: fit to the machine)")
+    parser.add_argument("--predictor-threads", type=int, default=None,
+                        help="torch threads per predictor replica (default: fit to the machine)")
     parser.add_argument("--stream-batch-ms", type=float, default=None,
                         help="milliseconds an engine gathers a streamed answer's events into one message to the "
                              "ingress (default: the platform's, deployments.streaming.STREAM_BATCH_S; 0: none)")
@@ -76,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--engine-cpus must be >= 0")
     if args.stream_batch_ms is not None and args.stream_batch_ms < 0:
         parser.error(f"--stream-batch-ms must be >= 0, got {args.stream_batch_ms:g}")
+    for flag in ("predictor_replicas", "predictor_threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.engine_nice is not None and not 0 <= args.engine_nice <= 19:
         parser.error(f"--engine-nice must be in 0..19, got {args.engine_nice}")
     if args.api_key_env and not os.environ.get(args.api_key_env):
@@ -102,6 +109,7 @@ def engine_layout(args: argparse.Namespace, cpus: int, memory_gib: float, ray_cp
     layout = fit_to_machine(cpus, memory_gib, budget).override(
         replicas=args.replicas, threads=args.engine_threads, num_cpus=args.engine_cpus,
         max_num_seqs=args.max_num_seqs, nice=args.engine_nice, spin_wait=args.engine_spin_wait,
+        predictor_replicas=args.predictor_replicas, predictor_threads=args.predictor_threads,
         engine_cpu_budget=budget)
     if layout.replicas * layout.num_cpus > budget + 1e-9:
         # Ray would never place the last replicas, and serve.run would wait for them forever.
@@ -146,6 +154,16 @@ def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
             "engine_kwargs": {"enforce_eager": not args.compile, "max_num_seqs": layout.max_num_seqs,
                               **({"max_model_len": args.max_model_len} if args.max_model_len is not None else {})},
             "ingress": ingress, "ingress_env": ingress_env}
+
+
+def predictor_args(layout: EngineLayout) -> dict:
+    """The `build_predictor_app` args: the layout's replicas and threads, splitting the predictor's Ray CPUs
+    (what `engine_cpu_budget` reserved for it) evenly."""
+    from deployments.app import PredictorArgs
+
+    total = PredictorArgs.model_fields["num_cpus"].default
+    return {"num_replicas": layout.predictor_replicas, "threads": layout.predictor_threads,
+            "num_cpus": round(total / layout.predictor_replicas, 3)}
 
 
 def policy_line(name: str) -> str:
@@ -194,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         if not args.no_predictor:
-            serve.run(build_predictor_app({"threads": layout.predictor_threads}), name=PREDICTOR_APP_NAME,
+            serve.run(build_predictor_app(predictor_args(layout)), name=PREDICTOR_APP_NAME,
                       route_prefix=None)
         config = app_args(args, layout)
         config["model"] = model

@@ -23,9 +23,14 @@ ENGINE_MEMORY_GIB = 4.5
 #: The predictor, the ingress and Serve's proxy are small, latency-bound tasks on the same cores; at equal
 #: priority they queue behind model steps, and the predictor misses its timeout.
 ENGINE_NICE = 10
-#: Most torch threads the predictor gets where the engines yield to it: scoring throughput was measured on 1
-#: and 2 threads (benchmarks/results/predictor_speed.json: 1.7x on 2 at 256 tokens).
-PREDICTOR_THREADS = 2
+#: Torch threads of each predictor replica where the engines yield to it. Two threads score a big batch 1.7x
+#: faster (benchmarks/results/predictor_speed.json), but the service scores one prompt at a time, and with the
+#: engines busy on every core one prompt took 2.2-2.5x longer on two threads than on one (a thread waits at
+#: each layer for its partner's slice): benchmarks/README.md, "One-thread predictor replicas".
+PREDICTOR_THREADS = 1
+#: Most predictor replicas (one per core): concurrent prompts are scored side by side, and a live artifact
+#: swap (Serve's user_config) reconfigures one replica while the other keeps scoring.
+PREDICTOR_REPLICAS = 2
 
 
 def omp_env(threads: int, spin_wait: bool = False) -> dict[str, str]:
@@ -51,15 +56,16 @@ class EngineLayout:
     #: Nice adjustment of each engine's vLLM processes (0: the same priority as the rest of the service).
     nice: int
     reason: str
-    #: Torch threads of the predictor (None: Ray's rule for its CPUs). Where the engines yield, its short
-    #: scoring bursts take every core.
+    #: Torch threads of each predictor replica (None: Ray's rule for its CPUs), and how many replicas.
     predictor_threads: int | None = None
+    predictor_replicas: int = 1
     #: Whether the engines' OpenMP threads spin between parallel regions (OpenMP's default) instead of sleeping.
     spin_wait: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.threads < 1 or self.max_num_seqs < 1 or self.num_cpus < 0 \
-                or not 0 <= self.nice <= 19:
+                or not 0 <= self.nice <= 19 or self.predictor_replicas < 1 \
+                or (self.predictor_threads is not None and self.predictor_threads < 1):
             raise ValueError(f"invalid engine layout {self}")
 
     def engine_env(self) -> dict[str, str]:
@@ -68,12 +74,15 @@ class EngineLayout:
 
     def override(self, *, replicas: int | None = None, threads: int | None = None, num_cpus: float | None = None,
                  max_num_seqs: int | None = None, nice: int | None = None, spin_wait: bool | None = None,
+                 predictor_replicas: int | None = None, predictor_threads: int | None = None,
                  engine_cpu_budget: float) -> EngineLayout:
         """This layout with the given fields set (the command line's). A changed replica count re-splits the
         engines' CPU budget: Ray CPUs evenly, threads to the whole CPUs each gets (at least 1)."""
         given = {name: value for name, value in (("replicas", replicas), ("threads", threads),
                                                  ("num_cpus", num_cpus), ("max_num_seqs", max_num_seqs),
-                                                 ("nice", nice), ("spin_wait", spin_wait))
+                                                 ("nice", nice), ("spin_wait", spin_wait),
+                                                 ("predictor_replicas", predictor_replicas),
+                                                 ("predictor_threads", predictor_threads))
                  if value is not None}
         if not given:
             return self
@@ -86,7 +95,8 @@ class EngineLayout:
                 layout = replace(layout, threads=max(1, math.floor(share + 0.5)))
         flags = ", ".join("--" + {"replicas": "replicas", "threads": "engine-threads", "num_cpus": "engine-cpus",
                                   "max_num_seqs": "max-num-seqs", "nice": "engine-nice",
-                                  "spin_wait": "engine-spin-wait"}[name] for name in given)
+                                  "spin_wait": "engine-spin-wait", "predictor_replicas": "predictor-replicas",
+                                  "predictor_threads": "predictor-threads"}[name] for name in given)
         return replace(layout, reason=f"set by {flags}")
 
     def describe(self) -> str:
@@ -95,7 +105,14 @@ class EngineLayout:
                 f"thread{'s' if self.threads > 1 else ''} ({self.num_cpus:g} Ray CPUs each), "
                 f"{self.max_num_seqs} seats each{f', nice {self.nice}' if self.nice else ''}"
                 f"{', OpenMP spin wait' if self.spin_wait and self.threads > 1 else ''}"
-                f"{f', predictor {self.predictor_threads} threads' if self.predictor_threads else ''}; {self.reason}")
+                f"{self._predictor_text()}; {self.reason}")
+
+    def _predictor_text(self) -> str:
+        if self.predictor_replicas == 1 and self.predictor_threads is None:
+            return ""
+        replicas = f"{self.predictor_replicas} x " if self.predictor_replicas > 1 else ""
+        threads = self.predictor_threads or "Ray's"
+        return f", predictor {replicas}{threads} thread{'s' if threads != 1 else ''}"
 
 
 def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> EngineLayout:
@@ -109,8 +126,8 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
     engine buys more than a second thread). Rule: one-thread engines, one per core (capped by memory at
     ENGINE_MEMORY_GIB each, at least one), SEATS seats each, the engines' Ray CPUs split evenly, and
     ENGINE_NICE levels below the rest of the service when their threads fill every core, the predictor then
-    scoring on up to PREDICTOR_THREADS of them. Measured on 2 cores only; more cores repeat the per-core
-    choice.
+    scoring in up to PREDICTOR_REPLICAS replicas of PREDICTOR_THREADS threads. Measured on 2 cores only; more
+    cores repeat the per-core choice.
     """
     if cpus < 1 or memory_gib <= 0 or engine_cpu_budget <= 0:
         raise ValueError(f"cpus, memory and the engine CPU budget must be positive: {cpus}, {memory_gib}, "
@@ -123,6 +140,7 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
     return EngineLayout(replicas=replicas, threads=THREADS_PER_ENGINE,
                         num_cpus=round(engine_cpu_budget / replicas, 3), max_num_seqs=SEATS,
                         nice=ENGINE_NICE if yield_cores else 0,
-                        predictor_threads=min(cpus, PREDICTOR_THREADS) if yield_cores else None,
+                        predictor_threads=PREDICTOR_THREADS if yield_cores else None,
+                        predictor_replicas=min(cpus, PREDICTOR_REPLICAS) if yield_cores else 1,
                         reason=f"fit to {cpus} CPUs and {memory_gib:.0f} GiB, bound by {bound}: one-thread engines, "
                                "one per core, measured best (benchmarks/results/layout_bench.json)")

@@ -5,7 +5,7 @@ label `ingress`) and `/v1/ltr/engine_stats` (one sample per engine replica, labe
 metrics (`vllm:` TTFT, TPOT, queue-time histograms, token counters, ...) come from each engine replica's
 process registry as text and are re-emitted with a `replica` label, so the dashboards written for vLLM
 read them per replica. Built fresh on each scrape from what was just gathered; the only state here is
-`WaitHistogram`, which the ingress keeps for its predictor waits.
+`WaitHistogram`, which the ingress keeps for its predictor waits and their time in the replica.
 """
 
 from __future__ import annotations
@@ -100,16 +100,20 @@ class _StatsCollector:
         for outcome, count in sorted(self.ingress.get("late_answers", {}).items()):
             late.add_metric([me, outcome], count)
         yield late
-        waits = self.ingress.get("predictor_wait_s")
-        if waits:
-            histogram = HistogramMetricFamily("ltr_predictor_wait_seconds", "seconds from a predictor call to its "
-                                              "answer at the ingress, in time or late", labels=["ingress"])
-            cumulative, buckets = 0, []
-            for bound, count in waits["le"].items():
-                cumulative += count
-                buckets.append((bound, cumulative))
-            histogram.add_metric([me], buckets, waits["sum_s"])
-            yield histogram
+        for key, name, help_text in (
+                ("predictor_wait_s", "ltr_predictor_wait_seconds",
+                 "seconds from a predictor call to its answer at the ingress, in time or late"),
+                ("predictor_replica_s", "ltr_predictor_replica_seconds",
+                 "seconds of each answered predictor call spent in the predictor replica (forward pass)")):
+            waits = self.ingress.get(key)
+            if waits:
+                histogram = HistogramMetricFamily(name, help_text, labels=["ingress"])
+                cumulative, buckets = 0, []
+                for bound, count in waits["le"].items():
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                histogram.add_metric([me], buckets, waits["sum_s"])
+                yield histogram
         gauges = (
             (CounterMetricFamily, "ltr_neutral_placements", "unscored requests placed at the neutral score "
              "(median of recent predictions) instead of ahead of ranked work", self.ingress.get("neutral_placements", 0)),

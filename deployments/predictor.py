@@ -45,6 +45,9 @@ class Prediction:
     version: str | None = None
     #: The text the predictor scored (a chat rendered by the artifact's renderer); None: not scored.
     input_text: str | None = None
+    #: Seconds the predictor replica spent on the batch that scored it (the forward pass and any wait for a
+    #: scoring thread). The rest of a call's wait at the ingress is routing, transport and its own loop.
+    replica_s: float | None = None
 
 
 #: What the ingress asks to score: a completion's prompt, or a chat's messages ({"role", "content"}).
@@ -167,14 +170,15 @@ class Predictor:
         await self._loading
 
     @staticmethod
-    def _score_sync(loaded: _Loaded, inputs: list[PredictorInput]) -> list[Prediction]:
+    def _score_sync(loaded: _Loaded, inputs: list[PredictorInput], started: float) -> list[Prediction]:
         texts = [item if isinstance(item, str) else loaded.model.chat_input(item) for item in inputs]
         scores = loaded.model.score(texts)
         try:
             expected: list[float | None] = list(loaded.model.expected_tokens(scores))
         except ValueError:  # an uncalibrated predictor still ranks
             expected = [None] * len(scores)
-        return [Prediction(float(s), None if e is None else float(e), loaded.version, text)
+        replica_s = time.monotonic() - started
+        return [Prediction(float(s), None if e is None else float(e), loaded.version, text, replica_s)
                 for s, e, text in zip(scores, expected, texts)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
@@ -188,7 +192,7 @@ class Predictor:
         loaded = self._loaded   # this batch is scored by one model, even if a swap lands meanwhile
         if loaded is None:
             raise PredictorUnavailable(self._load_error or "predictor not loaded")
-        predictions = await asyncio.to_thread(self._score_sync, loaded, inputs)
+        predictions = await asyncio.to_thread(self._score_sync, loaded, inputs, time.monotonic())
         self.batches += 1
         self.scored += len(inputs)
         return predictions

@@ -16,25 +16,27 @@ import psutil
 import pytest
 
 from deployments.app import AppArgs, PredictorArgs
-from deployments.local import QUIET_SERVE_ENV, app_args, engine_layout, parse_args, serve_env
-from deployments.machine import ENGINE_NICE, PREDICTOR_THREADS, SEATS, EngineLayout, fit_to_machine
+from deployments.local import QUIET_SERVE_ENV, app_args, engine_layout, parse_args, predictor_args, serve_env
+from deployments.machine import ENGINE_NICE, PREDICTOR_REPLICAS, PREDICTOR_THREADS, SEATS, EngineLayout, \
+    fit_to_machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESERVED = AppArgs.model_fields["ingress_num_cpus"].default + PredictorArgs.model_fields["num_cpus"].default
 
 
-@pytest.mark.parametrize("cpus,memory_gib,replicas,threads,nice,predictor_threads", [
-    (1, 8.0, 1, 1, ENGINE_NICE, 1),   # one core: one engine on it, below the predictor and the ingress
-    (2, 23.0, 2, 1, ENGINE_NICE, 2),  # this box: two one-thread engines (layout_bench: they beat one on both cores)
-    (8, 64.0, 8, 1, ENGINE_NICE, PREDICTOR_THREADS),
-    (16, 6.0, 1, 1, 0, None),         # memory-bound: one engine, cores to spare for everything else
+@pytest.mark.parametrize("cpus,memory_gib,replicas,threads,nice,predictor", [
+    (1, 8.0, 1, 1, ENGINE_NICE, (1, 1)),   # one core: one engine on it, below the predictor and the ingress
+    # this box: two one-thread engines (layout_bench: they beat one on both cores), two one-thread predictors
+    (2, 23.0, 2, 1, ENGINE_NICE, (2, 1)),
+    (8, 64.0, 8, 1, ENGINE_NICE, (PREDICTOR_REPLICAS, PREDICTOR_THREADS)),
+    (16, 6.0, 1, 1, 0, (1, None)),         # memory-bound: one engine, cores to spare for everything else
 ])
 def test_fit_to_machine(cpus: int, memory_gib: float, replicas: int, threads: int, nice: int,
-                        predictor_threads: int | None) -> None:
+                        predictor: tuple[int, int | None]) -> None:
     budget = max(cpus - RESERVED, 0.4)
     layout = fit_to_machine(cpus, memory_gib, budget)
-    assert (layout.replicas, layout.threads, layout.max_num_seqs, layout.nice, layout.predictor_threads) == \
-        (replicas, threads, SEATS, nice, predictor_threads)
+    assert (layout.replicas, layout.threads, layout.max_num_seqs, layout.nice) == (replicas, threads, SEATS, nice)
+    assert (layout.predictor_replicas, layout.predictor_threads) == predictor
     assert layout.replicas * layout.num_cpus <= budget + 1e-9
     assert "layout_bench" in layout.reason
 
@@ -44,7 +46,7 @@ def test_engine_env_sets_threads_and_passive_wait_only_for_several() -> None:
     two = EngineLayout(replicas=1, threads=2, num_cpus=1.4, max_num_seqs=16, nice=0, reason="r")
     assert one.engine_env() == {"OMP_NUM_THREADS": "1"}
     assert two.engine_env() == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
-    for bad in ({"replicas": 0}, {"nice": 20}):
+    for bad in ({"replicas": 0}, {"nice": 20}, {"predictor_replicas": 0}, {"predictor_threads": 0}):
         with pytest.raises(ValueError):
             EngineLayout(**{"replicas": 1, "threads": 1, "num_cpus": 1.0, "max_num_seqs": 16, "nice": 0,
                             "reason": "r", **bad})
@@ -73,8 +75,13 @@ def test_command_line_overrides_the_fitted_layout() -> None:
     same_priority = engine_layout(parse_args(["--engine-nice", "0"]), 2, 23.0, 2)
     assert (same_priority.nice, same_priority.replicas) == (0, fitted.replicas)
     assert same_priority.reason == "set by --engine-nice" and "nice" not in same_priority.describe().split(";")[0]
-    assert f"nice {ENGINE_NICE}, predictor 2 threads;" in fitted.describe()
-    for bad in (["--replicas", "0"], ["--engine-nice", "20"]):
+    assert f"nice {ENGINE_NICE}, predictor 2 x 1 thread;" in fitted.describe()
+    old_predictor = engine_layout(parse_args(["--predictor-replicas", "1", "--predictor-threads", "2"]), 2, 23.0, 2)
+    assert (old_predictor.predictor_replicas, old_predictor.predictor_threads) == (1, 2)
+    assert old_predictor.reason == "set by --predictor-replicas, --predictor-threads"
+    assert ", predictor 2 threads;" in old_predictor.describe()
+    for bad in (["--replicas", "0"], ["--engine-nice", "20"], ["--predictor-replicas", "0"],
+                ["--predictor-threads", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
     no_predictor = engine_layout(parse_args(["--no-predictor"]), 2, 23.0, 2)
@@ -90,6 +97,15 @@ def test_http_front_defaults_to_haproxy_with_its_files_in_the_service_dir() -> N
     assert all(value.startswith("/tmp/x") for name, value in env.items() if "HAPROXY_" in name)
     with pytest.raises(SystemExit):
         parse_args(["--http-front", "nginx"])
+
+
+def test_predictor_replicas_share_the_predictors_ray_cpus() -> None:
+    for replicas in (1, 2, 3):
+        layout = engine_layout(parse_args(["--predictor-replicas", str(replicas)]), 2, 23.0, 2)
+        parsed = PredictorArgs(**predictor_args(layout))
+        assert (parsed.num_replicas, parsed.threads) == (replicas, layout.predictor_threads)
+        assert parsed.num_replicas * parsed.num_cpus == pytest.approx(PredictorArgs.model_fields["num_cpus"].default,
+                                                                      abs=2e-3)
 
 
 def test_predictor_threads_reach_its_replica_options() -> None:
@@ -181,10 +197,11 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
         for replica in _processes(leader, "ServeReplica:ltr:LLMEngine"):   # the replica keeps normal priority
             assert _nice_of(Path(f"/proc/{replica.pid}/task/{replica.pid}")) == 0
         predictors = _processes(leader, "ServeReplica:ltr-predictor:Predictor")
-        assert len(predictors) == 1
-        environ = Path(f"/proc/{predictors[0].pid}/environ").read_bytes().split(b"\0")
-        assert f"OMP_NUM_THREADS={expected.predictor_threads}".encode() in environ
-        assert _nice_of(Path(f"/proc/{predictors[0].pid}/task/{predictors[0].pid}")) == 0
+        assert len(predictors) == expected.predictor_replicas
+        for predictor in predictors:
+            environ = Path(f"/proc/{predictor.pid}/environ").read_bytes().split(b"\0")
+            assert f"OMP_NUM_THREADS={expected.predictor_threads}".encode() in environ
+            assert _nice_of(Path(f"/proc/{predictor.pid}/task/{predictor.pid}")) == 0
         haproxy = _processes(leader, "haproxy")   # the port is HAProxy's, configured in the service's own dir
         assert any(f"{haproxy_dir}/" in " ".join(p.cmdline()) for p in haproxy), haproxy
         family = {p.pid: p for p in [leader, *leader.children(recursive=True), *workers]}

@@ -28,3 +28,8 @@ def test_predictor_waits_land_in_their_buckets_and_export_cumulatively() -> None
     assert samples[("ltr_predictor_wait_seconds_bucket", "+Inf")] == 6
     assert samples[("ltr_predictor_wait_seconds_count", None)] == 6
     assert samples[("ltr_predictor_wait_seconds_sum", None)] == pytest.approx(104.035)
+
+    both = prometheus_text("ingress-1", {"predictor_wait_s": snapshot, "predictor_replica_s": waits.snapshot()},
+                           {}).decode()
+    names = {family.name for family in text_string_to_metric_families(both)}
+    assert {"ltr_predictor_wait_seconds", "ltr_predictor_replica_seconds"} <= names
