@@ -278,6 +278,139 @@ def stage_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+#: An engine stand-in for `contention`: one thread streaming a 64 MB weight matrix through small matrix
+#: products (a decode step's shape), forever; `duty` < 1 idles the rest of each 10 ms.
+_BURNER = """
+import sys, time
+import numpy as np
+duty = float(sys.argv[1])
+weights, batch = np.random.rand(4096, 4096).astype(np.float32), np.random.rand(4096, 8).astype(np.float32)
+while True:
+    start = time.monotonic()
+    while time.monotonic() - start < 0.01 * duty:
+        weights @ batch
+    if duty < 1:
+        time.sleep(0.01 * (1 - duty))
+"""
+
+
+def _burners(contended: bool) -> list:
+    """What the service's predictor shares the cores with: one busy one-thread engine per core at nice 10
+    (`deployments.machine.ENGINE_NICE`) and the rest of the service at nice 0, about 0.3 of a core."""
+    import subprocess
+
+    if not contended:
+        return []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    engines = [subprocess.Popen([sys.executable, "-c", _BURNER, "1.0"], env=env, preexec_fn=lambda: os.nice(10))
+               for _ in range(os.cpu_count() or 1)]
+    return [*engines, subprocess.Popen([sys.executable, "-c", _BURNER, "0.3"], env=env)]
+
+
+def stage_contention(args: argparse.Namespace) -> int:
+    """How long one prompt takes to score on 1 and 2 torch threads, alone and with the engines busy.
+
+    The service scores prompts one at a time as they arrive, not in big batches, while the engines keep
+    every core busy at a lower priority. So: single test prompts at Poisson `--rate`, the serving variant
+    (256 tokens), each thread count in turn, alone and with engine stand-ins (`_burners`), `--rounds`
+    times in alternating order. Latency percentiles per setting and round.
+    """
+    import torch
+
+    data = load_examples(args.data_dir)
+    rng = np.random.default_rng(0)
+    prompts = [data.test[i].prompt for i in rng.choice(len(data.test), size=args.prompts, replace=False)]
+    model = RankPredictor.from_pretrained(args.predictor, device="cpu").for_serving(256, False)
+    rows = []
+    for round_index in range(args.rounds):
+        order = (1, 2) if round_index % 2 == 0 else (2, 1)
+        for contended in (False, True):
+            burners = _burners(contended)
+            try:
+                time.sleep(2.0 if burners else 0.0)
+                for threads in order:
+                    torch.set_num_threads(threads)
+                    arrivals = np.random.default_rng(round_index).exponential(1 / args.rate, size=len(prompts))
+                    latencies = []
+                    for prompt, gap in zip(prompts, arrivals):
+                        start = time.perf_counter()
+                        model.score([prompt])
+                        latencies.append(time.perf_counter() - start)
+                        time.sleep(gap)
+                    q = [round(float(v), 1) for v in np.percentile(latencies, [50, 90, 99]) * 1000]
+                    row = {"round": round_index, "threads": threads, "contended": contended,
+                           "p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2],
+                           "max_ms": round(max(latencies) * 1000, 1),
+                           "over_timeout": int(sum(x > args.timeout_s for x in latencies)), "n": len(latencies)}
+                    rows.append(row)
+                    print(row, flush=True)
+            finally:
+                for burner in burners:
+                    burner.kill()
+                    burner.wait()
+    result = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+              "load_average_1m_before": args.load_before, "load_average_1m_after": round(os.getloadavg()[0], 1),
+              "rate": args.rate, "timeout_s": args.timeout_s, "max_length": 256, "rows": rows}
+    _write(RESULTS / "predictor_contention.json", result)
+    _plot_contention(rows, RESULTS / "predictor_contention.png")
+    return 0
+
+
+def _plot_contention(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = []
+    for i, row in enumerate(rows):
+        labels.append(f"r{row['round']} {row['threads']}t {'busy' if row['contended'] else 'idle'}")
+        ax.bar(i, row["p99_ms"], color="tab:orange" if row["threads"] == 2 else "tab:blue", alpha=0.5)
+        ax.bar(i, row["p50_ms"], color="tab:orange" if row["threads"] == 2 else "tab:blue")
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("ms per prompt (solid p50, light p99)")
+    ax.set_title("One prompt at a time: 1 (blue) vs 2 (orange) torch threads, engines idle or busy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stage_merge(args: argparse.Namespace) -> int:
+    """What merging the LoRA into the backbone (`for_serving`) buys: one test prompt at a time on one torch
+    thread, the adapters kept (as trained) against merged, alternating `--rounds` times; and the largest
+    score difference between the two."""
+    from dataclasses import replace
+
+    import torch
+
+    torch.set_num_threads(1)
+    data = load_examples(args.data_dir)
+    rng = np.random.default_rng(0)
+    prompts = [data.test[i].prompt for i in rng.choice(len(data.test), size=args.prompts, replace=False)]
+    adapters = RankPredictor.from_pretrained(args.predictor, device="cpu")
+    adapters.config = replace(adapters.config, max_length=256)
+    merged = RankPredictor.from_pretrained(args.predictor, device="cpu").for_serving(256, False)
+    rows = []
+    for round_index in range(args.rounds):
+        for name, model in (("adapters", adapters), ("merged", merged)):
+            latencies = []
+            for prompt in prompts:
+                start = time.perf_counter()
+                model.score([prompt])
+                latencies.append(time.perf_counter() - start)
+            q = [round(float(v), 1) for v in np.percentile(latencies, [50, 90, 99]) * 1000]
+            rows.append({"round": round_index, "model": name, "p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2]})
+            print(rows[-1], flush=True)
+    difference = float(np.abs(np.asarray(adapters.score(prompts)) - np.asarray(merged.score(prompts))).max())
+    _write(RESULTS / "predictor_merge.json", {
+        "command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": 1, "max_length": 256,
+        "prompts": len(prompts), "rows": rows, "max_abs_score_difference": difference})
+    return 0
+
+
 def stage_turns(args: argparse.Namespace) -> int:
     """Every-turn data (ltr.data.conversations): what label hygiene removes, and how a predictor ranks
     first turns (today's comparable test set) and later turns, scored on the last user message (what a
@@ -415,6 +548,20 @@ def main() -> int:
     p.add_argument("--sample", type=int, default=256)
     p.add_argument("--max-tau-loss", type=float, default=0.01)
     p.set_defaults(func=stage_speed, load_before=round(os.getloadavg()[0], 1))
+    p = sub.add_parser("contention", help="one-prompt scoring latency on 1 and 2 threads, engines idle or busy")
+    p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--prompts", type=int, default=150)
+    p.add_argument("--rate", type=float, default=3.0, help="prompts per second (Poisson)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--timeout-s", type=float, default=0.5, help="the ingress's predictor timeout, for counting")
+    p.set_defaults(func=stage_contention, load_before=round(os.getloadavg()[0], 1))
+    p = sub.add_parser("merge", help="one-prompt scoring latency with the LoRA adapters kept or merged")
+    p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--prompts", type=int, default=150)
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=stage_merge)
     p = sub.add_parser("turns", help="every-turn data: hygiene counts, first- and later-turn tau")
     p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
     p.add_argument("--max-length", type=int, default=0, help="score at this many tokens (0: the artifact's)")

@@ -83,6 +83,15 @@ def test_shipped_artifact_loads_and_ranks_real_prompts(splits: ExampleSplits) ->
     assert model.score([]) == []
 
 
+def test_serving_variant_merges_the_adapters_and_keeps_the_scores(splits: ExampleSplits) -> None:
+    prompts = [e.prompt for e in splits.test[:48]]
+    trained = load_shipped_predictor()
+    served = load_shipped_predictor().for_serving()
+    assert any("lora" in name for name, _ in trained.backbone.named_modules())
+    assert not any("lora" in name for name, _ in served.backbone.named_modules())
+    assert np.allclose(served.score(prompts), trained.score(prompts), atol=1e-4)
+
+
 def test_eval_predictor_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     from ltr.cli import main
 

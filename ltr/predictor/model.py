@@ -189,17 +189,19 @@ class RankPredictor(nn.Module):
         return directory
 
     def for_serving(self, max_length: int | None = None, int8: bool = False) -> "RankPredictor":
-        """This predictor made cheaper for CPU inference, in place: prompts cut to `max_length` tokens, and
-        with `int8` the LoRA merged into the backbone and every Linear layer dynamically quantized to int8
-        (weights int8, activations quantized per batch). `benchmarks/predictor_quality.py speed` measures
-        what each costs in Kendall tau and buys in prompts/s."""
+        """This predictor made cheaper for CPU inference, in place: the LoRA merged into the backbone (the same
+        scores, up to float rounding, without the adapters' extra layers: one prompt scores 18-28% faster,
+        benchmarks/README.md, "One-thread predictor replicas"), prompts cut to `max_length` tokens, and with
+        `int8` every Linear layer dynamically quantized to int8 (weights int8, activations quantized per
+        batch). `benchmarks/predictor_quality.py speed` measures what each costs in Kendall tau and buys in
+        prompts/s."""
         from dataclasses import replace
 
         if max_length is not None:
             self.config = replace(self.config, max_length=max_length)
+        if hasattr(self.backbone, "merge_and_unload"):
+            self.backbone = self.backbone.merge_and_unload()
         if int8:
-            if hasattr(self.backbone, "merge_and_unload"):
-                self.backbone = self.backbone.merge_and_unload()
             torch.ao.quantization.quantize_dynamic(self, {nn.Linear}, dtype=torch.qint8, inplace=True)
         return self.eval()
 
