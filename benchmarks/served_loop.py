@@ -85,9 +85,10 @@ def pick_prompts(count: int, max_prompt_tokens: int, seed: int) -> list[str]:
     return prompts[:count]
 
 
-def deploy_predictor(settings: dict) -> None:
+def deploy_predictor(settings: dict, app_args: dict) -> None:
     """What `serve deploy CONFIG` does with the predictor app: its settings become the Predictor
-    deployment's `user_config`, which Serve applies in place (the hot swap)."""
+    deployment's `user_config`, which Serve applies in place (the hot swap), one replica at a time. The app's
+    `args` (replicas, threads, CPUs) must stay as they were: changed, they would replace the replicas."""
     from ray.serve._private.api import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -95,19 +96,20 @@ def deploy_predictor(settings: dict) -> None:
 
     config = {"applications": [{
         "name": PREDICTOR_APP_NAME, "route_prefix": None, "import_path": "deployments.app:build_predictor_app",
-        "deployments": [{"name": "Predictor", "user_config": settings}]}]}
+        "args": app_args, "deployments": [{"name": "Predictor", "user_config": settings}]}]}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
 
 
-def start_service(log_dir: Path, port: int) -> str:
-    """The local default service (deployments.local's layout and args) with the served-traffic log on."""
+def start_service(log_dir: Path, port: int) -> tuple[str, dict]:
+    """The local default service (deployments.local's layout and args) with the served-traffic log on: its
+    URL and the predictor app's args (for the swap)."""
     import psutil
     import ray
     from ray import serve
     from vllm.utils.torch_utils import available_cpu_count
 
     from deployments.app import build_app
-    from deployments.local import APP_NAME, app_args, engine_layout, parse_args as local_args
+    from deployments.local import APP_NAME, app_args, engine_layout, parse_args as local_args, predictor_args
     from ltr.models import prepare_model
 
     options = local_args(["--port", str(port)])
@@ -117,13 +119,14 @@ def start_service(log_dir: Path, port: int) -> str:
     ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="ltr-loop-bench-"), include_dashboard=False,
              num_cpus=cpus, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy_predictor(PREDICTOR_SETTINGS)
+    predictor = predictor_args(layout)
+    deploy_predictor(PREDICTOR_SETTINGS, predictor)
     config = app_args(options, layout)
     config["model"] = str(prepare_model())
     config["served_log"] = {"directory": str(log_dir)}
     config["ingress"] = {**config["ingress"], "log_text": True}
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", predictor
 
 
 async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, str]], max_tokens: int, concurrency: int,
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir, retrained = work / "served-log", work / "retrained"
     prompts = pick_prompts(args.prompts, args.max_prompt_tokens, args.seed)
     model_name = prepare_model().name
-    url = start_service(log_dir, args.port)
+    url, predictor_app_args = start_service(log_dir, args.port)
     timings: dict[str, float] = {}
     try:
         # 1. serve, prompt-major so that a budget cut leaves whole prompts.
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             if "task" not in swap and done >= len(held_out) // 4:
                 swap["sent_before"] = done
                 swap["task"] = asyncio.create_task(asyncio.to_thread(
-                    deploy_predictor, {**PREDICTOR_SETTINGS, "artifact_dir": str(retrained)}))
+                    deploy_predictor, {**PREDICTOR_SETTINGS, "artifact_dir": str(retrained)}, predictor_app_args))
 
         async def phase3() -> list[dict]:
             results = await serve_jobs(url, model_name, [(i, args.samples, prompts[i]) for i in held_out],
