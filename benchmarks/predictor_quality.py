@@ -247,9 +247,7 @@ def stage_speed(args: argparse.Namespace) -> int:
     import torch
 
     data = load_examples(args.data_dir)
-    rng = np.random.default_rng(0)
-    sample = [data.test[i].prompt for i in rng.choice(len(data.test), size=min(args.sample, len(data.test)),
-                                                       replace=False)]
+    sample = _test_prompts(data, args.sample)
     rows = []
     for max_length, int8 in SERVING_VARIANTS:
         model = RankPredictor.from_pretrained(args.predictor, device="cpu").for_serving(max_length, int8)
@@ -276,6 +274,28 @@ def stage_speed(args: argparse.Namespace) -> int:
     _plot_speed(rows, RESULTS / "predictor_speed.png")
     print(json.dumps({k: result[k] for k in ("picked", "speedup_vs_shipped_2_threads")}))
     return 0
+
+
+def _test_prompts(data: Any, count: int) -> list[str]:
+    """`count` test prompts drawn without replacement (seed 0: every stage and run draws the same ones)."""
+    rng = np.random.default_rng(0)
+    return [data.test[i].prompt for i in rng.choice(len(data.test), size=min(count, len(data.test)), replace=False)]
+
+
+def _one_at_a_time(model: RankPredictor, prompts: list[str], gaps: np.ndarray) -> list[float]:
+    """Seconds to score each prompt alone (as the service does), idling `gaps[i]` seconds after prompt i."""
+    latencies = []
+    for prompt, gap in zip(prompts, gaps):
+        start = time.perf_counter()
+        model.score([prompt])
+        latencies.append(time.perf_counter() - start)
+        time.sleep(gap)
+    return latencies
+
+
+def _percentiles_ms(latencies: list[float]) -> dict[str, float]:
+    p50, p90, p99 = (round(float(v), 1) for v in np.percentile(latencies, [50, 90, 99]) * 1000)
+    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
 
 
 #: An engine stand-in for `contention`: one thread streaming a 64 MB weight matrix through small matrix
@@ -317,9 +337,7 @@ def stage_contention(args: argparse.Namespace) -> int:
     """
     import torch
 
-    data = load_examples(args.data_dir)
-    rng = np.random.default_rng(0)
-    prompts = [data.test[i].prompt for i in rng.choice(len(data.test), size=args.prompts, replace=False)]
+    prompts = _test_prompts(load_examples(args.data_dir), args.prompts)
     model = RankPredictor.from_pretrained(args.predictor, device="cpu").for_serving(256, False)
     rows = []
     for round_index in range(args.rounds):
@@ -330,17 +348,10 @@ def stage_contention(args: argparse.Namespace) -> int:
                 time.sleep(2.0 if burners else 0.0)
                 for threads in order:
                     torch.set_num_threads(threads)
-                    arrivals = np.random.default_rng(round_index).exponential(1 / args.rate, size=len(prompts))
-                    latencies = []
-                    for prompt, gap in zip(prompts, arrivals):
-                        start = time.perf_counter()
-                        model.score([prompt])
-                        latencies.append(time.perf_counter() - start)
-                        time.sleep(gap)
-                    q = [round(float(v), 1) for v in np.percentile(latencies, [50, 90, 99]) * 1000]
+                    gaps = np.random.default_rng(round_index).exponential(1 / args.rate, size=len(prompts))
+                    latencies = _one_at_a_time(model, prompts, gaps)
                     row = {"round": round_index, "threads": threads, "contended": contended,
-                           "p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2],
-                           "max_ms": round(max(latencies) * 1000, 1),
+                           **_percentiles_ms(latencies), "max_ms": round(max(latencies) * 1000, 1),
                            "over_timeout": int(sum(x > args.timeout_s for x in latencies)), "n": len(latencies)}
                     rows.append(row)
                     print(row, flush=True)
@@ -386,22 +397,15 @@ def stage_merge(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    data = load_examples(args.data_dir)
-    rng = np.random.default_rng(0)
-    prompts = [data.test[i].prompt for i in rng.choice(len(data.test), size=args.prompts, replace=False)]
+    prompts = _test_prompts(load_examples(args.data_dir), args.prompts)
     adapters = RankPredictor.from_pretrained(args.predictor, device="cpu")
     adapters.config = replace(adapters.config, max_length=256)
     merged = RankPredictor.from_pretrained(args.predictor, device="cpu").for_serving(256, False)
     rows = []
     for round_index in range(args.rounds):
         for name, model in (("adapters", adapters), ("merged", merged)):
-            latencies = []
-            for prompt in prompts:
-                start = time.perf_counter()
-                model.score([prompt])
-                latencies.append(time.perf_counter() - start)
-            q = [round(float(v), 1) for v in np.percentile(latencies, [50, 90, 99]) * 1000]
-            rows.append({"round": round_index, "model": name, "p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2]})
+            latencies = _one_at_a_time(model, prompts, np.zeros(len(prompts)))
+            rows.append({"round": round_index, "model": name, **_percentiles_ms(latencies)})
             print(rows[-1], flush=True)
     difference = float(np.abs(np.asarray(adapters.score(prompts)) - np.asarray(merged.score(prompts))).max())
     _write(RESULTS / "predictor_merge.json", {
