@@ -11,6 +11,7 @@ requests, Poisson arrivals at 64 req/s, shipped predictor scores), over many arr
   tau        noise-model scores at a target Kendall tau (length distribution fit on the validation split
              scored by the same noise model): static LTR vs Gittins vs oracle.
   frontier   starvation threshold per policy: mean per-token latency against long-request p99 and TTFT p99.
+  aged_share the other starvation knob at the default threshold: the share of seats aged requests may hold.
 
     python benchmarks/sim_gittins.py                   # everything (~30 min on 2 busy cores)
     python benchmarks/sim_gittins.py --seeds 3 --sections seeds --out /tmp/x.json   # a quick look
@@ -40,7 +41,8 @@ from ltr.sim import ClusterConfig, simulate  # noqa: E402
 
 RATE = 64.0
 N = 1000
-SECTIONS = ("seeds", "diagnosis", "tau", "frontier")
+SECTIONS = ("seeds", "diagnosis", "tau", "frontier", "aged_share")
+AGED_SHARES = (0.05, 0.1, 0.15, 0.25, 0.5)
 GITTINS = PolicyConfig()
 
 
@@ -73,6 +75,17 @@ def frontier_variants() -> list[Variant]:
         out += [Variant(f"gittins-t{tag}", replace(GITTINS, starvation=starvation), "pred"),
                 Variant(f"ltr-t{tag}", PolicyConfig(name="ltr", starvation=starvation), "pred"),
                 Variant(f"mlfq-t{tag}", PolicyConfig(name="mlfq", starvation=starvation), "none")]
+    return out
+
+
+def aged_share_variants() -> list[Variant]:
+    """Each policy at the default threshold, with at most `aged_share` of the seats held by aged requests."""
+    out = []
+    for share in AGED_SHARES:
+        starvation = StarvationConfig(aged_share=share)
+        out += [Variant(f"gittins-a{share:g}", replace(GITTINS, starvation=starvation), "pred"),
+                Variant(f"ltr-a{share:g}", PolicyConfig(name="ltr", starvation=starvation), "pred"),
+                Variant(f"mlfq-a{share:g}", PolicyConfig(name="mlfq", starvation=starvation), "none")]
     return out
 
 
@@ -161,7 +174,7 @@ def main() -> int:
     ap.add_argument("--aside-seeds", type=int, default=3,
                     help="arrival seeds for the ablations and the tau and frontier sections")
     ap.add_argument("--frontier-seeds", type=int, default=None,
-                    help="arrival seeds for the frontier section (default: --aside-seeds)")
+                    help="arrival seeds for the frontier and aged_share sections (default: --aside-seeds)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--taus", type=float, nargs="+", default=[0.3, 0.45, 0.6, 0.75, 0.9])
     ap.add_argument("--workers", type=int, default=2)
@@ -178,9 +191,11 @@ def main() -> int:
     if "tau" in args.sections:
         tau_variants = [fcfs, *(v for v in main_variants() if v.label in ("ltr", "gittins", "oracle-sjf"))]
         jobs += [("tau", v, s, tau) for tau in args.taus for v in tau_variants for s in aside]
+    frontier_seeds = range(args.frontier_seeds or args.aside_seeds)
     if "frontier" in args.sections:
-        frontier_seeds = range(args.frontier_seeds or args.aside_seeds)
         jobs += [("frontier", v, s, None) for v in [fcfs, *frontier_variants()] for s in frontier_seeds]
+    if "aged_share" in args.sections:
+        jobs += [("aged_share", v, s, None) for v in [fcfs, *aged_share_variants()] for s in frontier_seeds]
     with Pool(args.workers) as pool:
         rows = []
         for row in pool.imap_unordered(measure, jobs):
@@ -207,7 +222,7 @@ def main() -> int:
     if "diagnosis" in args.sections:
         diag_rows = [r for r in rows if r["section"] == "diagnosis"]
         report["sections"]["diagnosis"] = {"summary": summarize(main_rows + diag_rows), "rows": diag_rows}
-    for name in ("tau", "frontier"):
+    for name in ("tau", "frontier", "aged_share"):
         sec = [r for r in rows if r["section"] == name]
         if sec:
             report["sections"][name] = {"summary": {f"{tau}": summarize([r for r in sec if r["tau"] == tau])
@@ -238,7 +253,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = report["sections"]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    fig, axes = plt.subplots(2, 2, figsize=(15, 11))
+    axes = axes.ravel()
     ax = axes[0]
     if "seeds" in s:
         summary = s["seeds"]["summary"]
@@ -256,7 +272,9 @@ def plot(report: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8)
     ax = axes[1]
-    if "tau" in s:
+    if "tau" not in s:
+        ax.axis("off")
+    else:
         for label in ("ltr", "gittins", "oracle-sjf"):
             pts = sorted((float(t), v[label]["gain_over_fcfs"]["mean"]) for t, v in s["tau"]["summary"].items()
                          if label in v)
@@ -264,20 +282,23 @@ def plot(report: dict, path: Path) -> None:
         ax.set(xlabel="noise-model target Kendall tau", ylabel="FCFS / policy mean per-token latency",
                title="Gain vs predictor quality")
         ax.legend(fontsize=8)
-    ax = axes[2]
-    if "frontier" in s:
-        summary = s["frontier"]["summary"]
+    for ax, name, tag, knob in ((axes[2], "frontier", "-t", "starvation threshold"),
+                                (axes[3], "aged_share", "-a", "aged share of the seats")):
+        if name not in s:
+            ax.axis("off")
+            continue
+        summary = s[name]["summary"]
         for family in ("gittins", "ltr", "mlfq"):
             pts = [(summary[k]["mean_per_token_latency"]["mean"], summary[k]["long_p99_latency"]["mean"],
-                    k.split("-t")[-1]) for k in summary if k.startswith(family + "-t")]
+                    k.split(tag)[-1]) for k in summary if k.startswith(family + tag)]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
-            for x, y, tag in pts:
-                ax.annotate(tag, (x, y), fontsize=7)
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), fontsize=7)
         f = summary["fcfs"]
         ax.scatter([f["mean_per_token_latency"]["mean"]], [f["long_p99_latency"]["mean"]], marker="x", c="k",
                    label="fcfs")
         ax.set(xlabel="mean per-token latency (s/token)", ylabel="long-request p99 latency (s)",
-               title="Starvation threshold frontier (labels: threshold)")
+               title=f"Mean against tail over the {knob} (labels)")
         ax.legend(fontsize=8)
     fig.suptitle(report["command"], fontsize=8)
     fig.tight_layout()
