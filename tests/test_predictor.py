@@ -57,6 +57,28 @@ def test_short_training_raises_tau_above_untrained(splits: ExampleSplits) -> Non
     assert history["best_val_tau"] == pytest.approx(max(history["val_tau"]))
 
 
+def test_fine_tuning_keeps_the_init_unless_an_epoch_ranks_validation_better(tmp_path: Path,
+                                                                           splits: ExampleSplits) -> None:
+    from dataclasses import replace
+
+    data = ExampleSplits(splits.train[:256], splits.val[:160], splits.test[:8])
+    model_cfg = PredictorConfig(objective="listmle", finetune="frozen", max_length=64, dropout=0.0)
+    torch.manual_seed(0)
+    RankPredictor(model_cfg).save_pretrained(tmp_path / "untrained")
+    train_cfg = TrainConfig(epochs=12, list_size=32, head_lr=3e-3, patience=12, seed=0, progress=False)
+    trained, learned = train_predictor(model_cfg, train_cfg, data, init=tmp_path / "untrained")
+    assert learned["best_epoch"] > 0 and learned["best_val_tau"] > learned["init_val_tau"] + 0.05
+    trained.save_pretrained(tmp_path / "trained")
+    # Labels turned upside down: every epoch ranks validation worse, so the artifact comes back unchanged.
+    upside_down = ExampleSplits([replace(e, output_len=5000 - e.output_len) for e in data.train], data.val, data.test)
+    kept, history = train_predictor(model_cfg, replace(train_cfg, epochs=3, patience=3, head_lr=1e-2), upside_down,
+                                    init=tmp_path / "trained")
+    assert history["best_epoch"] == 0 and max(history["val_tau"]) < history["init_val_tau"]
+    assert history["best_val_tau"] == pytest.approx(history["init_val_tau"])
+    prompts = [e.prompt for e in data.val[:16]]
+    assert kept.score(prompts) == pytest.approx(RankPredictor.from_pretrained(tmp_path / "trained").score(prompts))
+
+
 def test_fit_calibration_is_monotone_even_on_noisy_data() -> None:
     rng = np.random.default_rng(0)
     s = rng.normal(size=2000)

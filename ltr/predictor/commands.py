@@ -163,7 +163,8 @@ def _train(args: argparse.Namespace) -> int:
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "history": history, "test": test,
     }
     model.save_pretrained(output)
-    print(f"saved {output}: best epoch {history['best_epoch']}, val tau {history['best_val_tau']:.4f}, "
+    best = history["best_epoch"] or "0 (the --init artifact: no epoch ranked validation better)"
+    print(f"saved {output}: best epoch {best}, val tau {history['best_val_tau']:.4f}, "
           f"test tau {_fmt(test['kendall_tau'])} ({len(data.train)} train, {len(data.val)} val, "
           f"{len(data.test)} test prompts)")
     return 0

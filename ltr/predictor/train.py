@@ -190,8 +190,9 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
 
     `init`: fine-tune this artifact instead of a fresh head and adapters; its own config (shape,
     objective, bucket edges) replaces `model_config`, except for the input window (`max_length`), which
-    shapes no weight and is taken from `model_config`. Returns the predictor (on `train_config.device`)
-    and a history dict for metadata/benchmarks.
+    shapes no weight and is taken from `model_config`. The artifact itself is a candidate (epoch 0): a
+    fine-tune that ranks validation no better than where it started is not kept. Returns the predictor
+    (on `train_config.device`) and a history dict for metadata/benchmarks.
     """
     from tqdm.auto import tqdm
 
@@ -246,6 +247,9 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
 
     history: dict = {"epochs": [], "val_tau": [], "train_loss": []}
     best_tau, best_state, best_epoch, stale = -math.inf, None, 0, 0
+    if init is not None:
+        best_tau = history["init_val_tau"] = kendall_tau(val_scores(), val_len)
+        best_state = copy.deepcopy(model.trainable_state_dict())
     bar = tqdm(total=total, disable=not tc.progress, desc=f"{model.config.objective}/{model.config.finetune}",
                unit="step", dynamic_ncols=True)
     model.train()
