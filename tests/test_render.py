@@ -119,3 +119,37 @@ def test_split_keeps_conversations_and_inputs_on_one_side() -> None:
     assert report.duplicate_across_splits > 0
     assert sum(report.kept.values()) + report.duplicate_across_splits == len(turns)
     assert all(len(side) for side in sides.values())
+
+
+def test_train_predictor_on_every_turn_gives_an_artifact_that_scores_chats_as_trained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], served_tokenizer) -> None:
+    import ltr.data.conversations as conversations
+    from ltr.cli import main
+    from ltr.predictor import RankPredictor
+    from ltr.predictor.train import load_examples, load_turn_examples
+
+    real_split = conversations.split_turns
+
+    def small_split(turns, *args, **kwargs):   # a slice of each side keeps the CPU run short
+        splits, report = real_split(turns, *args, **kwargs)
+        return type(splits)(splits.train[:96], splits.val[:64], splits.test[:64]), report
+
+    monkeypatch.setattr(conversations, "split_turns", small_split)
+    out = tmp_path / "turns"
+    assert main(["train-predictor", "--turns", "--finetune", "frozen", "--max-length", "64", "--epochs", "1",
+                 "--list-size", "32", "--output", str(out)]) == 0
+    assert "64 test turns); first-turn test tau" in capsys.readouterr().out
+    model = RankPredictor.from_pretrained(out)
+    meta = model.config.metadata
+    assert "--turns" in meta["command"] and meta["first_turn_test"]["n"] == len(load_examples().test)
+    assert model.config.chat_template == served_tokenizer.chat_template and model.config.max_length == 64
+    # What training scored for each test turn is what the artifact builds from that chat request.
+    data, _ = load_turn_examples(model.tokenizer, 64)
+    turns = conversations.split_turns(conversations.load_turns())[0].test
+    later = [i for i, t in enumerate(turns) if t.history]
+    assert later and all(data.test[i].prompt == model.chat_input(turns[i].messages()) for i in range(len(turns)))
+    cut = [i for i in later if len(model.tokenizer(data.test[i].prompt).input_ids) >= 60]
+    # Cut from the left: the last user message is kept from its start (whole when it fits the window).
+    assert cut and all(turns[i].prompt.strip()[:30] in data.test[i].prompt for i in cut)
+    assert any(data.test[i].prompt.rstrip().endswith("assistant") and not data.test[i].prompt.startswith("<|im_start|>")
+               for i in cut)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ltr.predictor.model import CONFIG_NAME, PredictorConfig, shipped_artifact_dir
 from ltr.predictor.train import TrainConfig
@@ -49,6 +49,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--data-dir", type=Path, default=None,
                         help="folder with {train,val,test}.jsonl traces (default: ShareGPT via ltr.data)")
     add_served_log_arguments(source, p)
+    source.add_argument("--turns", action="store_true",
+                        help="every ShareGPT conversation turn, each rendered as the server renders that chat "
+                             "(the served model's chat template over the history, cut from the left); the "
+                             "artifact carries the template, so the ingress scores chats the same way")
     p.add_argument("--init", type=Path, default=None,
                    help="fine-tune this artifact (its model settings replace the model flags above)")
     p.add_argument("--censored", choices=("lower-bound", "drop"), default="lower-bound",
@@ -100,6 +104,8 @@ def _data_flags(args: argparse.Namespace) -> list[str]:
     if args.data is not None:
         return flags + [f"--data={args.data}", f"--censored={args.censored}", f"--holdout={args.holdout}",
                         f"--val-fraction={args.val_fraction}"]
+    if getattr(args, "turns", False):
+        return flags + ["--turns"]
     return flags + ([] if args.data_dir is None else [f"--data-dir={args.data_dir}"])
 
 
@@ -145,7 +151,7 @@ def _init_config(args: argparse.Namespace) -> PredictorConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ltr.predictor.train import train_predictor
+    from ltr.predictor.train import load_examples, load_turn_examples, train_predictor
 
     if args.data is not None and args.output is None:
         raise SystemExit("train-predictor --data needs --output (the shipped artifact is not overwritten "
@@ -154,7 +160,12 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = configs_from_args(args)
     if args.init is not None:
         model_cfg = _init_config(args)
-    data = examples_from_args(args)
+    if args.turns:
+        data, template = load_turn_examples(_encoder_tokenizer(args.backbone), model_cfg.max_length,
+                                            train_cfg.limit_train)
+        model_cfg = replace(model_cfg, chat_template=template)
+    else:
+        data = examples_from_args(args)
     model, history = train_predictor(model_cfg, train_cfg, data, backbone_path=args.backbone, init=args.init)
     test = _test_report(model, data.test)
     model.config.metadata = {
@@ -162,12 +173,27 @@ def _train(args: argparse.Namespace) -> int:
         "device": device_description(args.device),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "history": history, "test": test,
     }
+    if args.turns:   # the comparable number: the first-turn test prompts, sent as one-message chats
+        first = [replace(e, prompt=model.chat_input([{"role": "user", "content": e.prompt}]))
+                 for e in load_examples().test]
+        model.config.metadata["first_turn_test"] = _test_report(model, first)
     model.save_pretrained(output)
     best = history["best_epoch"] or "0 (the --init artifact: no epoch ranked validation better)"
+    first_turn = model.config.metadata.get("first_turn_test")
     print(f"saved {output}: best epoch {best}, val tau {history['best_val_tau']:.4f}, "
           f"test tau {_fmt(test['kendall_tau'])} ({len(data.train)} train, {len(data.val)} val, "
-          f"{len(data.test)} test prompts)")
+          f"{len(data.test)} test {'turns' if args.turns else 'prompts'})"
+          + (f"; first-turn test tau {_fmt(first_turn['kendall_tau'])}" if first_turn else ""))
     return 0
+
+
+def _encoder_tokenizer(backbone: Path | None) -> Any:
+    """The predictor's own tokenizer (its backbone's), which the renderer counts its window in."""
+    from transformers import AutoTokenizer
+
+    from ltr.predictor.model import default_backbone_path
+
+    return AutoTokenizer.from_pretrained(backbone or default_backbone_path())
 
 
 def _eval(args: argparse.Namespace) -> int:

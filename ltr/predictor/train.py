@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,6 +79,31 @@ def load_examples(data_dir: Path | None = None) -> ExampleSplits:
         rows = read_trace(Path(data_dir) / f"{name}.jsonl")
         parts[name] = [Example(r["prompt"], int(r["prompt_len"]), int(r["output_len"])) for r in rows]
     return ExampleSplits(**parts)
+
+
+def load_turn_examples(tokenizer: Any, max_length: int, limit_train: int = 0) -> tuple[ExampleSplits, str]:
+    """Every clean ShareGPT turn (`ltr.data.conversations`: hygiene and the conversation-disjoint split),
+    its input rendered as the server renders that chat (`render.chat_input`: the served model's chat
+    template over the history, cut from the left to `max_length` tokens of the predictor's `tokenizer`),
+    and that template, which the artifact must carry to render requests the same way. `prompt_len` is
+    the user turn's length in served-model tokens. `limit_train`: render only the first N training turns."""
+    from transformers import AutoTokenizer
+
+    from ltr.data.conversations import load_turns, split_turns
+    from ltr.models import prepare_model
+    from ltr.predictor.render import chat_input
+
+    splits, _ = split_turns(load_turns())
+    served = AutoTokenizer.from_pretrained(prepare_model())
+    chat_template = served.chat_template
+
+    def examples(turns: Sequence[Any]) -> list[Example]:
+        prompt_ids = served([t.prompt for t in turns], add_special_tokens=False)["input_ids"] if turns else []
+        return [Example(chat_input(t.messages(), chat_template, tokenizer, max_length), len(ids), t.output_len)
+                for t, ids in zip(turns, prompt_ids)]
+
+    train = splits.train[:limit_train] if limit_train else splits.train
+    return ExampleSplits(examples(train), examples(splits.val), examples(splits.test)), chat_template
 
 
 #: Served-log records that are no label at all: the client or the server ended them, not the model or its cap.
@@ -189,8 +215,8 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     """Train, keep the epoch with the best validation tau, fit the token calibration on val.
 
     `init`: fine-tune this artifact instead of a fresh head and adapters; its own config (shape,
-    objective, bucket edges) replaces `model_config`, except for the input window (`max_length`), which
-    shapes no weight and is taken from `model_config`. The artifact itself is a candidate (epoch 0): a
+    objective, bucket edges) replaces `model_config`, except for the input window (`max_length`) and the
+    chat template, which shape no weight and are taken from `model_config`. The artifact itself is a candidate (epoch 0): a
     fine-tune that ranks validation no better than where it started is not kept. Returns the predictor
     (on `train_config.device`) and a history dict for metadata/benchmarks.
     """
@@ -210,7 +236,8 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
         model = RankPredictor(model_config, backbone_path=backbone_path).to(device)
     else:
         model = RankPredictor.from_pretrained(init, device=tc.device, backbone_path=backbone_path)
-        model.config = replace(model.config, max_length=model_config.max_length)
+        model.config = replace(model.config, max_length=model_config.max_length,
+                               chat_template=model_config.chat_template)
     train_ids = model.tokenize([e.prompt for e in train])
     val_ids = model.tokenize([e.prompt for e in data.val])
     train_len = np.array([e.output_len for e in train], dtype=np.float64)
