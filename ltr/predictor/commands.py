@@ -13,7 +13,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING, Any
 
-from ltr.predictor.model import CONFIG_NAME, PredictorConfig, shipped_artifact_dir
+from ltr.predictor.model import CONFIG_NAME, PredictorConfig, default_backbone_path, shipped_artifact_dir
 from ltr.predictor.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -190,8 +190,6 @@ def _train(args: argparse.Namespace) -> int:
 def _encoder_tokenizer(backbone: Path | None) -> Any:
     """The predictor's own tokenizer (its backbone's), which the renderer counts its window in."""
     from transformers import AutoTokenizer
-
-    from ltr.predictor.model import default_backbone_path
 
     return AutoTokenizer.from_pretrained(backbone or default_backbone_path())
 

@@ -216,9 +216,9 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
 
     `init`: fine-tune this artifact instead of a fresh head and adapters; its own config (shape,
     objective, bucket edges) replaces `model_config`, except for the input window (`max_length`) and the
-    chat template, which shape no weight and are taken from `model_config`. The artifact itself is a candidate (epoch 0): a
-    fine-tune that ranks validation no better than where it started is not kept. Returns the predictor
-    (on `train_config.device`) and a history dict for metadata/benchmarks.
+    chat template, which shape no weight and are taken from `model_config`. The artifact itself is a
+    candidate (epoch 0): a fine-tune that ranks validation no better than where it started is not kept.
+    Returns the predictor (on `train_config.device`) and a history dict for metadata/benchmarks.
     """
     from tqdm.auto import tqdm
 
