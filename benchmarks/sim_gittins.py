@@ -67,26 +67,25 @@ def ablations() -> list[Variant]:
     ]
 
 
-def frontier_variants() -> list[Variant]:
+def _starvation_sweep(knob: str, settings: list[tuple[str, StarvationConfig | None]]) -> list[Variant]:
+    """Gittins, static LTR and MLFQ under each starvation setting, labelled `<family>-<knob><tag>`."""
     out = []
-    for th in (100, 200, 400, 800, None):
-        starvation = None if th is None else StarvationConfig(threshold=th)
-        tag = "off" if th is None else str(th)
-        out += [Variant(f"gittins-t{tag}", replace(GITTINS, starvation=starvation), "pred"),
-                Variant(f"ltr-t{tag}", PolicyConfig(name="ltr", starvation=starvation), "pred"),
-                Variant(f"mlfq-t{tag}", PolicyConfig(name="mlfq", starvation=starvation), "none")]
+    for tag, starvation in settings:
+        out += [Variant(f"gittins-{knob}{tag}", replace(GITTINS, starvation=starvation), "pred"),
+                Variant(f"ltr-{knob}{tag}", PolicyConfig(name="ltr", starvation=starvation), "pred"),
+                Variant(f"mlfq-{knob}{tag}", PolicyConfig(name="mlfq", starvation=starvation), "none")]
     return out
+
+
+def frontier_variants() -> list[Variant]:
+    return _starvation_sweep("t", [("off" if th is None else str(th),
+                                    None if th is None else StarvationConfig(threshold=th))
+                                   for th in (100, 200, 400, 800, None)])
 
 
 def aged_share_variants() -> list[Variant]:
     """Each policy at the default threshold, with at most `aged_share` of the seats held by aged requests."""
-    out = []
-    for share in AGED_SHARES:
-        starvation = StarvationConfig(aged_share=share)
-        out += [Variant(f"gittins-a{share:g}", replace(GITTINS, starvation=starvation), "pred"),
-                Variant(f"ltr-a{share:g}", PolicyConfig(name="ltr", starvation=starvation), "pred"),
-                Variant(f"mlfq-a{share:g}", PolicyConfig(name="mlfq", starvation=starvation), "none")]
-    return out
+    return _starvation_sweep("a", [(f"{share:g}", StarvationConfig(aged_share=share)) for share in AGED_SHARES])
 
 
 _WORKLOADS: dict[tuple[float, bool], Workload] = {}

@@ -104,7 +104,7 @@ def _data_flags(args: argparse.Namespace) -> list[str]:
     if args.data is not None:
         return flags + [f"--data={args.data}", f"--censored={args.censored}", f"--holdout={args.holdout}",
                         f"--val-fraction={args.val_fraction}"]
-    if getattr(args, "turns", False):
+    if args.turns:
         return flags + ["--turns"]
     return flags + ([] if args.data_dir is None else [f"--data-dir={args.data_dir}"])
 
