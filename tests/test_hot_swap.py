@@ -187,3 +187,24 @@ def test_chats_are_scored_by_the_loaded_artifacts_own_renderer(serve_instance: N
     assert rendered.score != pytest.approx(plain.score, abs=1e-4)
     # A completion prompt is scored as it is, by either artifact.
     assert handle.score.remote("hi").result().input_text == "hi"
+
+
+
+def test_onnx_runtime_serves_by_default_and_torch_on_request_with_the_same_scores(serve_instance: None) -> None:
+    """The deployment scores in ONNX Runtime unless told otherwise; `runtime: torch` in the user_config
+    reloads the model in torch in place (same replica, same version name, since the scores are the same)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Predictor", app_name="ltr-predictor")
+    _deploy(SETTINGS)
+    onnx_status = _wait_for(handle, lambda st: st["loaded"] and st["artifact_dir"] == str(shipped_artifact_dir()))
+    assert onnx_status["runtime"] == "onnx"
+    onnx_scores = [handle.score.remote(p).result().score for p in PROMPTS]
+    try:
+        _deploy({**SETTINGS, "runtime": "torch"})
+        torch_status = _wait_for(handle, lambda st: st["runtime"] == "torch")
+        torch_scores = [handle.score.remote(p).result().score for p in PROMPTS]
+    finally:
+        _deploy(SETTINGS)
+    assert torch_status["pid"] == onnx_status["pid"] and torch_status["version"] == onnx_status["version"]
+    assert torch_scores == pytest.approx(onnx_scores, abs=1e-4)

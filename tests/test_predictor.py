@@ -114,6 +114,26 @@ def test_serving_variant_merges_the_adapters_and_keeps_the_scores(splits: Exampl
     assert np.allclose(served.score(prompts), trained.score(prompts), atol=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["listmle", "buckets"])
+def test_onnx_runtime_scores_what_torch_scores(splits: ExampleSplits, objective: str) -> None:
+    """The exported graph is the model: the same score per prompt as torch's forward pass, for prompts cut at
+    the window, one token long, or in between, and for a bucket head (its expected bucket index)."""
+    from ltr.predictor.onnx_runtime import OnnxRankPredictor
+
+    if objective == "listmle":
+        torch_model = load_shipped_predictor().for_serving(64)
+    else:
+        torch.manual_seed(0)
+        torch_model = RankPredictor(PredictorConfig(objective="buckets", finetune="frozen", max_length=64))
+    prompts = [e.prompt for e in splits.test[:24]] + ["hi", "long " * 400]
+    onnx_model = OnnxRankPredictor(torch_model, threads=1)
+    assert max(len(ids) for ids in torch_model.tokenize(prompts)) == 64
+    assert np.allclose(onnx_model.score(prompts), torch_model.score(prompts, batch_size=1), atol=1e-4)
+    assert onnx_model.config is torch_model.config
+    with pytest.raises(TypeError, match="list of strings"):
+        onnx_model.score("one prompt, not a list")
+
+
 def test_eval_predictor_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     from ltr.cli import main
 

@@ -165,3 +165,16 @@ def test_resolve_config_names_a_missing_file() -> None:
     done = subprocess.run([sys.executable, "-m", "ltr.cli", "resolve-config", "nope.yaml"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "no such config file: nope.yaml" in done.stderr
+
+
+def test_predictor_runtime_settings_are_checked_when_the_app_is_built() -> None:
+    """A bad predictor runtime fails at `serve deploy` time with the setting named, not in a replica."""
+    from deployments.app import build_predictor_app
+    from deployments.predictor import PredictorSettings
+
+    with pytest.raises(ValueError, match="runtime must be onnx or torch"):
+        build_predictor_app({"settings": {"runtime": "tensorrt"}})
+    with pytest.raises(ValueError, match="int8 is torch's dynamic quantization"):
+        build_predictor_app({"settings": {"int8": True, "runtime": "onnx"}})
+    assert isinstance(build_predictor_app({"settings": {"int8": True}}), Application)
+    assert PredictorSettings().forward_runtime == "onnx" and PredictorSettings(int8=True).forward_runtime == "torch"
