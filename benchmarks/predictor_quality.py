@@ -415,6 +415,66 @@ def stage_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_runtime(args: argparse.Namespace) -> int:
+    """What ONNX Runtime buys the serving predictor (`PredictorSettings.runtime`), on one thread as a replica
+    scores: test prompts one at a time, torch (merged, 256 tokens) against ONNX Runtime, alternating `--rounds`
+    times; then the same prompts in groups of 8, as a coalesced batch comes (torch pads a group to its longest
+    prompt; ONNX Runtime runs each prompt alone). Also the largest score difference and each one's test tau."""
+    import torch
+
+    from ltr.predictor.onnx_runtime import OnnxRankPredictor
+
+    torch.set_num_threads(1)
+    data = load_examples(args.data_dir)
+    prompts = _test_prompts(data, args.prompts)
+    runtimes: dict[str, Any] = {"torch": RankPredictor.from_pretrained(args.predictor).for_serving(256, False)}
+    runtimes["onnx"] = OnnxRankPredictor(runtimes["torch"], threads=1)
+    rows = []
+    for round_index in range(args.rounds):
+        for name, model in runtimes.items():
+            latencies = _one_at_a_time(model, prompts, np.zeros(len(prompts)))
+            rows.append({"round": round_index, "runtime": name, "mode": "one at a time",
+                         "mean_ms": round(1000 * float(np.mean(latencies)), 1), **_percentiles_ms(latencies)})
+            start = time.perf_counter()
+            for first in range(0, len(prompts), 8):
+                model.score(prompts[first: first + 8])
+            rows.append({"round": round_index, "runtime": name, "mode": "groups of 8",
+                         "mean_ms": round(1000 * (time.perf_counter() - start) / len(prompts), 1)})
+            print(rows[-2], rows[-1], flush=True)
+    lengths = [e.output_len for e in data.test]
+    test_scores = {name: model.score([e.prompt for e in data.test]) for name, model in runtimes.items()}
+    result = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": 1, "max_length": 256,
+              "prompts": len(prompts), "rows": rows,
+              "max_abs_score_difference": float(np.abs(np.subtract(test_scores["torch"], test_scores["onnx"])).max()),
+              "test_tau": {name: round(ranking_report(scores, lengths)["kendall_tau"], 4)
+                           for name, scores in test_scores.items()}}
+    _write(RESULTS / "predictor_runtime.json", result)
+    _plot_runtime(rows, RESULTS / "predictor_runtime.png")
+    print(json.dumps({k: result[k] for k in ("max_abs_score_difference", "test_tau")}))
+    return 0
+
+
+def _plot_runtime(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{row['runtime']}, {row['mode']}", row["mean_ms"]) for row in rows if row["round"] == 0] + \
+        [(f"{row['runtime']}, {row['mode']} (p90)", row["p90_ms"]) for row in rows
+         if row["round"] == 0 and "p90_ms" in row]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    drawn = ax.barh([label for label, _ in bars], [ms for _, ms in bars],
+                    color=["tab:blue" if label.startswith("onnx") else "tab:gray" for label, _ in bars])
+    ax.bar_label(drawn, fmt="%.1f", fontsize=8)
+    ax.set_xlabel("ms per prompt, one thread (mean unless p90; round 0)")
+    ax.set_title("Serving predictor: torch vs ONNX Runtime")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def stage_turns(args: argparse.Namespace) -> int:
     """Every-turn data (ltr.data.conversations): what label hygiene removes, and how a predictor ranks
     first turns (today's comparable test set) and later turns, scored on the last user message (what a
@@ -566,6 +626,12 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=150)
     p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(func=stage_merge)
+    p = sub.add_parser("runtime", help="one-prompt scoring latency in torch and in ONNX Runtime")
+    p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--prompts", type=int, default=150)
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=stage_runtime)
     p = sub.add_parser("turns", help="every-turn data: hygiene counts, first- and later-turn tau")
     p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
     p.add_argument("--max-length", type=int, default=0, help="score at this many tokens (0: the artifact's)")
