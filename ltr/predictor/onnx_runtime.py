@@ -2,7 +2,7 @@
 
 The predictor deployment scores a few prompts at a time on one thread per replica, on cores the engines are
 busy with, and a late score leaves a request at the neutral placement. One test prompt at a time on one
-thread, ONNX Runtime's fused graph took 15 ms on average against torch's 31 (p90 37 against 72), with
+thread, ONNX Runtime's fused graph took 14.5 ms on average against torch's 29.8 (p90 36 against 70), with
 scores equal to 1e-5 (`benchmarks/predictor_quality.py runtime`, benchmarks/README.md, "The predictor in
 ONNX Runtime"). The graph is exported from the loaded (merged) model when a replica loads it, so an
 artifact stays what training wrote and a hot swap exports the new one.
