@@ -113,6 +113,7 @@ class PredictorSettings:
 
     @property
     def forward_runtime(self) -> str:
+        """The runtime in effect: the one set, else ONNX Runtime unless int8 asks for torch's quantization."""
         return self.runtime or ("torch" if self.int8 else "onnx")
 
     @property
