@@ -189,7 +189,6 @@ def test_chats_are_scored_by_the_loaded_artifacts_own_renderer(serve_instance: N
     assert handle.score.remote("hi").result().input_text == "hi"
 
 
-
 def test_onnx_runtime_serves_by_default_and_torch_on_request_with_the_same_scores(serve_instance: None) -> None:
     """The deployment scores in ONNX Runtime unless told otherwise; `runtime: torch` in the user_config
     reloads the model in torch in place (same replica, same version name, since the scores are the same)."""

@@ -76,8 +76,6 @@ class OnnxRankPredictor:
     def score(self, prompts: Sequence[str]) -> list[float]:
         """Ranking scores, higher = longer expected output, each prompt run alone: a batch of prompts of
         different lengths would be padded to its longest, which costs more on a CPU than it saves."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings")
         scores = []
         for ids in self.model.tokenize(prompts):
             tokens = np.asarray([ids], dtype=np.int64)
