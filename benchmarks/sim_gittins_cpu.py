@@ -7,9 +7,11 @@ scale; CPU engines run the weight in `CPU_POLICY_DEFAULTS`, chosen from this and
 more here. This replays that trace for many sample seeds (prompts, scores and arrivals, as
 `scheduler_bench.py --seed` draws them) in the simulator on `results/sim_calibration_cpu.json` with 8 seats,
 and sets FCFS, vLLM priority, static LTR, the Gittins policy at several prefill weights (length distribution
-scaled like the answers) and oracle SJF side by side. No engine runs.
+scaled like the answers) and oracle SJF side by side. No engine runs. With `--taus`, static LTR and vLLM priority also run on
+noise-model scores at each target Kendall tau against the trace's own answer lengths (`ltr.sim.noisy_scores`),
+which says how good a predictor must be for a rank to come within a given factor of oracle SJF on this trace.
 
-    python benchmarks/sim_gittins_cpu.py [--seeds 20 --rate 4]
+    python benchmarks/sim_gittins_cpu.py [--seeds 20 --rate 4 --taus 0.45 0.6 0.75 0.9]
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import kendalltau
 
 import scheduler_bench as bench
 import sim_vs_bench
-from ltr.sim import HardwareProfile, load_profile
+from ltr.sim import HardwareProfile, load_profile, noisy_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("fcfs", "priority", "ltr", "oracle")
@@ -44,11 +47,15 @@ def cpu_profile() -> HardwareProfile:
     return dataclasses.replace(profile, limits=dataclasses.replace(profile.limits, max_num_seqs=TRACE["max_num_seqs"]))
 
 
-def measure(job: tuple[int, list, np.ndarray, str, float | None, str]) -> dict:
-    seed, requests, arrivals, name, weight, distribution = job
+def measure(job: tuple[int, list, np.ndarray, str, float | None, str, float | None]) -> dict:
+    seed, requests, arrivals, name, weight, distribution, tau = job
+    setup = name if weight is None else f"{bench.GITTINS_WEIGHT_LABEL}{weight:g}"
+    label = setup
+    if tau is not None:
+        requests = with_tau(requests, tau, seed)
+        label = f"{setup}@tau{tau:g}"
     scores = [r.score for r in requests]
-    label = name if weight is None else f"{bench.GITTINS_WEIGHT_LABEL}{weight:g}"
-    policy, kind = bench.policy_setup(label, scores, distribution=distribution)
+    policy, kind = bench.policy_setup(setup, scores, distribution=distribution)
     carried = {"none": None, "predicted": scores, "true": [float(r.output_len) for r in requests]}[kind]
     res = sim_vs_bench.replay(requests, arrivals, carried, cpu_profile(), policy)
     out = np.array([r.output_len for r in res.records])
@@ -63,20 +70,31 @@ def measure(job: tuple[int, list, np.ndarray, str, float | None, str]) -> dict:
                               "latency": worst.latency}}
 
 
+def with_tau(requests: list, tau: float, seed: int) -> list:
+    """The trace with noise-model scores at Kendall `tau` against its own (scaled, capped) answer lengths."""
+    scores, _ = noisy_scores([r.output_len for r in requests], tau, np.random.default_rng([seed, round(tau * 1000)]))
+    return [dataclasses.replace(r, score=float(s)) for r, s in zip(requests, scores)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--rate", type=float, default=4.0)
+    ap.add_argument("--taus", type=float, nargs="*", default=[],
+                    help="also run static LTR and priority on noise-model scores at these Kendall taus")
     ap.add_argument("--out", type=Path, default=RESULTS / "sim_gittins_cpu.json")
     args = ap.parse_args()
     started = time.time()
     distribution = bench.scaled_distribution(TRACE["length_scale"], TRACE["output_cap"])
-    jobs = []
+    jobs, predictor_taus = [], []
     for seed in range(args.seeds):
         requests, loads, _ = sim_vs_bench.rebuild({**TRACE, "seed": seed, "rates": [args.rate]})
         arrivals = loads[0][1]
-        jobs += [(seed, requests, arrivals, name, None, distribution) for name in BASELINES]
-        jobs += [(seed, requests, arrivals, "gittins", w, distribution) for w in PREFILL_WEIGHTS]
+        predictor_taus.append(float(kendalltau([r.score for r in requests], [r.output_len for r in requests]).statistic))
+        jobs += [(seed, requests, arrivals, name, None, distribution, None) for name in BASELINES]
+        jobs += [(seed, requests, arrivals, "gittins", w, distribution, None) for w in PREFILL_WEIGHTS]
+        jobs += [(seed, requests, arrivals, name, None, distribution, tau)
+                 for tau in args.taus for name in ("priority", "ltr")]
     with Pool(2) as pool:
         rows = pool.map(measure, jobs)
     by = {(r["policy"], r["seed"]): r for r in rows}
@@ -94,7 +112,8 @@ def main() -> int:
                           "throughput_vs_fcfs_min": min(ratio("throughput_tok_s", "fcfs"))}
         print(f"{label:16s} " + " ".join(f"{k} {v:.2f}" for k, v in summary[label].items()), flush=True)
     report = {"command": "python " + shlex.join(["benchmarks/sim_gittins_cpu.py", *sys.argv[1:]]),
-              "trace": {**TRACE, "rate": args.rate, "seeds": list(seeds)},
+              "trace": {**TRACE, "rate": args.rate, "seeds": list(seeds), "taus": args.taus},
+              "predictor_tau_per_seed": predictor_taus,
               "profile": "results/sim_calibration_cpu.json (measured SmolLM2-135M on vLLM-CPU), 8 seats",
               "summary": summary, "rows": rows, "wall_s": time.time() - started}
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
