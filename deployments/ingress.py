@@ -422,7 +422,7 @@ class OpenAIIngress:
             timer.cancel()
             if done.cancelled():
                 return
-            failed = done.exception() is not None   # retrieved here; the engine replica applies the score
+            failed = done.exception() is not None   # retrieved here; a followed score is the engine's to apply
             self.late_answers["failed" if failed else "landed"] += 1
             if not failed:
                 self._observe_wait(started, done.result())

@@ -255,8 +255,6 @@ def test_calls_still_waiting_for_a_predictor_replica_are_judged_when_they_land(o
                 break
             time.sleep(0.2)
         assert [r.status_code for r in replies] == [200] * 7, [r.text for r in replies]
-        fallbacks = [r.headers.get("x-ltr-fallback") for r in replies]
-        assert "circuit_open" not in fallbacks, fallbacks
         followed = after["late_sent"] - before["late_sent"]
         # Some calls timed out before a replica took them (those are not followed by a late score)...
         assert timeouts > followed, (timeouts, followed, after)
