@@ -193,13 +193,6 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-async def _answer_once_assigned(assignment: asyncio.Future) -> Prediction:
-    """The predictor's answer to a call whose replica assignment (`DeploymentResponse._to_object_ref`) is
-    still pending."""
-    ref = await assignment
-    return await asyncio.wrap_future(ref.future())
-
-
 def _fallback_text(item: PredictorInput) -> str:
     """The text a request is known by when the predictor did not score it: the prompt, or the chat's last
     user message ("" when it has none, which the predictor could not score either)."""
@@ -240,9 +233,8 @@ class OpenAIIngress:
         self._breaker_open_until = 0.0
         self._late_in_flight = 0
         #: Fallbacks sent on with the predictor's answer following them (re-ranked in the engine on landing),
-        #: and how the answers of timed-out calls ended here, followed or not (a call still waiting for a
-        #: replica when it timed out is judged too): landed, failed, or overdue (not landed
-        #: `breaker_late_answer_s` after the call; it may still land).
+        #: and how those answers ended here: landed, failed, or overdue (not landed `breaker_late_answer_s`
+        #: after the call; it may still land).
         self.late_sent = 0
         self.late_answers: Counter[str] = Counter()
         self.predictor_waits = WaitHistogram()
@@ -342,21 +334,12 @@ class OpenAIIngress:
             return (*self._fallback("no_text"), None)
         if time.monotonic() < self._breaker_open_until:
             return (*self._fallback("circuit_open"), None)
-        reason, detail, pending, response, judged_later = None, "", None, None, False
+        reason, detail, pending, response = None, "", None, None
         started = time.monotonic()
         deadline = started + self.settings.predictor_timeout_s
         try:
             response = self._predictor.score.remote(item)
-            assignment = asyncio.ensure_future(response._to_object_ref())
-            try:
-                ref = await asyncio.wait_for(asyncio.shield(assignment), timeout=self.settings.predictor_timeout_s)
-            except asyncio.TimeoutError:
-                # Not yet handed to a replica (Serve's router queues the call while every replica is busy):
-                # the request goes on unscored, and the call is judged when its answer lands, as a followed
-                # late answer is: a predictor this slow is busy, not broken.
-                self._judge(asyncio.ensure_future(_answer_once_assigned(assignment)), started)
-                judged_later = True
-                raise
+            ref = await asyncio.wait_for(response._to_object_ref(), timeout=self.settings.predictor_timeout_s)
             answer = asyncio.wrap_future(ref.future())
             try:
                 prediction = await asyncio.wait_for(asyncio.shield(answer),
@@ -369,13 +352,13 @@ class OpenAIIngress:
             return prediction, None, None
         except asyncio.TimeoutError:
             reason = "timeout"
-            if pending is None and not judged_later and response is not None:
+            if pending is None and response is not None:
                 response.cancel()
         except PredictorUnavailable as exc:
             reason, detail = "unavailable", str(exc)[:200]
         except Exception as exc:  # replica crash, deleted app, drill: never fail the request for it
             reason, detail = "error", f"{type(exc).__name__}: {str(exc)[:200]}"
-        if pending is None and not judged_later:   # a followed answer is judged when it lands (`_judge`)
+        if pending is None:   # a followed answer is judged when it lands (`_follow_late`)
             self._predictor_failed()
         return (*self._fallback(reason, detail), pending)
 
@@ -393,23 +376,13 @@ class OpenAIIngress:
 
     def _follow_late(self, ref: Any, answer: asyncio.Future, started: float) -> Any:
         """`ref` as the request's late answer when late scores are on and below their in-flight bound
-        (counted until it lands, and judged for the breaker by `_judge`), else None."""
+        (counted until it lands), else None. The answer is judged for the breaker: a success resets its
+        count, a failure counts, and so does an answer not landed `breaker_late_answer_s` after `started`
+        (once: what lands after that is only counted in `late_answers`)."""
         if not self.settings.late_scores or self._late_in_flight >= self.settings.max_late_in_flight:
             return None
         self._late_in_flight += 1
         self.late_sent += 1
-
-        def settled(_: asyncio.Future) -> None:
-            self._late_in_flight -= 1
-
-        answer.add_done_callback(settled)
-        self._judge(answer, started)
-        return ref
-
-    def _judge(self, answer: asyncio.Future, started: float) -> None:
-        """Judge a timed-out call for the breaker when its `answer` lands: a success resets its count, a
-        failure counts, and so does an answer not landed `breaker_late_answer_s` after `started` (once: what
-        lands after that is only counted in `late_answers`)."""
         judged = False
 
         def overdue() -> None:
@@ -419,10 +392,11 @@ class OpenAIIngress:
             self._predictor_failed()
 
         def landed(done: asyncio.Future) -> None:
+            self._late_in_flight -= 1
             timer.cancel()
             if done.cancelled():
                 return
-            failed = done.exception() is not None   # retrieved here; a followed score is the engine's to apply
+            failed = done.exception() is not None   # retrieved here; the engine replica applies the score
             self.late_answers["failed" if failed else "landed"] += 1
             if not failed:
                 self._observe_wait(started, done.result())
@@ -436,6 +410,7 @@ class OpenAIIngress:
         timer = asyncio.get_running_loop().call_later(
             max(started + self.settings.breaker_late_answer_s - time.monotonic(), 0.0), overdue)
         answer.add_done_callback(landed)
+        return ref
 
     def _override(self, request: Request) -> Prediction | None:
         """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
