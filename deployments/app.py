@@ -152,6 +152,8 @@ class PredictorArgs(BaseModel):
     #: short bursts that requests wait on, so where the engines yield to it (`AppArgs.engine_nice`) it can
     #: take every core for them.
     threads: int | None = Field(None, ge=1)
+    #: Calls one replica holds at once (its batches fill from them); more wait in Serve's router for a replica.
+    max_ongoing_requests: int = Field(256, ge=1)
     #: PredictorSettings fields (reload_interval_s, fault drill), changeable live as user_config.
     settings: dict[str, Any] = Field(default_factory=dict)
 
@@ -205,6 +207,7 @@ def build_predictor_app(args: dict[str, Any] | None = None) -> Application:
     parsed = PredictorArgs(**(args or {}))
     PredictorSettings(**parsed.settings)  # validate now, not in a replica
     deployment = serve.deployment(
-        Predictor, name=PREDICTOR_DEPLOYMENT, num_replicas=parsed.num_replicas, max_ongoing_requests=256,
+        Predictor, name=PREDICTOR_DEPLOYMENT, num_replicas=parsed.num_replicas,
+        max_ongoing_requests=parsed.max_ongoing_requests,
         user_config=parsed.settings, ray_actor_options=parsed.actor_options())
     return deployment.bind()

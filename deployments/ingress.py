@@ -231,10 +231,12 @@ class OpenAIIngress:
                 _check_exists=False).options(_by_reference=True)
         self._failures = 0
         self._breaker_open_until = 0.0
+        self.breaker_openings = 0
         self._late_in_flight = 0
         #: Fallbacks sent on with the predictor's answer following them (re-ranked in the engine on landing),
         #: and how those answers ended here: landed, failed, or overdue (not landed `breaker_late_answer_s`
-        #: after the call; it may still land).
+        #: after the call; it may still land); and timed-out calls no replica had taken yet
+        #: (`_judge_assignment`): assigned_late, assignment_failed or unassigned.
         self.late_sent = 0
         self.late_answers: Counter[str] = Counter()
         self.predictor_waits = WaitHistogram()
@@ -334,12 +336,13 @@ class OpenAIIngress:
             return (*self._fallback("no_text"), None)
         if time.monotonic() < self._breaker_open_until:
             return (*self._fallback("circuit_open"), None)
-        reason, detail, pending, response = None, "", None, None
+        reason, detail, pending, response, assignment, unassigned = None, "", None, None, None, False
         started = time.monotonic()
         deadline = started + self.settings.predictor_timeout_s
         try:
             response = self._predictor.score.remote(item)
-            ref = await asyncio.wait_for(response._to_object_ref(), timeout=self.settings.predictor_timeout_s)
+            assignment = asyncio.ensure_future(response._to_object_ref())
+            ref = await asyncio.wait_for(asyncio.shield(assignment), timeout=self.settings.predictor_timeout_s)
             answer = asyncio.wrap_future(ref.future())
             try:
                 prediction = await asyncio.wait_for(asyncio.shield(answer),
@@ -352,13 +355,16 @@ class OpenAIIngress:
             return prediction, None, None
         except asyncio.TimeoutError:
             reason = "timeout"
-            if pending is None and response is not None:
+            unassigned = assignment is not None and not assignment.done()
+            if unassigned:
+                self._judge_assignment(assignment, response, started)
+            elif pending is None and response is not None:
                 response.cancel()
         except PredictorUnavailable as exc:
             reason, detail = "unavailable", str(exc)[:200]
         except Exception as exc:  # replica crash, deleted app, drill: never fail the request for it
             reason, detail = "error", f"{type(exc).__name__}: {str(exc)[:200]}"
-        if pending is None:   # a followed answer is judged when it lands (`_follow_late`)
+        if pending is None and not unassigned:   # those are judged later (`_follow_late`, `_judge_assignment`)
             self._predictor_failed()
         return (*self._fallback(reason, detail), pending)
 
@@ -372,6 +378,7 @@ class OpenAIIngress:
         self._failures += 1
         if self._failures >= self.settings.breaker_failures:
             self._breaker_open_until = time.monotonic() + self.settings.breaker_cooldown_s
+            self.breaker_openings += 1
             self._failures = 0
 
     def _follow_late(self, ref: Any, answer: asyncio.Future, started: float) -> Any:
@@ -411,6 +418,36 @@ class OpenAIIngress:
             max(started + self.settings.breaker_late_answer_s - time.monotonic(), 0.0), overdue)
         answer.add_done_callback(landed)
         return ref
+
+    def _judge_assignment(self, assignment: asyncio.Future, response: Any, started: float) -> None:
+        """A call Serve's router had not handed to a predictor replica when the timeout hit (every replica
+        busy, or slow to answer the router's probe): its request went on unscored, so the call is cancelled
+        as soon as a replica takes it (its answer would reach no one, and it would hold a batch slot). It is
+        judged by that assignment: taken within `breaker_late_answer_s` of `started` is busy, not broken (13
+        such timeouts, counted as failures at once, opened the breaker for 51 requests in
+        `peer_bench_p240_run3.json`); not taken by then, or failed, counts as a failure."""
+        judged = False
+
+        def unassigned() -> None:
+            nonlocal judged
+            judged = True
+            self.late_answers["unassigned"] += 1
+            self._predictor_failed()
+            response.cancel()
+
+        def settled(done: asyncio.Future) -> None:
+            timer.cancel()
+            response.cancel()
+            if judged or done.cancelled():
+                return
+            failed = done.exception() is not None
+            self.late_answers["assignment_failed" if failed else "assigned_late"] += 1
+            if failed:
+                self._predictor_failed()
+
+        timer = asyncio.get_running_loop().call_later(
+            max(started + self.settings.breaker_late_answer_s - time.monotonic(), 0.0), unassigned)
+        assignment.add_done_callback(settled)
 
     def _override(self, request: Request) -> Prediction | None:
         """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
@@ -612,7 +649,8 @@ class OpenAIIngress:
                 "late_answers": dict(self.late_answers), "predictor_wait_s": self.predictor_waits.snapshot(),
                 "predictor_replica_s": self.predictor_replica_times.snapshot(),
                 "replicas_seen": dict(self.replicas_seen),
-                "breaker_open": time.monotonic() < self._breaker_open_until, "in_flight": self.in_flight}
+                "breaker_open": time.monotonic() < self._breaker_open_until,
+                "breaker_openings": self.breaker_openings, "in_flight": self.in_flight}
 
     async def _every_engine(self, method: str) -> tuple[dict[str, Any], int]:
         """({replica: answer}, failed replicas) of `method` called on every running engine replica.

@@ -95,7 +95,9 @@ class _StatsCollector:
         yield fallbacks
         late = CounterMetricFamily("ltr_predictor_late_answer_outcomes", "late predictor answers (after a timeout) "
                                    "by outcome at the ingress: landed, failed, overdue (not landed "
-                                   "breaker_late_answer_s after the call; counted again if it lands later)",
+                                   "breaker_late_answer_s after the call; counted again if it lands later); "
+                                   "calls no replica had taken at the timeout, cancelled once taken: "
+                                   "assigned_late, assignment_failed, unassigned",
                                    labels=["ingress", "outcome"])
         for outcome, count in sorted(self.ingress.get("late_answers", {}).items()):
             late.add_metric([me, outcome], count)
@@ -121,6 +123,8 @@ class _StatsCollector:
              "answer following them (re-ranked in their engine when it lands)", self.ingress.get("late_sent", 0)),
             (GaugeMetricFamily, "ltr_predictor_breaker_open", "1 while the predictor circuit breaker is open",
              float(bool(self.ingress.get("breaker_open")))),
+            (CounterMetricFamily, "ltr_predictor_breaker_openings", "times the predictor circuit breaker opened "
+             "(breaker_failures failures in a row)", self.ingress.get("breaker_openings", 0)),
             (GaugeMetricFamily, "ltr_ingress_in_flight_requests", "generation requests this ingress holds now "
              "(bounded by max_queued_requests; one more is answered 429)", self.ingress.get("in_flight", 0)),
             (GaugeMetricFamily, "ltr_metrics_scrape_failures", "engine replica calls of this scrape that failed "

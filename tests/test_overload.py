@@ -222,8 +222,75 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
             time.sleep(0.1)
         assert stats["breaker_open"], stats
         assert late_answers(stats).get("overdue", 0) - late_answers(after).get("overdue", 0) == 3, stats
+        assert stats["breaker_openings"] - after["breaker_openings"] == 1, (after, stats)
     finally:
         _set_predictor({})
+
+
+def test_calls_no_predictor_replica_took_in_time_are_judged_by_assignment_and_cancelled(
+        overload_app: OverloadApp) -> None:
+    """A call Serve's router has not yet handed to a predictor replica when the timeout hits (every replica
+    busy) is slow, not broken: it is cancelled once a replica takes it and judged by that, instead of counting
+    as a failure at once (three of those in a row opened the breaker and cut scoring off for the cooldown:
+    `peer_bench_p240_run3.json`, sample 0). One replica that takes one call at a time and 0.3 s per call: of
+    seven concurrent requests, the later ones time out before their call is assigned. Then 5 s per call: the
+    calls queued behind the first are still unassigned `breaker_late_answer_s` after they were made, which
+    counts as a failure, and three of those open the breaker."""
+    from ray import serve
+
+    from deployments.app import build_predictor_app
+
+    url, model = overload_app.url, overload_app.model
+
+    def deploy(settings: dict, max_ongoing_requests: int) -> None:
+        serve.run(build_predictor_app({"num_cpus": 0.25, "max_ongoing_requests": max_ongoing_requests,
+                                       "settings": settings}), name="ltr-predictor", route_prefix=None)
+
+    async def burst(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json=_body(model, f"Queued {i}: explain.", 2))
+                                          for i in range(n)))
+
+    def moved(before: dict, after: dict, outcome: str) -> int:
+        return after["late_answers"].get(outcome, 0) - before["late_answers"].get(outcome, 0)
+
+    try:
+        time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
+        deploy({"fault": "hang", "hang_s": 0.3}, max_ongoing_requests=1)
+        before = _stats(url)
+        replies = asyncio.run(burst(7))
+        deadline = time.monotonic() + 4 * BREAKER_LATE_ANSWER_S
+        while True:   # every timed-out call is settled: its answer landed, or it was assigned and cancelled
+            after = _stats(url)
+            timeouts = after["predictor_fallbacks"].get("timeout", 0) - before["predictor_fallbacks"].get("timeout", 0)
+            followed = after["late_sent"] - before["late_sent"]
+            settled = sum(moved(before, after, outcome) for outcome in
+                          ("landed", "failed", "assigned_late", "assignment_failed", "unassigned"))
+            if settled >= timeouts or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [r.status_code for r in replies] == [200] * 7, [r.text for r in replies]
+        fallbacks = [r.headers.get("x-ltr-fallback") for r in replies]
+        assert "circuit_open" not in fallbacks, fallbacks
+        # Some calls timed out before a replica took them; each was taken within breaker_late_answer_s and
+        # cancelled, the others' answers followed their requests and landed.
+        assert moved(before, after, "assigned_late") == timeouts - followed > 0, (timeouts, followed, after)
+        assert moved(before, after, "landed") == followed, (followed, after)
+        assert moved(before, after, "unassigned") == moved(before, after, "assignment_failed") == 0, after
+        assert after["breaker_openings"] == before["breaker_openings"], (before, after)
+
+        time.sleep(2.0)   # the cooldown of any opening in between is over
+        deploy({"fault": "hang", "hang_s": BREAKER_LATE_ANSWER_S + 2.0}, max_ongoing_requests=1)
+        before = _stats(url)
+        replies = asyncio.run(burst(4))
+        deadline = time.monotonic() + 2 * BREAKER_LATE_ANSWER_S
+        while moved(before, stats := _stats(url), "unassigned") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [r.headers.get("x-ltr-fallback") for r in replies] == ["timeout"] * 4, [r.headers for r in replies]
+        assert moved(before, stats, "unassigned") == 3, stats
+        assert stats["breaker_openings"] - before["breaker_openings"] >= 1, (before, stats)
+    finally:
+        deploy({}, max_ongoing_requests=256)
 
 
 def test_a_late_answer_is_overdue_after_ten_timeouts_unless_set_and_never_before_the_timeout() -> None:
