@@ -424,6 +424,7 @@ def scored(before: dict | None, after: dict | None) -> dict | None:
             "neutral_placements": after.get("neutral_placements", 0) - before.get("neutral_placements", 0),
             "late_sent": after.get("late_sent", 0) - before.get("late_sent", 0),
             "late_answers": counts_moved(before.get("late_answers", {}), after.get("late_answers", {})),
+            "breaker_openings": after.get("breaker_openings", 0) - before.get("breaker_openings", 0),
             **{key: counts_moved(before.get(key, {}).get("le", {}), after.get(key, {}).get("le", {}))
                for key in ("predictor_wait_s", "predictor_replica_s")},
             "scored_share": (requests - n_fallbacks) / requests if requests else None}
