@@ -21,7 +21,7 @@ import time
 import uuid
 from argparse import Namespace
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -383,71 +383,64 @@ class OpenAIIngress:
 
     def _follow_late(self, ref: Any, answer: asyncio.Future, started: float) -> Any:
         """`ref` as the request's late answer when late scores are on and below their in-flight bound
-        (counted until it lands), else None. The answer is judged for the breaker: a success resets its
-        count, a failure counts, and so does an answer not landed `breaker_late_answer_s` after `started`
-        (once: what lands after that is only counted in `late_answers`)."""
+        (counted until it lands), else None. The answer is judged for the breaker when it lands (`_judge_late`):
+        a success resets its count."""
         if not self.settings.late_scores or self._late_in_flight >= self.settings.max_late_in_flight:
             return None
         self._late_in_flight += 1
         self.late_sent += 1
-        judged = False
-
-        def overdue() -> None:
-            nonlocal judged
-            judged = True
-            self.late_answers["overdue"] += 1
-            self._predictor_failed()
 
         def landed(done: asyncio.Future) -> None:
             self._late_in_flight -= 1
-            timer.cancel()
-            if done.cancelled():
-                return
-            failed = done.exception() is not None   # retrieved here; the engine replica applies the score
-            self.late_answers["failed" if failed else "landed"] += 1
-            if not failed:
+            if not done.cancelled() and done.exception() is None:   # the engine replica applies the score
                 self._observe_wait(started, done.result())
-            if judged:
-                return
-            if failed:
-                self._predictor_failed()
-            else:
-                self._failures = 0
 
-        timer = asyncio.get_running_loop().call_later(
-            max(started + self.settings.breaker_late_answer_s - time.monotonic(), 0.0), overdue)
-        answer.add_done_callback(landed)
+        self._judge_late(answer, started, ("landed", "failed", "overdue"), success_resets=True, on_settled=landed)
         return ref
 
     def _judge_assignment(self, assignment: asyncio.Future, response: Any, started: float) -> None:
         """A call Serve's router had not handed to a predictor replica when the timeout hit (every replica
         busy, or slow to answer the router's probe): its request went on unscored, so the call is cancelled
         as soon as a replica takes it (its answer would reach no one, and it would hold a batch slot). It is
-        judged by that assignment: taken within `breaker_late_answer_s` of `started` is busy, not broken (13
-        such timeouts, counted as failures at once, opened the breaker for 51 requests in
-        `peer_bench_p240_run3.json`); not taken by then, or failed, counts as a failure."""
+        judged by that assignment (`_judge_late`): taken in time is busy, not broken (13 such timeouts,
+        counted as failures at once, opened the breaker for 51 requests in `peer_bench_p240_run3.json`), and
+        does not reset the count, since no answer was seen."""
+        self._judge_late(assignment, started, ("assigned_late", "assignment_failed", "unassigned"),
+                         success_resets=False, on_settled=lambda _: response.cancel(), on_overdue=response.cancel)
+
+    def _judge_late(self, future: asyncio.Future, started: float, outcomes: tuple[str, str, str], *,
+                    success_resets: bool, on_settled: Callable[[asyncio.Future], Any],
+                    on_overdue: Callable[[], Any] = lambda: None) -> None:
+        """Judge a timed-out call for the breaker, once: `future` failing counts as a failure, and so does its
+        not settling `breaker_late_answer_s` after `started`; settling in time resets the count if
+        `success_resets`. `outcomes` (success, failure, overdue) are its `late_answers` keys; one that settles
+        after it was overdue is counted there again."""
         judged = False
 
-        def unassigned() -> None:
+        def overdue() -> None:
             nonlocal judged
             judged = True
-            self.late_answers["unassigned"] += 1
+            self.late_answers[outcomes[2]] += 1
             self._predictor_failed()
-            response.cancel()
+            on_overdue()
 
         def settled(done: asyncio.Future) -> None:
             timer.cancel()
-            response.cancel()
-            if judged or done.cancelled():
+            on_settled(done)
+            if done.cancelled():
                 return
             failed = done.exception() is not None
-            self.late_answers["assignment_failed" if failed else "assigned_late"] += 1
+            self.late_answers[outcomes[1] if failed else outcomes[0]] += 1
+            if judged:
+                return
             if failed:
                 self._predictor_failed()
+            elif success_resets:
+                self._failures = 0
 
         timer = asyncio.get_running_loop().call_later(
-            max(started + self.settings.breaker_late_answer_s - time.monotonic(), 0.0), unassigned)
-        assignment.add_done_callback(settled)
+            max(started + self.settings.breaker_late_answer_s - time.monotonic(), 0.0), overdue)
+        future.add_done_callback(settled)
 
     def _override(self, request: Request) -> Prediction | None:
         """A client-supplied prediction (oracle experiments, tests); only when the config allows it."""
