@@ -7,8 +7,10 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    layout, default policy, shipped predictor at its serving length), plus the served-traffic log with the
    predictor's input text (`served_log`, ingress `log_text`). The official `openai` client sends each
    ShareGPT prompt (first turns of the val + test conversations: the shipped predictor never trained on
-   them) `--samples` times as a chat request, sampled (temperature 1.0, `--max-tokens`), `--concurrency`
-   at a time, until every prompt is served or `--budget-s` runs out.
+   them; with `--turns later`, later turns sent with the conversation before them, which a prompt-only
+   predictor such as the shipped one scores, logs and retrains on by the last user message) `--samples`
+   times as a chat request, sampled (temperature 1.0, `--max-tokens`), `--concurrency` at a time, until
+   every prompt is served or `--budget-s` runs out.
 2. **Retrain.** `ltr train-predictor --data LOG --init SHIPPED` on the log's train slice (split by prompt
    hash: the held-out slice is never trained on).
 3. **Swap.** Held-out prompts are served once more; after a quarter of them, a `serve deploy`-style update
@@ -50,10 +52,12 @@ PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=700, help="distinct ShareGPT prompts to serve")
+    p.add_argument("--turns", choices=("first", "later"), default="first",
+                   help="first user turns, or later turns sent with the conversation before them")
     p.add_argument("--samples", type=int, default=2, help="sampled answers per prompt (>= 2: the ceiling)")
     p.add_argument("--max-tokens", type=int, default=128, help="answer cap (a capped answer is censored)")
     p.add_argument("--max-prompt-tokens", type=int, default=128,
-                   help="prompts longer than this are skipped (keeps CPU retraining affordable)")
+                   help="prompts longer than this (message text in all) are skipped (keeps CPU work affordable)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
     p.add_argument("--budget-s", type=float, default=900.0, help="stop sending phase-1 requests after this")
     p.add_argument("--holdout", type=float, default=0.25, help="held-out share of prompts (by prompt hash)")
@@ -72,17 +76,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pick_prompts(count: int, max_prompt_tokens: int, seed: int) -> list[str]:
-    """Distinct first-turn prompts of the val and test conversations, shuffled."""
-    from ltr.data import load_pairs, split_pairs
+def pick_conversations(count: int, max_prompt_tokens: int, seed: int, turns: str) -> list[list[dict]]:
+    """Chat requests (OpenAI messages) from the val and test conversations, shuffled: "first" turns (one
+    user message each, distinct), or "later" turns (the conversation before the turn and its user message;
+    one per distinct last user message, so each predictor input of a prompt-only artifact is one
+    conversation), at most `max_prompt_tokens` served-model tokens of message text in all."""
+    if turns == "first":
+        from ltr.data import load_pairs, split_pairs
 
-    splits = split_pairs(load_pairs())
-    prompts = sorted({p.prompt for p in (*splits.val, *splits.test)
-                      if p.prompt.strip() and p.prompt_len <= max_prompt_tokens})
-    random.Random(seed).shuffle(prompts)
-    if len(prompts) < count:
-        raise SystemExit(f"only {len(prompts)} prompts of <= {max_prompt_tokens} tokens, --prompts {count}")
-    return prompts[:count]
+        splits = split_pairs(load_pairs())
+        prompts = sorted({p.prompt for p in (*splits.val, *splits.test)
+                          if p.prompt.strip() and p.prompt_len <= max_prompt_tokens})
+        conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    else:
+        from transformers import AutoTokenizer
+
+        from ltr.data.conversations import load_turns, split_turns
+        from ltr.models import prepare_model
+
+        splits, _ = split_turns(load_turns())
+        by_last: dict[str, list[dict]] = {}
+        for turn in sorted((*splits.val, *splits.test), key=lambda t: (t.conv_id, t.index)):
+            messages = turn.messages()
+            if (turn.history and turn.prompt.strip() and turn.prompt not in by_last
+                    and sum(len(m["content"]) for m in messages) <= 8 * max_prompt_tokens):
+                by_last[turn.prompt] = messages
+        tokenizer = AutoTokenizer.from_pretrained(prepare_model())
+        conversations = [messages for messages in by_last.values()
+                         if sum(len(ids) for ids in tokenizer([m["content"] for m in messages],
+                                                              add_special_tokens=False)["input_ids"])
+                         <= max_prompt_tokens]
+    random.Random(seed).shuffle(conversations)
+    if len(conversations) < count:
+        raise SystemExit(f"only {len(conversations)} {turns}-turn requests of <= {max_prompt_tokens} tokens, "
+                         f"--prompts {count}")
+    return conversations[:count]
 
 
 def deploy_predictor(settings: dict, app_args: dict) -> None:
@@ -129,9 +157,9 @@ def start_service(log_dir: Path, port: int) -> tuple[str, dict]:
     return f"http://127.0.0.1:{port}", predictor
 
 
-async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, str]], max_tokens: int, concurrency: int,
-                     budget_s: float, during: Any = None) -> list[dict]:
-    """Send (prompt id, sample, prompt) chat requests with the openai client; one result dict each.
+async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, list[dict]]], max_tokens: int,
+                     concurrency: int, budget_s: float, during: Any = None) -> list[dict]:
+    """Send (prompt id, sample, messages) chat requests with the openai client; one result dict each.
     `during(done)` is awaited after each answer (phase 3 uses it to start the swap)."""
     import openai
 
@@ -144,11 +172,11 @@ async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, str]], max
 
     async def worker() -> None:
         while not queue.empty() and time.monotonic() < deadline:
-            prompt_id, sample, prompt = queue.get_nowait()
+            prompt_id, sample, messages = queue.get_nowait()
             started = time.monotonic()
             try:
                 raw = await client.chat.completions.with_raw_response.create(
-                    model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                    model=model, messages=messages, max_tokens=max_tokens,
                     temperature=1.0, seed=1000 * sample + prompt_id)
                 answer = raw.parse()
                 results.append({"prompt": prompt_id, "sample": sample, "ok": True,
@@ -284,14 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.predictor import artifact_version
     from ltr.cli import main as ltr_main
     from ltr.models import prepare_model
-    from ltr.predictor.model import shipped_artifact_dir
-    from ltr.predictor.train import served_slice
     from ltr.data.served_log import text_sha256
+    from ltr.predictor.model import RankPredictor, shipped_artifact_dir
+    from ltr.predictor.train import served_slice
 
     command = "python benchmarks/served_loop.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="ltr-served-loop-"))
     log_dir, retrained = work / "served-log", work / "retrained"
-    prompts = pick_prompts(args.prompts, args.max_prompt_tokens, args.seed)
+    prompts = pick_conversations(args.prompts, args.max_prompt_tokens, args.seed, args.turns)
+    # What the shipped predictor scores for each (the log's text, whose hash splits the log).
+    shipped_input = RankPredictor.from_pretrained(shipped_artifact_dir()).for_serving(
+        PREDICTOR_SETTINGS["max_length"]).chat_input
     model_name = prepare_model().name
     url, predictor_app_args = start_service(log_dir, args.port)
     timings: dict[str, float] = {}
@@ -317,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["retrain_s"] = time.monotonic() - started
 
         # 3. serve held-out prompts again, swapping the predictor a quarter of the way in.
-        held_out = [i for i, p in enumerate(prompts) if served_slice(text_sha256(p)) < args.holdout
+        held_out = [i for i, p in enumerate(prompts) if served_slice(text_sha256(shipped_input(p))) < args.holdout
                     and any(r["prompt"] == i and r["ok"] for r in ok)]
         handle = serve.get_deployment_handle("Predictor", app_name=PREDICTOR_APP_NAME)
         new_version = artifact_version(retrained, PREDICTOR_SETTINGS["max_length"], False)
