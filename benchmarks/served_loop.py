@@ -101,11 +101,12 @@ def pick_conversations(count: int, max_prompt_tokens: int, seed: int, turns: str
             if (turn.history and turn.prompt.strip() and turn.prompt not in by_last
                     and sum(len(m["content"]) for m in messages) <= 8 * max_prompt_tokens):
                 by_last[turn.prompt] = messages
-        tokenizer = AutoTokenizer.from_pretrained(prepare_model())
-        conversations = [messages for messages in by_last.values()
-                         if sum(len(ids) for ids in tokenizer([m["content"] for m in messages],
-                                                              add_special_tokens=False)["input_ids"])
-                         <= max_prompt_tokens]
+        candidates = list(by_last.values())
+        counts = AutoTokenizer.from_pretrained(prepare_model())(
+            [m["content"] for messages in candidates for m in messages], add_special_tokens=False)["input_ids"]
+        sizes = np.cumsum([0] + [len(messages) for messages in candidates])
+        conversations = [messages for messages, start, end in zip(candidates, sizes, sizes[1:])
+                         if sum(len(ids) for ids in counts[start:end]) <= max_prompt_tokens]
     random.Random(seed).shuffle(conversations)
     if len(conversations) < count:
         raise SystemExit(f"only {len(conversations)} {turns}-turn requests of <= {max_prompt_tokens} tokens, "
