@@ -72,6 +72,11 @@ def _stats(url: str) -> dict:
     return reply.json()
 
 
+def _late_moved(before: dict, after: dict, outcome: str) -> int:
+    """How much `late_answers[outcome]` in /v1/ltr/stats grew from `before` to `after`."""
+    return after["late_answers"].get(outcome, 0) - before["late_answers"].get(outcome, 0)
+
+
 def test_a_missing_score_is_served_between_ranked_work_not_ahead_of_it(overload_app: OverloadApp) -> None:
     """A blocker holds the one seat; ranked short and long requests queue behind it; then a request whose
     predictor never answers arrives. It must finish after every ranked request scored below the neutral
@@ -183,9 +188,6 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
     of them open the breaker."""
     url, model = overload_app.url, overload_app.model
 
-    def late_answers(stats: dict) -> dict[str, int]:
-        return stats.get("late_answers", {})
-
     try:
         time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
         _set_predictor({"fault": "hang", "hang_s": PREDICTOR_TIMEOUT_S + 0.5})
@@ -196,8 +198,8 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
         after = _stats(url)
         assert [r.status_code for r in replies] == [200] * 5, [r.text for r in replies]
         assert [r.headers["x-ltr-fallback"] for r in replies] == ["timeout"] * 5, [r.headers for r in replies]
-        assert late_answers(after).get("landed", 0) - late_answers(before).get("landed", 0) == 5, after
-        assert late_answers(after).get("overdue", 0) == late_answers(before).get("overdue", 0), after
+        assert _late_moved(before, after, "landed") == 5, after
+        assert _late_moved(before, after, "overdue") == 0, after
         assert not after["breaker_open"]
         # Each landed answer waited past the 1 s timeout (the drill sleeps 1.5 s): the histogram says so.
         waited = {le: n - before["predictor_wait_s"]["le"][le] for le, n in after["predictor_wait_s"]["le"].items()}
@@ -221,7 +223,7 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
         while not (stats := _stats(url))["breaker_open"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert stats["breaker_open"], stats
-        assert late_answers(stats).get("overdue", 0) - late_answers(after).get("overdue", 0) == 3, stats
+        assert _late_moved(after, stats, "overdue") == 3, stats
         assert stats["breaker_openings"] - after["breaker_openings"] == 1, (after, stats)
     finally:
         _set_predictor({})
@@ -251,9 +253,6 @@ def test_calls_no_predictor_replica_took_in_time_are_judged_by_assignment_and_ca
             return await asyncio.gather(*(http.post("/v1/completions", json=_body(model, f"Queued {i}: explain.", 2))
                                           for i in range(n)))
 
-    def moved(before: dict, after: dict, outcome: str) -> int:
-        return after["late_answers"].get(outcome, 0) - before["late_answers"].get(outcome, 0)
-
     try:
         time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
         deploy({"fault": "hang", "hang_s": 0.3}, max_ongoing_requests=1)
@@ -264,7 +263,7 @@ def test_calls_no_predictor_replica_took_in_time_are_judged_by_assignment_and_ca
             after = _stats(url)
             timeouts = after["predictor_fallbacks"].get("timeout", 0) - before["predictor_fallbacks"].get("timeout", 0)
             followed = after["late_sent"] - before["late_sent"]
-            settled = sum(moved(before, after, outcome) for outcome in
+            settled = sum(_late_moved(before, after, outcome) for outcome in
                           ("landed", "failed", "assigned_late", "assignment_failed", "unassigned"))
             if settled >= timeouts or time.monotonic() > deadline:
                 break
@@ -274,9 +273,9 @@ def test_calls_no_predictor_replica_took_in_time_are_judged_by_assignment_and_ca
         assert "circuit_open" not in fallbacks, fallbacks
         # Some calls timed out before a replica took them; each was taken within breaker_late_answer_s and
         # cancelled, the others' answers followed their requests and landed.
-        assert moved(before, after, "assigned_late") == timeouts - followed > 0, (timeouts, followed, after)
-        assert moved(before, after, "landed") == followed, (followed, after)
-        assert moved(before, after, "unassigned") == moved(before, after, "assignment_failed") == 0, after
+        assert _late_moved(before, after, "assigned_late") == timeouts - followed > 0, (timeouts, followed, after)
+        assert _late_moved(before, after, "landed") == followed, (followed, after)
+        assert _late_moved(before, after, "unassigned") == _late_moved(before, after, "assignment_failed") == 0, after
         assert after["breaker_openings"] == before["breaker_openings"], (before, after)
 
         time.sleep(2.0)   # the cooldown of any opening in between is over
@@ -284,10 +283,10 @@ def test_calls_no_predictor_replica_took_in_time_are_judged_by_assignment_and_ca
         before = _stats(url)
         replies = asyncio.run(burst(4))
         deadline = time.monotonic() + 2 * BREAKER_LATE_ANSWER_S
-        while moved(before, stats := _stats(url), "unassigned") < 3 and time.monotonic() < deadline:
+        while _late_moved(before, stats := _stats(url), "unassigned") < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert [r.headers.get("x-ltr-fallback") for r in replies] == ["timeout"] * 4, [r.headers for r in replies]
-        assert moved(before, stats, "unassigned") == 3, stats
+        assert _late_moved(before, stats, "unassigned") == 3, stats
         assert stats["breaker_openings"] - before["breaker_openings"] >= 1, (before, stats)
     finally:
         deploy({}, max_ongoing_requests=256)
