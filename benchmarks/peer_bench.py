@@ -395,7 +395,7 @@ def client_args(args: argparse.Namespace, server: Server, model_path: str, datas
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
         "--goodput", f"ttft:{args.slo_ttft_ms:g}", f"tpot:{args.slo_tpot_ms:g}",
         "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", result_name,
-        "--label", label, "--disable-tqdm",
+        "--label", label, "--disable-tqdm", *shlex.split(args.client_args),
     ]
 
 
@@ -713,6 +713,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-max-num-seqs", type=int, default=16)
     parser.add_argument("--vllm-args", default="", help="extra arguments for the vLLM server (one string)")
     parser.add_argument("--ltr-args", default="", help="extra arguments for python -m deployments.local")
+    parser.add_argument("--client-args", default="",
+                        help="extra arguments for vLLM's benchmark client, after the fixed ones (a later flag wins), "
+                             "e.g. \"--temperature 1 --extra-body '{\\\"seed\\\": 7}'\" for seeded sampling")
     parser.add_argument("--warmup-requests", type=int, default=3, help="short requests after each server start")
     parser.add_argument("--pause-s", type=float, default=3.0, help="idle seconds between runs and between systems")
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
@@ -773,7 +776,8 @@ def main(argv: list[str] | None = None) -> None:
                       "dataset mode 'sharegpt' on a per-run ShareGPT-format JSON (human turn = the prompt, gpt turn "
                       "= filler of exactly the target length in SmolLM2 tokens, which the client sends as "
                       "max_tokens), --ignore-eos, --temperature 0, --disable-shuffle --no-oversample, streaming "
-                      "with usage (output tokens = the server's usage.completion_tokens)",
+                      "with usage (output tokens = the server's usage.completion_tokens); then extra_args",
+            "client_extra_args": args.client_args,
             "client_code": CLIENT_CODE,
             "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms,
                     "rule": "a request is good when its TTFT <= ttft_ms and its TPOT <= tpot_ms (client --goodput)"},

@@ -126,6 +126,21 @@ def test_chunked_prefill_respects_token_budget() -> None:
     assert rec.finish == pytest.approx(6.0)
 
 
+def test_without_chunked_prefill_a_prompt_that_does_not_fit_waits_whole() -> None:
+    # Budget 30, 1 s per step, prompts of 20, 20 and 10 tokens. Chunked: step 1 prefills r0 and 10 tokens of
+    # r1; step 2 r0's decode, r1's last 10 and r2. Whole prefills: r1 does not fit beside r0 in step 1, and
+    # r2, which would, waits behind it; step 2 takes r0's decode and r1 (21), and r2 (10) no longer fits.
+    def first_tokens(chunked: bool) -> dict[str, float]:
+        limits = EngineLimits(max_num_seqs=4, max_num_batched_tokens=30, num_kv_blocks=100, chunked_prefill=chunked)
+        profile = HardwareProfile("unit", StepTimeModel(a=1.0, b=0.0, c=0.0, d=0.0), limits)
+        res = simulate(build_requests([20, 20, 10], [3, 3, 3], [0.0, 0.0, 0.0]), profile,
+                       ClusterConfig(policy=PolicyConfig(name="fcfs")))
+        return {r.request_id: r.first_token for r in res.records}
+
+    assert first_tokens(chunked=True) == {"r0": 1.0, "r1": 2.0, "r2": 2.0}
+    assert first_tokens(chunked=False) == {"r0": 1.0, "r1": 2.0, "r2": 3.0}
+
+
 def test_out_of_kv_preempts_worst_ranked_and_completes() -> None:
     # 3 blocks of 16 tokens: both 16-token prompts fit (1 block each), but their first decodes need a
     # second block each -> 4 > 3, so the worse-ranked (longer-predicted) one is evicted.

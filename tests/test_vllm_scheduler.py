@@ -33,6 +33,7 @@ ENGINE_SETTINGS: dict[str, Any] = {
     "max_num_seqs": 4,
     "max_model_len": 128,
     "max_num_batched_tokens": 64,
+    "enable_chunked_prefill": True,   # off in the CPU defaults (seeded requests); these requests are unseeded
     # 6 blocks of 32 tokens: a few 85-token requests overflow the KV cache.
     "block_size": 32,
     "num_gpu_blocks_override": 6,

