@@ -120,12 +120,14 @@ def build_slices(args: argparse.Namespace, tokenizer: Any) -> tuple[list[list[An
 
     n_slices = args.samples if args.same_prompts_across_rates else args.samples * len(args.rates)
     needed = n_slices * args.num_prompts
-    pool = build_trace(10**9, 1.0, args.max_tokens, args.max_prompt_tokens, args.seed, args.length_scale)
+    pool = build_trace(10**9, 1.0, args.max_tokens, args.max_prompt_tokens, args.seed, args.length_scale,
+                       min_prompt_tokens=args.min_prompt_tokens)
     usable = [r for r in pool if len(tokenizer(r.prompt).input_ids) >= CLIENT_MIN_LEN]
     chosen = usable[:needed]
     if len(chosen) < needed:
-        raise SystemExit(f"the ShareGPT test split has only {len(usable)} usable prompts of <= "
-                         f"{args.max_prompt_tokens} tokens; {n_slices} slices x {args.num_prompts} need {needed}")
+        raise SystemExit(f"the ShareGPT test split has only {len(usable)} usable prompts of "
+                         f"{args.min_prompt_tokens}-{args.max_prompt_tokens} tokens; "
+                         f"{n_slices} slices x {args.num_prompts} need {needed}")
     raised = sum(1 for r in chosen if r.output_len < CLIENT_MIN_LEN)
     chosen = [replace(r, output_len=max(CLIENT_MIN_LEN, r.output_len)) for r in chosen]
     notes = {"pool": len(pool), "prompts_skipped_under_min_len": len(pool) - len(usable),
@@ -701,6 +703,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128, help="cap on each request's output length")
     parser.add_argument("--length-scale", type=float, default=4.0, help="output length = true answer length / this")
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--min-prompt-tokens", type=int, default=1,
+                        help="only prompts of at least this many tokens (long-prompt workloads)")
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
                         help="the OpenAI endpoint every system is driven through (default completions)")
     parser.add_argument("--slo-ttft-ms", type=float, default=5000.0, help="goodput SLO on TTFT (ms)")
@@ -802,13 +806,14 @@ def main(argv: list[str] | None = None) -> None:
         },
         "workload": {"split": "ShareGPT test (conversation-disjoint, ltr.data)",
                      "selection_and_scaling": "benchmarks/serve_bench.py build_trace: seeded sample of test prompts "
-                                              f"<= {args.max_prompt_tokens} tokens, output = max(1, min(round("
+                                              f"of {args.min_prompt_tokens}-{args.max_prompt_tokens} tokens, "
+                                              "output = max(1, min(round("
                                               f"answer_tokens / {args.length_scale:g}), {args.max_tokens})); "
                                               f"then raised to >= {CLIENT_MIN_LEN} (vLLM's ShareGPT loader drops "
                                               "shorter ones)",
                      "rates": args.rates, "num_prompts": args.num_prompts, "samples": args.samples,
                      "seed": args.seed, "length_scale": args.length_scale, "max_tokens": args.max_tokens,
-                     "max_prompt_tokens": args.max_prompt_tokens,
+                     "max_prompt_tokens": args.max_prompt_tokens, "min_prompt_tokens": args.min_prompt_tokens,
                      "same_prompts_across_rates": args.same_prompts_across_rates,
                      "client_length_rule": selection_notes,
                      "arrivals": "client Poisson (--burstiness 1), --seed = seed + prompt slice index; the client "

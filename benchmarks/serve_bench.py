@@ -67,7 +67,7 @@ class Result:
 
 
 def build_trace(num: int, rate: float, max_tokens: int, max_prompt_tokens: int, seed: int,
-                length_scale: float) -> list[TraceRequest]:
+                length_scale: float, min_prompt_tokens: int = 1) -> list[TraceRequest]:
     """ShareGPT test-split prompts, answer lengths ÷ `length_scale` capped at `max_tokens`, Poisson arrivals.
 
     Scaling keeps the lengths' order; a plain cap would make most requests the same length (ties), and
@@ -75,7 +75,7 @@ def build_trace(num: int, rate: float, max_tokens: int, max_prompt_tokens: int, 
     """
     from ltr.data import load_pairs, split_pairs
 
-    test = [p for p in split_pairs(load_pairs()).test if 0 < p.prompt_len <= max_prompt_tokens]
+    test = [p for p in split_pairs(load_pairs()).test if max(1, min_prompt_tokens) <= p.prompt_len <= max_prompt_tokens]
     rng = random.Random(seed)
     chosen = rng.sample(test, k=min(num, len(test)))
     arrival, trace = 0.0, []

@@ -31,6 +31,8 @@ from scipy.stats import kendalltau
 
 import scheduler_bench as bench
 import sim_vs_bench
+from ltr.scheduling.engine import CPU_MAX_MODEL_LEN, engine_kwargs
+from ltr.scheduling.policy import PolicyConfig
 from ltr.sim import HardwareProfile, load_profile, noisy_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,9 +44,15 @@ TRACE = {"num_requests": 96, "output_cap": 128, "max_prompt": 512, "length_scale
 
 @functools.cache
 def cpu_profile() -> HardwareProfile:
-    """The calibrated CPU profile with the benchmark's seats, read once per worker."""
+    """The calibrated CPU profile with the benchmark engine's seats, token budget and prefill chunking (the CPU
+    engine defaults at the benchmark's size), read once per worker."""
     profile = load_profile(RESULTS / "sim_calibration_cpu.json")
-    return dataclasses.replace(profile, limits=dataclasses.replace(profile.limits, max_num_seqs=TRACE["max_num_seqs"]))
+    engine = engine_kwargs("unused", PolicyConfig(), platform="cpu", max_num_seqs=TRACE["max_num_seqs"],
+                           max_model_len=CPU_MAX_MODEL_LEN)
+    limits = dataclasses.replace(
+        profile.limits, max_num_seqs=TRACE["max_num_seqs"], chunked_prefill=bool(engine["enable_chunked_prefill"]),
+        max_num_batched_tokens=engine.get("max_num_batched_tokens", profile.limits.max_num_batched_tokens))
+    return dataclasses.replace(profile, limits=limits)
 
 
 def measure(job: tuple[int, list, np.ndarray, str, float | None, str, float | None]) -> dict:
