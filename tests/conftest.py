@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,12 @@ def sharegpt_pairs(smollm2_path: Path):
     from ltr.data import load_pairs
 
     return load_pairs(tokenizer_path=smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def in_process_vllm() -> Iterator[None]:
+    """vLLM engines a module builds run their engine core in the test process: the scheduler object is
+    reachable and an engine-core error is raised in the test."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        yield

@@ -7,8 +7,6 @@ are what chunk, so the burst below is sized against vLLM's own CPU budget for in
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +21,10 @@ BURST = 3
 
 
 @pytest.fixture(scope="module")
-def cpu_engine(tiny_model_path: Path) -> Iterator[Any]:
+def cpu_engine(tiny_model_path: Path, in_process_vllm: None) -> Any:
     from vllm import LLM
 
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        yield LLM(**engine_kwargs(str(tiny_model_path), PolicyConfig(), platform="cpu", enforce_eager=True))
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    return LLM(**engine_kwargs(str(tiny_model_path), PolicyConfig(), platform="cpu", enforce_eager=True))
 
 
 def _prompt(i: int) -> dict[str, list[int]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,20 +73,12 @@ def _make_llm(model: Path, policy: PolicyConfig, **overrides: Any):
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_path: Path) -> Iterator[dict[str, Any]]:
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keeps the scheduler object reachable
-    try:
-        fcfs = _make_llm(tiny_model_path, PolicyConfig(name="fcfs"))
-        ltr = _make_llm(tiny_model_path, PLAIN_LTR)
-        # Engines live as long as the module: tearing one down in-process breaks the others' vLLM state.
-        ltr_async = _make_llm(tiny_model_path, PLAIN_LTR, async_scheduling=True)
-        yield {"fcfs": fcfs, "ltr": ltr, "ltr_async": ltr_async}
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+def engines(tiny_model_path: Path, in_process_vllm: None) -> dict[str, Any]:
+    fcfs = _make_llm(tiny_model_path, PolicyConfig(name="fcfs"))
+    ltr = _make_llm(tiny_model_path, PLAIN_LTR)
+    # Engines live as long as the module: tearing one down in-process breaks the others' vLLM state.
+    ltr_async = _make_llm(tiny_model_path, PLAIN_LTR, async_scheduling=True)
+    return {"fcfs": fcfs, "ltr": ltr, "ltr_async": ltr_async}
 
 
 def _scheduler(llm: Any) -> Any:
