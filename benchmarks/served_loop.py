@@ -4,22 +4,24 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
     python benchmarks/served_loop.py [--prompts 700 --samples 2 --max-tokens 128 --budget-s 900]
 
 1. **Serve.** The local service as `python -m deployments.local` starts it on this machine (fitted engine
-   layout, default policy, shipped predictor at its serving length), plus the served-traffic log with the
-   predictor's input text (`served_log`, ingress `log_text`). The official `openai` client sends each
-   ShareGPT prompt (first turns of the val + test conversations: the shipped predictor never trained on
-   them; with `--turns later`, later turns sent with the conversation before them, which a prompt-only
-   predictor such as the shipped one scores, logs and retrains on by the last user message) `--samples`
-   times as a chat request, sampled (temperature 1.0, `--max-tokens`), `--concurrency` at a time, until
+   layout, default policy, the shipped predictor or `--serve-artifact` at its serving length), plus the
+   served-traffic log with the predictor's input text (`served_log`, ingress `log_text`). The official
+   `openai` client sends each ShareGPT prompt (first turns of the val + test conversations: the shipped
+   predictor never trained on them; with `--turns later`, later turns sent with the conversation before
+   them, which a prompt-only predictor such as the shipped one scores, logs and retrains on by the last user
+   message, and one trained on rendered conversations by the conversation) `--samples` times as a chat
+   request, sampled (temperature 1.0, a seed per request, `--max-tokens`), `--concurrency` at a time, until
    every prompt is served or `--budget-s` runs out.
-2. **Retrain.** `ltr train-predictor --data LOG --init SHIPPED` on the log's train slice (split by prompt
+2. **Retrain.** `ltr train-predictor --data LOG --init SERVED` on the log's train slice (split by prompt
    hash: the held-out slice is never trained on).
 3. **Swap.** Held-out prompts are served once more; after a quarter of them, a `serve deploy`-style update
    gives the Predictor the retrained artifact. Every request must succeed; the log says which version
    scored each.
 4. **Compare** on the held-out slice of the phase-1 log (every sample of every held-out prompt): the
-   censor-aware Kendall tau (`ltr.predictor.live_quality`) of the shipped and the retrained predictor's
-   scores against the served model's own lengths, and the ceiling measured the same way: one sample's
-   length ranking the other's. Intervals: 95% bootstrap over held-out prompts (paired for the gain).
+   censor-aware Kendall tau (`ltr.predictor.live_quality`) of the shipped, the served (if another) and the
+   retrained predictor's scores, each on its own input for the request, against the served model's own
+   lengths, and the ceiling measured the same way: one sample's length ranking the other's. Intervals: 95%
+   bootstrap over held-out prompts (paired for the gains).
 
 Writes benchmarks/results/<out>.json (command inside, `summary` with tau_shipped, tau_retrained,
 tau_gain_vs_shipped, tau_ceiling) and <out>.png.
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-max-length", type=int, default=128, help="MiniLM tokens per prompt in retraining")
+    p.add_argument("--serve-artifact", type=Path, default=None,
+                   help="predictor artifact to serve in phase 1 and retrain from (default: the shipped one), e.g. "
+                        "one trained on rendered conversations (`ltr train-predictor --turns`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="served_loop")
@@ -79,8 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def pick_conversations(count: int, max_prompt_tokens: int, seed: int, turns: str) -> list[list[dict]]:
     """Chat requests (OpenAI messages) from the val and test conversations, shuffled: "first" turns (one
     user message each, distinct), or "later" turns (the conversation before the turn and its user message;
-    one per distinct last user message, so each predictor input of a prompt-only artifact is one
-    conversation), at most `max_prompt_tokens` served-model tokens of message text in all."""
+    one turn per ShareGPT conversation, drawn at random, so that no held-out request shares its history
+    with one the retraining saw, and distinct last user messages), at most `max_prompt_tokens` served-model
+    tokens of message text in all."""
+    rng = random.Random(seed)
     if turns == "first":
         from ltr.data import load_pairs, split_pairs
 
@@ -95,19 +102,22 @@ def pick_conversations(count: int, max_prompt_tokens: int, seed: int, turns: str
         from ltr.models import prepare_model
 
         splits, _ = split_turns(load_turns())
-        by_last: dict[str, list[dict]] = {}
+        by_last: dict[str, tuple[str, list[dict]]] = {}
         for turn in sorted((*splits.val, *splits.test), key=lambda t: (t.conv_id, t.index)):
             messages = turn.messages()
             if (turn.history and turn.prompt.strip() and turn.prompt not in by_last
                     and sum(len(m["content"]) for m in messages) <= 8 * max_prompt_tokens):
-                by_last[turn.prompt] = messages
+                by_last[turn.prompt] = (turn.base_id, messages)
         candidates = list(by_last.values())
         counts = AutoTokenizer.from_pretrained(prepare_model())(
-            [m["content"] for messages in candidates for m in messages], add_special_tokens=False)["input_ids"]
-        sizes = np.cumsum([0] + [len(messages) for messages in candidates])
-        conversations = [messages for messages, start, end in zip(candidates, sizes, sizes[1:])
-                         if sum(len(ids) for ids in counts[start:end]) <= max_prompt_tokens]
-    random.Random(seed).shuffle(conversations)
+            [m["content"] for _, messages in candidates for m in messages], add_special_tokens=False)["input_ids"]
+        sizes = np.cumsum([0] + [len(messages) for _, messages in candidates])
+        by_conversation: dict[str, list[list[dict]]] = defaultdict(list)
+        for (base_id, messages), start, end in zip(candidates, sizes, sizes[1:]):
+            if sum(len(ids) for ids in counts[start:end]) <= max_prompt_tokens:
+                by_conversation[base_id].append(messages)
+        conversations = [rng.choice(turns_of) for turns_of in by_conversation.values()]
+    rng.shuffle(conversations)
     if len(conversations) < count:
         raise SystemExit(f"only {len(conversations)} {turns}-turn requests of <= {max_prompt_tokens} tokens, "
                          f"--prompts {count}")
@@ -129,9 +139,9 @@ def deploy_predictor(settings: dict, app_args: dict) -> None:
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
 
 
-def start_service(log_dir: Path, port: int) -> tuple[str, dict]:
-    """The local default service (deployments.local's layout and args) with the served-traffic log on: its
-    URL and the predictor app's args (for the swap)."""
+def start_service(log_dir: Path, port: int, predictor_settings: dict) -> tuple[str, dict]:
+    """The local default service (deployments.local's layout and args) with the served-traffic log on and
+    the Predictor's `predictor_settings`: its URL and the predictor app's args (for the swap)."""
     import psutil
     import ray
     from ray import serve
@@ -149,7 +159,7 @@ def start_service(log_dir: Path, port: int) -> tuple[str, dict]:
              num_cpus=cpus, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     predictor = predictor_args(layout)
-    deploy_predictor(PREDICTOR_SETTINGS, predictor)
+    deploy_predictor(predictor_settings, predictor)
     config = app_args(options, layout)
     config["model"] = str(prepare_model())
     config["served_log"] = {"directory": str(log_dir)}
@@ -161,6 +171,7 @@ def start_service(log_dir: Path, port: int) -> tuple[str, dict]:
 async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, list[dict]]], max_tokens: int,
                      concurrency: int, budget_s: float, during: Any = None) -> list[dict]:
     """Send (prompt id, sample, messages) chat requests with the openai client; one result dict each.
+    Each is sampled with its own `seed` (100 x prompt id + sample), so a served label can be regenerated.
     `during(done)` is awaited after each answer (phase 3 uses it to start the swap)."""
     import openai
 
@@ -177,9 +188,8 @@ async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, list[dict]
             started = time.monotonic()
             try:
                 raw = await client.chat.completions.with_raw_response.create(
-                    model=model, messages=messages, max_tokens=max_tokens,
-                    temperature=1.0)   # unseeded since the later-turn run, made when a seed could kill a CPU engine
-                    # (README, "Seeded requests on CPU"; it no longer can)
+                    model=model, messages=messages, max_tokens=max_tokens, temperature=1.0,
+                    seed=100 * prompt_id + sample)
                 answer = raw.parse()
                 results.append({"prompt": prompt_id, "sample": sample, "ok": True,
                                 "placement": raw.headers.get("x-ltr-placement"),
@@ -228,8 +238,12 @@ def bootstrap(groups: list[np.ndarray], stat, resamples: int = 300, seed: int = 
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
-def compare(log_dir: Path, phase1_ids: set[str], shipped: Path, retrained: Path, holdout: float) -> dict:
-    """Taus on the held-out slice of the phase-1 log: shipped, retrained, gain, ceiling, prompt length."""
+def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], conversation_of: dict[str, list[dict]],
+            holdout: float) -> dict:
+    """Taus on the held-out slice of the phase-1 log: each of `predictors` ("shipped", "retrained", and
+    "served" when phase 1 served another artifact), the gains over the shipped one, the ceiling and prompt
+    length. Each predictor scores the held-out requests as it would serve them (its own `chat_input` of the
+    conversation the logged text came from, `conversation_of`)."""
     from ltr.data.served_log import read_served_log, text_sha256
     from ltr.predictor.model import RankPredictor
     from ltr.predictor.train import served_slice
@@ -238,9 +252,10 @@ def compare(log_dir: Path, phase1_ids: set[str], shipped: Path, retrained: Path,
                ("abort", "error") and served_slice(r.input_sha256 or text_sha256(r.text)) < holdout]
     texts = sorted({r.text for r in records})
     scores = {}
-    for name, artifact in (("shipped", shipped), ("retrained", retrained)):
+    for name, artifact in predictors.items():
         model = RankPredictor.from_pretrained(artifact).for_serving(PREDICTOR_SETTINGS["max_length"])
-        by_text = dict(zip(texts, model.score(texts, batch_size=64)))
+        inputs = [model.chat_input(conversation_of[text]) for text in texts]
+        by_text = dict(zip(texts, model.score(inputs, batch_size=64)))
         scores[name] = np.array([by_text[r.text] for r in records])
     lengths = np.array([r.output_tokens for r in records], dtype=np.int64)
     censored = np.array([r.censored for r in records], dtype=bool)
@@ -253,9 +268,11 @@ def compare(log_dir: Path, phase1_ids: set[str], shipped: Path, retrained: Path,
     def tau_of(values: np.ndarray):
         return lambda idx: tau(values[idx], lengths[idx], censored[idx])
 
-    def gain(idx: np.ndarray) -> float | None:
-        a, b = tau_of(scores["retrained"])(idx), tau_of(scores["shipped"])(idx)
-        return None if a is None or b is None else a - b
+    def gain_over_shipped(name: str):
+        def gain(idx: np.ndarray) -> float | None:
+            a, b = tau_of(scores[name])(idx), tau_of(scores["shipped"])(idx)
+            return None if a is None or b is None else a - b
+        return gain
 
     # Ceiling: for prompts with two answers, the first answer's length as the "score" of the second.
     pairs = [g[:2] for g in groups if len(g) >= 2]
@@ -267,11 +284,12 @@ def compare(log_dir: Path, phase1_ids: set[str], shipped: Path, retrained: Path,
     everything = np.arange(len(records))
     result = {"held_out_records": len(records), "held_out_prompts": len(groups),
               "censored_share": float(censored.mean()), "mean_output_tokens": float(lengths.mean())}
-    for name, stat, grouping in (("tau_shipped", tau_of(scores["shipped"]), groups),
-                                 ("tau_retrained", tau_of(scores["retrained"]), groups),
-                                 ("tau_gain_vs_shipped", gain, groups),
-                                 ("tau_prompt_length", tau_of(prompt_tokens), groups),
-                                 ("tau_ceiling", ceiling, [np.array([i]) for i in range(len(pairs))])):
+    stats = [(f"tau_{name}", tau_of(values), groups) for name, values in scores.items()]
+    stats += [(f"tau_gain_{name}_vs_shipped" if name != "retrained" else "tau_gain_vs_shipped",
+               gain_over_shipped(name), groups) for name in scores if name != "shipped"]
+    stats += [("tau_prompt_length", tau_of(prompt_tokens), groups),
+              ("tau_ceiling", ceiling, [np.array([i]) for i in range(len(pairs))])]
+    for name, stat, grouping in stats:
         point = stat(everything if grouping is groups else np.arange(len(pairs)))
         result[name] = point
         result[f"{name}_ci95"] = bootstrap(grouping, stat)
@@ -290,13 +308,15 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["tau_prompt_length", "tau_shipped", "tau_retrained", "tau_ceiling"]
-    labels = ["prompt length", "shipped predictor", "retrained on the log", "ceiling (answer vs answer)"]
+    bars = [("tau_prompt_length", "prompt length", "#999"), ("tau_shipped", "shipped predictor", "#4c72b0"),
+            ("tau_served", "served in phase 1", "#8172b3"), ("tau_retrained", "retrained on the log", "#dd8452"),
+            ("tau_ceiling", "ceiling (answer vs answer)", "#55a868")]
+    names, labels, colors = zip(*[bar for bar in bars if bar[0] in summary])
     values = [summary[n] or 0.0 for n in names]
     intervals = [summary[f"{n}_ci95"] or [v, v] for n, v in zip(names, values)]
     errors = np.array([[v - low, high - v] for v, (low, high) in zip(values, intervals)]).T
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(labels, values, yerr=errors, capsize=6, color=["#999", "#4c72b0", "#dd8452", "#55a868"])
+    fig, ax = plt.subplots(figsize=(9.5, 4))
+    ax.bar(labels, values, yerr=errors, capsize=6, color=colors)
     ax.set_ylabel("censor-aware Kendall tau vs served lengths")
     gain = summary["tau_gain_vs_shipped"]
     ax.set_title(f"Held-out served traffic ({summary['held_out_prompts']} prompts, {summary['held_out_records']} "
@@ -317,16 +337,24 @@ def main(argv: list[str] | None = None) -> int:
     from ltr.data.served_log import text_sha256
     from ltr.predictor.model import RankPredictor, shipped_artifact_dir
     from ltr.predictor.train import served_slice
+    from ltr.predictor.render import last_user_text
 
     command = "python benchmarks/served_loop.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="ltr-served-loop-"))
     log_dir, retrained = work / "served-log", work / "retrained"
     prompts = pick_conversations(args.prompts, args.max_prompt_tokens, args.seed, args.turns)
-    # What the shipped predictor scores for each (the log's text, whose hash splits the log).
-    shipped_input = RankPredictor.from_pretrained(shipped_artifact_dir()).for_serving(
-        PREDICTOR_SETTINGS["max_length"]).chat_input
+    serve_artifact = args.serve_artifact or shipped_artifact_dir()
+    serve_settings = {**PREDICTOR_SETTINGS, **({"artifact_dir": str(serve_artifact)} if args.serve_artifact else {})}
+    # What the served predictor scores for each (the log's text, whose hash splits the log).
+    served_input = RankPredictor.from_pretrained(serve_artifact).for_serving(PREDICTOR_SETTINGS["max_length"]).chat_input
+    # The conversation behind each logged text: the served predictor's input, or the last user message
+    # (what the ingress logs for a request the predictor did not score; unique per conversation here).
+    conversation_of = {}
+    for prompt in prompts:
+        conversation_of.setdefault(served_input(prompt), prompt)
+        conversation_of.setdefault(last_user_text(prompt), prompt)
     model_name = prepare_model().name
-    url, predictor_app_args = start_service(log_dir, args.port)
+    url, predictor_app_args = start_service(log_dir, args.port, serve_settings)
     timings: dict[str, float] = {}
     try:
         # 1. serve, prompt-major so that a budget cut leaves whole prompts.
@@ -341,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. retrain on the log's train slice.
         started = time.monotonic()
-        train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(shipped_artifact_dir()),
+        train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
                       "--holdout", str(args.holdout), "--val-fraction", str(args.val_fraction),
                       "--epochs", str(args.epochs), "--max-length", str(args.train_max_length),
                       "--seed", str(args.seed), "--output", str(retrained)]
@@ -350,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["retrain_s"] = time.monotonic() - started
 
         # 3. serve held-out prompts again, swapping the predictor a quarter of the way in.
-        held_out = [i for i, p in enumerate(prompts) if served_slice(text_sha256(shipped_input(p))) < args.holdout
+        held_out = [i for i, p in enumerate(prompts) if served_slice(text_sha256(served_input(p))) < args.holdout
                     and any(r["prompt"] == i and r["ok"] for r in ok)]
         handle = serve.get_deployment_handle("Predictor", app_name=PREDICTOR_APP_NAME)
         new_version = artifact_version(retrained, PREDICTOR_SETTINGS["max_length"], False)
@@ -394,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.shutdown()
 
-    summary = compare(log_dir, phase1_ids, shipped_artifact_dir(), retrained, args.holdout)
+    predictors = {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if args.serve_artifact else {}),
+                  "retrained": retrained}
+    summary = compare(log_dir, phase1_ids, predictors, conversation_of, args.holdout)
     train_meta = json.loads((retrained / "config.json").read_text())["metadata"]
     result = {
         "command": command, "args": vars(args), "summary": summary, "timings_s": timings, "swap": swap_report,
@@ -407,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                     "best_val_tau": train_meta["history"].get("best_val_tau"), "test": train_meta.get("test")},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot(summary, RESULTS / f"{args.out}.png")
     print(json.dumps(summary, indent=1))
     return 0
