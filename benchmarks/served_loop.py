@@ -308,9 +308,9 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [("tau_prompt_length", "prompt length", "#999"), ("tau_shipped", "shipped predictor", "#4c72b0"),
-            ("tau_served", "served in phase 1", "#8172b3"), ("tau_retrained", "retrained on the log", "#dd8452"),
-            ("tau_ceiling", "ceiling (answer vs answer)", "#55a868")]
+    bars = [("tau_prompt_length", "prompt length", "#999"), ("tau_shipped", "shipped\npredictor", "#4c72b0"),
+            ("tau_served", "served in\nphase 1", "#8172b3"), ("tau_retrained", "retrained\non the log", "#dd8452"),
+            ("tau_ceiling", "ceiling\n(answer vs answer)", "#55a868")]
     names, labels, colors = zip(*[bar for bar in bars if bar[0] in summary])
     values = [summary[n] or 0.0 for n in names]
     intervals = [summary[f"{n}_ci95"] or [v, v] for n, v in zip(names, values)]
@@ -320,7 +320,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylabel("censor-aware Kendall tau vs served lengths")
     gain = summary["tau_gain_vs_shipped"]
     ax.set_title(f"Held-out served traffic ({summary['held_out_prompts']} prompts, {summary['held_out_records']} "
-                 f"answers); gain {'n/a' if gain is None else f'{gain:+.3f}'}")
+                 f"answers); retrained - shipped {'n/a' if gain is None else f'{gain:+.3f}'}")
     ax.axhline(0, color="black", linewidth=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
