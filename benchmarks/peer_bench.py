@@ -592,6 +592,11 @@ def answered(row: dict) -> str:
     return f"{row.get('completed')}/{row.get('num_requests')}"
 
 
+def both_complete(a: dict, b: dict) -> bool:
+    """Whether two runs answered every request: only then do their statistics cover the same requests."""
+    return all(r.get("completed") == r.get("num_requests") for r in (a, b))
+
+
 def compare(rows: list[dict], system: str, rate: float) -> dict | None:
     """`system` against plain vLLM at `rate`, per sample and for the worst sample (by per-token gain).
     A sample where either system left a request unanswered has no latency or throughput ratios (None): its
@@ -607,8 +612,7 @@ def compare(rows: list[dict], system: str, rate: float) -> dict | None:
     per_sample = []
     for k in samples:
         b, m = base[k], mine[k]
-        complete = all(r.get("completed") == r.get("num_requests") for r in (b, m))
-        ratio = _ratio if complete else (lambda *_: None)
+        ratio = _ratio if both_complete(b, m) else (lambda *_: None)
         per_sample.append({
             "sample": k,
             "per_token_gain_vs_vllm": ratio(b["per_token_latency_mean_s"], m["per_token_latency_mean_s"]),
@@ -652,7 +656,7 @@ def _fcfs_over_ltr(rows: list[dict], rate: float) -> list[float | None]:
     fcfs = {r["sample"]: r for r in rows if r["system"] == "ltr-fcfs" and r["rate"] == rate}
     ltr = {r["sample"]: r for r in rows if r["system"] == "ltr" and r["rate"] == rate}
     return [_ratio(fcfs[k]["per_token_latency_mean_s"], ltr[k]["per_token_latency_mean_s"])
-            for k in sorted(set(fcfs) & set(ltr))]
+            if both_complete(fcfs[k], ltr[k]) else None for k in sorted(set(fcfs) & set(ltr))]
 
 
 def plot(report: dict, path: Path) -> None:

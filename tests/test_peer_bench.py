@@ -30,3 +30,10 @@ def test_a_sample_a_system_did_not_finish_has_no_ratios_and_is_not_the_worst() -
     assert complete["throughput_ratio_vs_vllm"] == 1.1
     assert summary["worst_sample"] == 1 and summary["per_token_gain_vs_vllm"] == 2.0
     assert summary["min_over_samples"]["throughput_ratio_vs_vllm"] == 1.1
+
+
+def test_ltr_over_its_own_fcfs_needs_both_runs_complete() -> None:
+    rows = [_row("ltr-fcfs", 0, 40, 0.9, 70.0), _row("ltr", 0, 48, 0.3, 90.0),
+            _row("ltr-fcfs", 1, 48, 0.9, 70.0), _row("ltr", 1, 48, 0.3, 90.0)]
+    first, second = peer_bench._fcfs_over_ltr(rows, 6.0)
+    assert first is None and abs(second - 3.0) < 1e-9
