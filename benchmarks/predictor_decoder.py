@@ -38,6 +38,7 @@ from ltr.models import prepare_model  # noqa: E402
 from ltr.predictor.evaluate import kendall_tau  # noqa: E402
 from ltr.predictor.losses import listmle_loss  # noqa: E402
 from ltr.predictor.model import load_shipped_predictor  # noqa: E402
+from ltr.predictor.render import render_chat  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPLITS = ("train", "val", "test")
@@ -46,8 +47,7 @@ SPLITS = ("train", "val", "test")
 def chat_ids(tokenizer, prompts: list[str], prompt_tokens: int) -> list[list[int]]:
     """Token ids of each prompt inside the served model's chat template, the message cut to `prompt_tokens`."""
     marker = "\x00PROMPT\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = render_chat([{"role": "user", "content": marker}], tokenizer.chat_template, tokenizer)
     before, after = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in text.split(marker))
     bodies = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     return [before + body[:prompt_tokens] + after for body in bodies]
