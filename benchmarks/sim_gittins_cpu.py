@@ -43,16 +43,18 @@ TRACE = {"num_requests": 96, "output_cap": 128, "max_prompt": 512, "length_scale
 
 
 @functools.cache
-def cpu_profile() -> HardwareProfile:
-    """The calibrated CPU profile with the benchmark engine's seats, token budget and prefill chunking (the CPU
-    engine defaults at the benchmark's size), read once per worker."""
+def cpu_profile(max_num_seqs: int = TRACE["max_num_seqs"], slowdown: float = 1.0) -> HardwareProfile:
+    """The calibrated CPU profile with an engine's seats, token budget and prefill chunking (the CPU engine
+    defaults at `max_num_seqs` seats), every step `slowdown` times longer; read once per worker."""
     profile = load_profile(RESULTS / "sim_calibration_cpu.json")
-    engine = engine_kwargs("unused", PolicyConfig(), platform="cpu", max_num_seqs=TRACE["max_num_seqs"],
+    engine = engine_kwargs("unused", PolicyConfig(), platform="cpu", max_num_seqs=max_num_seqs,
                            max_model_len=CPU_MAX_MODEL_LEN)
     limits = dataclasses.replace(
-        profile.limits, max_num_seqs=TRACE["max_num_seqs"], chunked_prefill=bool(engine["enable_chunked_prefill"]),
+        profile.limits, max_num_seqs=max_num_seqs, chunked_prefill=bool(engine["enable_chunked_prefill"]),
         max_num_batched_tokens=engine.get("max_num_batched_tokens", profile.limits.max_num_batched_tokens))
-    return dataclasses.replace(profile, limits=limits)
+    step = profile.step
+    step = dataclasses.replace(step, a=step.a * slowdown, b=step.b * slowdown, c=step.c * slowdown, d=step.d * slowdown)
+    return dataclasses.replace(profile, step=step, limits=limits)
 
 
 def measure(job: tuple[int, list, np.ndarray, str, float | None, str, float | None]) -> dict:

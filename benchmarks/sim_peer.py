@@ -25,7 +25,6 @@ under FCFS runs at the median output throughput ltr-serve reached at the saturat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import shlex
@@ -38,32 +37,16 @@ import numpy as np
 from scipy.stats import kendalltau
 
 import scheduler_bench as bench
+from ltr.sim import ClusterConfig, build_requests, noisy_scores, simulate
 from peer_bench import CLIENT_MIN_LEN
 from serve_bench import build_trace
-from ltr.scheduling.engine import CPU_MAX_MODEL_LEN, engine_kwargs
-from ltr.scheduling.policy import PolicyConfig
-from ltr.sim import ClusterConfig, HardwareProfile, build_requests, load_profile, noisy_scores, simulate
+from sim_gittins_cpu import cpu_profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("fcfs", "priority", "ltr", "gittins", "oracle")
 #: peer_bench.py's defaults (`--num-prompts` as issue 13's runs use it) and the local default layout.
 WORKLOAD = {"num_prompts": 240, "max_tokens": 128, "max_prompt_tokens": 512, "length_scale": 4.0,
             "replicas": 2, "max_num_seqs": 16}
-
-
-@functools.cache
-def cpu_profile(slowdown: float = 1.0) -> HardwareProfile:
-    """The calibrated CPU profile with the local default engine's seats, token budget and prefill chunking,
-    every step `slowdown` times longer."""
-    profile = load_profile(RESULTS / "sim_calibration_cpu.json")
-    engine = engine_kwargs("unused", PolicyConfig(), platform="cpu", max_num_seqs=WORKLOAD["max_num_seqs"],
-                           max_model_len=CPU_MAX_MODEL_LEN)
-    limits = dataclasses.replace(
-        profile.limits, max_num_seqs=WORKLOAD["max_num_seqs"], chunked_prefill=bool(engine["enable_chunked_prefill"]),
-        max_num_batched_tokens=engine.get("max_num_batched_tokens", profile.limits.max_num_batched_tokens))
-    step = profile.step
-    step = dataclasses.replace(step, a=step.a * slowdown, b=step.b * slowdown, c=step.c * slowdown, d=step.d * slowdown)
-    return dataclasses.replace(profile, step=step, limits=limits)
 
 
 def measured_service_tok_s(rate: float) -> list[float]:
@@ -118,7 +101,7 @@ def measure(job: tuple[int, float, dict, str, float | None, str, float]) -> dict
     policy, kind = bench.policy_setup(name, scores, distribution=distribution)
     carried = {"none": None, "predicted": scores, "true": [float(n) for n in s["output_lens"]]}[kind]
     requests = build_requests(s["prompt_lens"], s["output_lens"], s["arrivals"], carried, s["expected"])
-    res = simulate(requests, cpu_profile(slowdown), ClusterConfig(num_replicas=WORKLOAD["replicas"], policy=policy))
+    res = simulate(requests, cpu_profile(WORKLOAD["max_num_seqs"], slowdown), ClusterConfig(num_replicas=WORKLOAD["replicas"], policy=policy))
     out = np.array([r.output_len for r in res.records])
     latency = np.array([r.latency for r in res.records])
     return {"seed": seed, "rate": rate, "policy": name if tau is None else f"{name}@tau{tau:g}",
