@@ -162,6 +162,17 @@ def _processes(leader: psutil.Process, title: str) -> list[psutil.Process]:
     return found
 
 
+def _tree(leader: psutil.Process) -> list[str]:
+    """The server's descendants as `pid ppid cmdline`: what a failed process lookup shows, to say why."""
+    rows = []
+    for proc in leader.children(recursive=True):
+        try:
+            rows.append(f"{proc.pid} {proc.ppid()} {' '.join(proc.cmdline())[:100]}")
+        except psutil.Error as exc:
+            rows.append(f"{proc.pid} ? {type(exc).__name__}")
+    return rows
+
+
 def _nice_of(task: Path) -> int:
     """A thread's nice value (Linux keeps one per thread): field 19 of /proc/PID/task/TID/stat."""
     return int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
@@ -201,7 +212,7 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
         assert answer.usage.completion_tokens == 8 and answer.choices[0].text
 
         workers = _processes(leader, "VLLM::Worker")   # the processes that run the model
-        assert len(workers) == expected.replicas, workers
+        assert len(workers) == expected.replicas, _tree(leader)
         for worker in workers:   # the thread count and the priority reached the process that runs the model
             environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
             assert f"OMP_NUM_THREADS={expected.threads}".encode() in environ
@@ -224,6 +235,10 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
         assert "shutting down..." in log_path.read_text(errors="replace")
         assert not Path(haproxy_dir).exists()
     finally:
+        try:   # a failed check above leaves `family` short: take every descendant before the leader goes
+            family.update({p.pid: p for p in leader.children(recursive=True)})
+        except psutil.Error:
+            pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
