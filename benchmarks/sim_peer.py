@@ -193,11 +193,11 @@ def plot(report: dict, path: Path) -> None:
         per_rate = report["summary"][f"{rate:g}"]
         labels = [k for k in per_rate if k != "fcfs"]
         for i, label in enumerate(labels):
-            gains = [by_seed["mean_per_token_latency"] for by_seed in report["rows"]
-                     if by_seed["rate"] == rate and by_seed["policy"] == "fcfs"]
-            mine = [by_seed["mean_per_token_latency"] for by_seed in report["rows"]
-                    if by_seed["rate"] == rate and by_seed["policy"] == label]
-            ax.scatter([i] * len(mine), np.array(gains) / np.array(mine), s=12, alpha=0.6)
+            fcfs = [row["mean_per_token_latency"] for row in report["rows"]
+                    if row["rate"] == rate and row["policy"] == "fcfs"]
+            mine = [row["mean_per_token_latency"] for row in report["rows"]
+                    if row["rate"] == rate and row["policy"] == label]
+            ax.scatter([i] * len(mine), np.array(fcfs) / np.array(mine), s=12, alpha=0.6)
             m = per_rate[label]["per_token_gain_over_fcfs"]
             ax.errorbar([i + 0.25], [m[0]], yerr=[[m[0] - m[1]], [m[2] - m[0]]], fmt="k_", capsize=4)
         ax.axhline(2.0, color="k", ls="--", lw=0.8)
