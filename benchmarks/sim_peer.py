@@ -40,6 +40,7 @@ import scheduler_bench as bench
 from ltr.sim import ClusterConfig, build_requests, noisy_scores, simulate
 from peer_bench import CLIENT_MIN_LEN
 from serve_bench import build_trace
+from sim_gittins import interval
 from sim_gittins_cpu import cpu_profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -112,15 +113,6 @@ def measure(job: tuple[int, float, dict, str, float | None, str, float]) -> dict
             "throughput_tok_s": float(out.sum() / res.makespan), "rank_preemptions": res.rank_preemptions}
 
 
-def interval(values: list[float]) -> list[float]:
-    """Mean and 95% t-interval over samples."""
-    from scipy.stats import t
-
-    a = np.asarray(values)
-    half = t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))
-    return [float(a.mean()), float(a.mean() - half), float(a.mean() + half)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=20)
@@ -156,8 +148,7 @@ def main() -> int:
             mine = [by[(rate, label, s)] for s in range(args.seeds)]
             gains = [f["mean_per_token_latency"] / m["mean_per_token_latency"] for f, m in zip(fcfs, mine)]
             per_rate[label] = {
-                "per_token_gain_over_fcfs": interval(gains), "per_token_gain_min": min(gains),
-                "per_token_gain_max": max(gains), "samples_at_2x": sum(g >= 2.0 for g in gains),
+                "per_token_gain_over_fcfs": interval(gains), "samples_at_2x": sum(g >= 2.0 for g in gains),
                 "e2e_mean_gain_over_fcfs": interval([f["mean_latency"] / m["mean_latency"] for f, m in zip(fcfs, mine)]),
                 "per_token_vs_ltr": interval([m["mean_per_token_latency"] / by[(rate, "ltr", s)]["mean_per_token_latency"]
                                               for s, m in enumerate(mine)]),
@@ -165,10 +156,10 @@ def main() -> int:
                 "rank_preemptions_mean": float(np.mean([m["rank_preemptions"] for m in mine])),
                 "throughput_vs_fcfs_min": min(m["throughput_tok_s"] / f["throughput_tok_s"] for f, m in zip(fcfs, mine))}
             g = per_rate[label]["per_token_gain_over_fcfs"]
-            print(f"{rate:g} req/s {label:14s} per-token gain {g[0]:.2f} [{g[1]:.2f}, {g[2]:.2f}] "
-                  f"min {per_rate[label]['per_token_gain_min']:.2f} max {per_rate[label]['per_token_gain_max']:.2f} "
+            print(f"{rate:g} req/s {label:14s} per-token gain {g['mean']:.2f} [{g['lo']:.2f}, {g['hi']:.2f}] "
+                  f"min {g['min']:.2f} max {g['max']:.2f} "
                   f"≥2x on {per_rate[label]['samples_at_2x']}/{args.seeds}; ÷ static LTR "
-                  f"{per_rate[label]['per_token_vs_ltr'][0]:.2f}; long p99 ÷ FCFS {per_rate[label]['long_p99_vs_fcfs'][0]:.2f}; "
+                  f"{per_rate[label]['per_token_vs_ltr']['mean']:.2f}; long p99 ÷ FCFS {per_rate[label]['long_p99_vs_fcfs']['mean']:.2f}; "
                   f"preemptions {per_rate[label]['rank_preemptions_mean']:.0f}", flush=True)
     report = {"command": "python " + shlex.join(["benchmarks/sim_peer.py", *sys.argv[1:]]),
               "workload": {**WORKLOAD, "num_prompts": args.num_prompts, "rates": args.rates, "seeds": args.seeds, "taus": args.taus},
@@ -199,7 +190,7 @@ def plot(report: dict, path: Path) -> None:
                     if row["rate"] == rate and row["policy"] == label]
             ax.scatter([i] * len(mine), np.array(fcfs) / np.array(mine), s=12, alpha=0.6)
             m = per_rate[label]["per_token_gain_over_fcfs"]
-            ax.errorbar([i + 0.25], [m[0]], yerr=[[m[0] - m[1]], [m[2] - m[0]]], fmt="k_", capsize=4)
+            ax.errorbar([i + 0.25], [m["mean"]], yerr=[[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]], fmt="k_", capsize=4)
         ax.axhline(2.0, color="k", ls="--", lw=0.8)
         ax.axhline(1.0, color="grey", lw=0.6)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
