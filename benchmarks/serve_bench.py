@@ -156,12 +156,14 @@ async def overhead_pairs(url: str, model: str, model_path: str, requests: list[T
     from transformers import AutoTokenizer
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from deployments.engine import engine_config
     from ltr.scheduling.engine import engine_args, scored_sampling_params
     from ltr.scheduling.policy import PolicyConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    llm = AsyncLLM.from_engine_args(engine_args(model_path, PolicyConfig(name="ltr"), disable_log_stats=True,
-                                                **engine_kwargs))
+    config = engine_config(engine_args(model_path, PolicyConfig(name="ltr"), **engine_kwargs),
+                           worker_in_engine_core=True)   # where the service's CPU engines run their model
+    llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
     http_lat, direct_lat = [], []
     try:
         async with httpx.AsyncClient(base_url=url, timeout=300) as http:

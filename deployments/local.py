@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-spin-wait", action="store_true", default=None,
                         help="let a multi-thread engine's OpenMP threads spin between parallel regions, as plain "
                              "vLLM's worker does (default: they sleep, OMP_WAIT_POLICY=PASSIVE)")
+    parser.add_argument("--engine-worker-process", action="store_false", dest="engine_worker_in_core", default=None,
+                        help="run each engine's model in a worker process of its own, as vLLM-CPU does (default: "
+                             "inside vLLM's engine-core process, which then does not spin waiting for it)")
     parser.add_argument("--predictor-replicas", type=int, default=None,
                         help="predictor replicas, sharing the predictor's Ray CPUs (default: fit to the machine)")
     parser.add_argument("--predictor-threads", type=int, default=None,
@@ -112,6 +115,7 @@ def engine_layout(args: argparse.Namespace, cpus: int, memory_gib: float, ray_cp
     layout = fit_to_machine(cpus, memory_gib, budget).override(
         replicas=args.replicas, threads=args.engine_threads, num_cpus=args.engine_cpus,
         max_num_seqs=args.max_num_seqs, nice=args.engine_nice, spin_wait=args.engine_spin_wait,
+        worker_in_core=args.engine_worker_in_core,
         predictor_replicas=args.predictor_replicas, predictor_threads=args.predictor_threads,
         engine_cpu_budget=budget)
     if layout.replicas * layout.num_cpus > budget + 1e-9:
@@ -153,6 +157,7 @@ def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
     return {"model": args.model, "policy": {"name": args.policy}, "router": args.router,
             "num_engine_replicas": layout.replicas, "engine_num_cpus": layout.num_cpus,
             "engine_env": layout.engine_env(), "engine_nice": layout.nice,
+            "engine_worker_in_core": layout.worker_in_core,
             **({"stream_batch_ms": args.stream_batch_ms} if args.stream_batch_ms is not None else {}),
             "engine_kwargs": {"enforce_eager": not args.compile, "max_num_seqs": layout.max_num_seqs,
                               **({"max_model_len": args.max_model_len} if args.max_model_len is not None else {}),

@@ -61,6 +61,8 @@ class EngineLayout:
     predictor_replicas: int = 1
     #: Whether the engines' OpenMP threads spin between parallel regions (OpenMP's default) instead of sleeping.
     spin_wait: bool = False
+    #: Whether each engine's model runs inside vLLM's engine-core process (`AppArgs.engine_worker_in_core`).
+    worker_in_core: bool = True
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.threads < 1 or self.max_num_seqs < 1 or self.num_cpus < 0 \
@@ -74,13 +76,14 @@ class EngineLayout:
 
     def override(self, *, replicas: int | None = None, threads: int | None = None, num_cpus: float | None = None,
                  max_num_seqs: int | None = None, nice: int | None = None, spin_wait: bool | None = None,
-                 predictor_replicas: int | None = None, predictor_threads: int | None = None,
+                 worker_in_core: bool | None = None, predictor_replicas: int | None = None, predictor_threads: int | None = None,
                  engine_cpu_budget: float) -> EngineLayout:
         """This layout with the given fields set (the command line's). A changed replica count re-splits the
         engines' CPU budget: Ray CPUs evenly, threads to the whole CPUs each gets (at least 1)."""
         given = {name: value for name, value in (("replicas", replicas), ("threads", threads),
                                                  ("num_cpus", num_cpus), ("max_num_seqs", max_num_seqs),
                                                  ("nice", nice), ("spin_wait", spin_wait),
+                                                 ("worker_in_core", worker_in_core),
                                                  ("predictor_replicas", predictor_replicas),
                                                  ("predictor_threads", predictor_threads))
                  if value is not None}
@@ -95,7 +98,8 @@ class EngineLayout:
                 layout = replace(layout, threads=max(1, math.floor(share + 0.5)))
         flags = ", ".join("--" + {"replicas": "replicas", "threads": "engine-threads", "num_cpus": "engine-cpus",
                                   "max_num_seqs": "max-num-seqs", "nice": "engine-nice",
-                                  "spin_wait": "engine-spin-wait", "predictor_replicas": "predictor-replicas",
+                                  "spin_wait": "engine-spin-wait", "worker_in_core": "engine-worker-process",
+                                  "predictor_replicas": "predictor-replicas",
                                   "predictor_threads": "predictor-threads"}[name] for name in given)
         return replace(layout, reason=f"set by {flags}")
 
@@ -105,6 +109,7 @@ class EngineLayout:
                 f"thread{'s' if self.threads > 1 else ''} ({self.num_cpus:g} Ray CPUs each), "
                 f"{self.max_num_seqs} seats each{f', nice {self.nice}' if self.nice else ''}"
                 f"{', OpenMP spin wait' if self.spin_wait and self.threads > 1 else ''}"
+                f"{'' if self.worker_in_core else ', model in a worker process'}"
                 f"{self._predictor_text()}; {self.reason}")
 
     def _predictor_text(self) -> str:

@@ -124,6 +124,13 @@ def test_app_args_carry_the_layout_into_a_valid_app() -> None:
     env = parsed.replica_env()
     assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert parsed.stream_batch_ms is None   # the platform's default unless the command line sets it
+    assert parsed.engine_spec("/models/m").worker_in_engine_core and layout.worker_in_core
+    assert not AppArgs(**app_args(args, layout), engine_num_gpus=1).engine_spec("/m").worker_in_engine_core
+    apart = parse_args(["--engine-worker-process"])   # vLLM-CPU's own placement, a process per model worker
+    apart_layout = engine_layout(apart, 2, 23.0, 2)
+    assert not AppArgs(**app_args(apart, apart_layout)).engine_spec("/m").worker_in_engine_core
+    assert apart_layout.reason == "set by --engine-worker-process"
+    assert "model in a worker process" in apart_layout.describe() and "worker" not in layout.describe()
     batched = parse_args(["--stream-batch-ms", "500"])
     assert AppArgs(**app_args(batched, engine_layout(batched, 2, 23.0, 2))).engine_spec("/m").stream_batch_s == 0.5
     with pytest.raises(SystemExit):
@@ -211,7 +218,9 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
         answer = client.completions.create(model=smollm2_path.name, prompt="Hello,", max_tokens=8)
         assert answer.usage.completion_tokens == 8 and answer.choices[0].text
 
-        workers = _processes(leader, "VLLM::Worker")   # the processes that run the model
+        # The processes that run the model: each engine's core, its model inside (no worker process of its own).
+        assert not _processes(leader, "VLLM::Worker"), _tree(leader)
+        workers = _processes(leader, "VLLM::EngineCore")
         assert len(workers) == expected.replicas, _tree(leader)
         for worker in workers:   # the thread count and the priority reached the process that runs the model
             environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
