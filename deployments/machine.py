@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-#: Seats (max_num_seqs) per engine: the CPU engine default (ltr.scheduling.engine.CPU_ENGINE_DEFAULTS).
+#: Seats (max_num_seqs) per engine thread: the CPU engine default (ltr.scheduling.engine.CPU_ENGINE_DEFAULTS)
+#: for each of an engine's threads, so an engine on two cores holds as many requests as two one-thread engines.
 from ltr.scheduling.engine import CPU_ENGINE_DEFAULTS
 
-SEATS = int(CPU_ENGINE_DEFAULTS["max_num_seqs"])
-#: OpenMP threads per engine the measurement favours (benchmarks/results/layout_bench.json).
-THREADS_PER_ENGINE = 1
+SEATS_PER_THREAD = int(CPU_ENGINE_DEFAULTS["max_num_seqs"])
+#: OpenMP threads per engine the measurement favours, spinning between parallel regions, with the model inside
+#: the engine-core process (benchmarks/README.md, "The model inside the engine core": one engine on both cores
+#: against two one-thread engines, through the whole service).
+THREADS_PER_ENGINE = 2
 #: Memory one CPU engine replica takes, read on this box while serving (RSS, shared pages counted in each): the
 #: Serve replica ~1.1 GiB, vLLM's engine core ~0.75, its worker ~2.5 with the 1 GiB KV cache
 #: (VLLM_CPU_KVCACHE_SPACE); layout_bench records the last two per run.
@@ -76,10 +79,10 @@ class EngineLayout:
 
     def override(self, *, replicas: int | None = None, threads: int | None = None, num_cpus: float | None = None,
                  max_num_seqs: int | None = None, nice: int | None = None, spin_wait: bool | None = None,
-                 worker_in_core: bool | None = None, predictor_replicas: int | None = None, predictor_threads: int | None = None,
-                 engine_cpu_budget: float) -> EngineLayout:
+                 worker_in_core: bool | None = None, predictor_replicas: int | None = None,
+                 predictor_threads: int | None = None, engine_cpu_budget: float) -> EngineLayout:
         """This layout with the given fields set (the command line's). A changed replica count re-splits the
-        engines' CPU budget: Ray CPUs evenly, threads to the whole CPUs each gets (at least 1)."""
+        engines' Ray CPUs and threads evenly (at least 1 thread each); changed threads bring their seats."""
         given = {name: value for name, value in (("replicas", replicas), ("threads", threads),
                                                  ("num_cpus", num_cpus), ("max_num_seqs", max_num_seqs),
                                                  ("nice", nice), ("spin_wait", spin_wait),
@@ -94,8 +97,10 @@ class EngineLayout:
             share = engine_cpu_budget / layout.replicas
             if "num_cpus" not in given:
                 layout = replace(layout, num_cpus=round(share, 3))
-            if "threads" not in given:
-                layout = replace(layout, threads=max(1, math.floor(share + 0.5)))
+            if "threads" not in given:   # the same threads in all, split evenly
+                layout = replace(layout, threads=max(1, self.replicas * self.threads // layout.replicas))
+        if layout.threads != self.threads and "max_num_seqs" not in given:
+            layout = replace(layout, max_num_seqs=SEATS_PER_THREAD * layout.threads)
         flags = ", ".join("--" + {"replicas": "replicas", "threads": "engine-threads", "num_cpus": "engine-cpus",
                                   "max_num_seqs": "max-num-seqs", "nice": "engine-nice",
                                   "spin_wait": "engine-spin-wait", "worker_in_core": "engine-worker-process",
@@ -124,28 +129,32 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
     """The engine layout for a machine with `cpus` usable cores and `memory_gib` of memory, whose engines may
     take `engine_cpu_budget` Ray CPUs (the rest is the predictor's and the ingress's).
 
-    From benchmarks/layout_bench.py on this 2-core box, through the whole service at 3 and 1.5 req/s: two
-    one-thread engines against one engine with both cores (2 OpenMP threads, passive wait). Two engines gave
-    0.45-0.48 s mean per-token latency at 3 req/s and 80-84 tok/s, one 2-thread engine 0.73-0.82 s and
-    54-56 tok/s (offline, one engine decodes only 1.1-1.3x faster on 2 threads than on 1, so a second
-    engine buys more than a second thread). Rule: one-thread engines, one per core (capped by memory at
-    ENGINE_MEMORY_GIB each, at least one), SEATS seats each, the engines' Ray CPUs split evenly, and
-    ENGINE_NICE levels below the rest of the service when their threads fill every core, the predictor then
-    scoring in up to PREDICTOR_REPLICAS replicas of PREDICTOR_THREADS threads. Measured on 2 cores only; more
-    cores repeat the per-core choice.
+    From benchmarks/peer_bench.py on this 2-core box, through the whole service against plain vLLM, with each
+    engine's model inside its engine-core process: one engine of 2 spinning threads and 32 seats was better than
+    vLLM on every metric near saturation (3 req/s), where two one-thread engines of 16 seats lost on per-token
+    latency and TTFT, and both beat vLLM at 6 req/s (the two engines by more: benchmarks/README.md, "The
+    model inside the engine core"). (Before the model moved into the engine core, two one-thread engines beat
+    one two-thread engine: benchmarks/results/layout_bench*.json.) Rule: engines of THREADS_PER_ENGINE spinning
+    threads (fewer on fewer cores), one per that many cores (capped by memory at ENGINE_MEMORY_GIB each, at
+    least one), SEATS_PER_THREAD seats per thread, the engines' Ray CPUs split evenly, and ENGINE_NICE levels
+    below the rest of the service when their threads fill every core, the predictor then scoring in up to
+    PREDICTOR_REPLICAS replicas of PREDICTOR_THREADS threads. Measured on 2 cores only; more cores repeat the
+    choice per pair of cores (not measured).
     """
     if cpus < 1 or memory_gib <= 0 or engine_cpu_budget <= 0:
         raise ValueError(f"cpus, memory and the engine CPU budget must be positive: {cpus}, {memory_gib}, "
                          f"{engine_cpu_budget}")
-    by_cpu = max(1, cpus // THREADS_PER_ENGINE)
+    threads = min(THREADS_PER_ENGINE, cpus)
+    by_cpu = max(1, cpus // threads)
     by_memory = max(1, math.floor(memory_gib / ENGINE_MEMORY_GIB))
     replicas = min(by_cpu, by_memory)
     bound = "memory" if by_memory < by_cpu else "cores"
-    yield_cores = replicas * THREADS_PER_ENGINE >= cpus
-    return EngineLayout(replicas=replicas, threads=THREADS_PER_ENGINE,
-                        num_cpus=round(engine_cpu_budget / replicas, 3), max_num_seqs=SEATS,
-                        nice=ENGINE_NICE if yield_cores else 0,
+    yield_cores = replicas * threads >= cpus
+    return EngineLayout(replicas=replicas, threads=threads, num_cpus=round(engine_cpu_budget / replicas, 3),
+                        max_num_seqs=SEATS_PER_THREAD * threads, nice=ENGINE_NICE if yield_cores else 0,
+                        spin_wait=threads > 1,
                         predictor_threads=PREDICTOR_THREADS if yield_cores else None,
                         predictor_replicas=min(cpus, PREDICTOR_REPLICAS) if yield_cores else 1,
-                        reason=f"fit to {cpus} CPUs and {memory_gib:.0f} GiB, bound by {bound}: one-thread engines, "
-                               "one per core, measured best (benchmarks/results/layout_bench.json)")
+                        reason=f"fit to {cpus} CPUs and {memory_gib:.0f} GiB, bound by {bound}: engines of up to "
+                               f"{THREADS_PER_ENGINE} spinning threads, the model inside the engine core, measured best "
+                               "(benchmarks/results/peer_bench_incore_*.json)")

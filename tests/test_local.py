@@ -17,7 +17,7 @@ import pytest
 
 from deployments.app import AppArgs, PredictorArgs
 from deployments.local import QUIET_SERVE_ENV, app_args, engine_layout, parse_args, predictor_args, serve_env
-from deployments.machine import ENGINE_NICE, PREDICTOR_REPLICAS, PREDICTOR_THREADS, SEATS, EngineLayout, \
+from deployments.machine import ENGINE_NICE, PREDICTOR_REPLICAS, PREDICTOR_THREADS, SEATS_PER_THREAD, EngineLayout, \
     fit_to_machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,19 +26,23 @@ RESERVED = AppArgs.model_fields["ingress_num_cpus"].default + PredictorArgs.mode
 
 @pytest.mark.parametrize("cpus,memory_gib,replicas,threads,nice,predictor", [
     (1, 8.0, 1, 1, ENGINE_NICE, (1, 1)),   # one core: one engine on it, below the predictor and the ingress
-    # this box: two one-thread engines (layout_bench: they beat one on both cores), two one-thread predictors
-    (2, 23.0, 2, 1, ENGINE_NICE, (2, 1)),
-    (8, 64.0, 8, 1, ENGINE_NICE, (PREDICTOR_REPLICAS, PREDICTOR_THREADS)),
-    (16, 6.0, 1, 1, 0, (1, None)),         # memory-bound: one engine, cores to spare for everything else
+    # this box: one engine on both cores (peer_bench: it beat two one-thread engines near saturation), two
+    # one-thread predictors
+    (2, 23.0, 1, 2, ENGINE_NICE, (2, 1)),
+    (3, 23.0, 1, 2, 0, (1, None)),          # a spare core: the engine need not yield
+    (8, 64.0, 4, 2, ENGINE_NICE, (PREDICTOR_REPLICAS, PREDICTOR_THREADS)),
+    (16, 6.0, 1, 2, 0, (1, None)),         # memory-bound: one engine, cores to spare for everything else
 ])
 def test_fit_to_machine(cpus: int, memory_gib: float, replicas: int, threads: int, nice: int,
                         predictor: tuple[int, int | None]) -> None:
     budget = max(cpus - RESERVED, 0.4)
     layout = fit_to_machine(cpus, memory_gib, budget)
-    assert (layout.replicas, layout.threads, layout.max_num_seqs, layout.nice) == (replicas, threads, SEATS, nice)
+    assert (layout.replicas, layout.threads, layout.max_num_seqs, layout.nice) == \
+        (replicas, threads, SEATS_PER_THREAD * threads, nice)
     assert (layout.predictor_replicas, layout.predictor_threads) == predictor
+    assert layout.spin_wait == (threads > 1) and layout.worker_in_core
     assert layout.replicas * layout.num_cpus <= budget + 1e-9
-    assert "layout_bench" in layout.reason
+    assert "peer_bench_incore" in layout.reason
 
 
 def test_engine_env_sets_threads_and_passive_wait_only_for_several() -> None:
@@ -56,17 +60,17 @@ def test_command_line_overrides_the_fitted_layout() -> None:
     budget = 2 - RESERVED
     fitted = engine_layout(parse_args([]), 2, 23.0, 2)
     assert fitted == fit_to_machine(2, 23.0, budget)
-    halves = engine_layout(parse_args(["--replicas", "2"]), 2, 23.0, 2)
+    assert fitted.engine_env() == {"OMP_NUM_THREADS": "2"} and "OpenMP spin wait" in fitted.describe()
+    halves = engine_layout(parse_args(["--replicas", "2"]), 2, 23.0, 2)   # the layout before 2026-12-05
     assert (halves.replicas, halves.threads, halves.num_cpus) == (2, 1, round(budget / 2, 3))
+    assert halves.max_num_seqs == SEATS_PER_THREAD   # seats follow the threads unless given
     assert halves.reason == "set by --replicas" and "2 replicas x 1 thread" in halves.describe()
+    assert "OpenMP spin wait" not in halves.describe() and halves.engine_env() == {"OMP_NUM_THREADS": "1"}
     one = engine_layout(parse_args(["--replicas", "1"]), 2, 23.0, 2)   # one engine gets the whole budget
-    assert (one.replicas, one.threads, one.num_cpus) == (1, 1, round(budget, 3))
-    both = engine_layout(parse_args(["--replicas", "1", "--engine-threads", "2"]), 2, 23.0, 2)
-    assert (both.threads, both.engine_env()["OMP_WAIT_POLICY"]) == (2, "PASSIVE")
-    spinning = engine_layout(parse_args(["--replicas", "1", "--engine-threads", "2", "--engine-spin-wait"]),
-                             2, 23.0, 2)   # plain vLLM's worker: OpenMP's own active wait
-    assert spinning.engine_env() == {"OMP_NUM_THREADS": "2"} and "OpenMP spin wait" in spinning.describe()
-    assert "--engine-spin-wait" in spinning.reason and not fitted.spin_wait
+    assert (one.replicas, one.threads, one.num_cpus) == (1, 2, round(budget, 3))
+    passive = engine_layout(parse_args(["--no-engine-spin-wait"]), 2, 23.0, 2)
+    assert (passive.threads, passive.engine_env()["OMP_WAIT_POLICY"]) == (2, "PASSIVE")
+    assert passive.reason == "set by --engine-spin-wait" and "OpenMP spin wait" not in passive.describe()
     seats = engine_layout(parse_args(["--max-num-seqs", "8", "--engine-threads", "1"]), 2, 23.0, 2)
     assert (seats.replicas, seats.threads, seats.max_num_seqs) == (fitted.replicas, 1, 8)
     assert "--engine-threads" in seats.reason and "--max-num-seqs" in seats.reason
@@ -75,7 +79,7 @@ def test_command_line_overrides_the_fitted_layout() -> None:
     same_priority = engine_layout(parse_args(["--engine-nice", "0"]), 2, 23.0, 2)
     assert (same_priority.nice, same_priority.replicas) == (0, fitted.replicas)
     assert same_priority.reason == "set by --engine-nice" and "nice" not in same_priority.describe().split(";")[0]
-    assert f"nice {ENGINE_NICE}, predictor 2 x 1 thread;" in fitted.describe()
+    assert f"nice {ENGINE_NICE}, OpenMP spin wait, predictor 2 x 1 thread;" in fitted.describe()
     old_predictor = engine_layout(parse_args(["--predictor-replicas", "1", "--predictor-threads", "2"]), 2, 23.0, 2)
     assert (old_predictor.predictor_replicas, old_predictor.predictor_threads) == (1, 2)
     assert old_predictor.reason == "set by --predictor-replicas, --predictor-threads"
