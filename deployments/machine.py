@@ -20,7 +20,7 @@ SEATS_PER_THREAD = int(CPU_ENGINE_DEFAULTS["max_num_seqs"])
 THREADS_PER_ENGINE = 2
 #: Memory one CPU engine replica takes, read on this box while serving (RSS, shared pages counted in each): the
 #: Serve replica ~1.1 GiB, vLLM's engine core ~0.75, its worker ~2.5 with the 1 GiB KV cache
-#: (VLLM_CPU_KVCACHE_SPACE); layout_bench records the last two per run.
+#: (VLLM_CPU_KVCACHE_SPACE), read when the worker had a process of its own (layout_bench records them per run).
 ENGINE_MEMORY_GIB = 4.5
 #: How many nice levels the engines' processes run below the rest of the service when they take every core.
 #: The predictor, the ingress and Serve's proxy are small, latency-bound tasks on the same cores; at equal
@@ -130,16 +130,17 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
     take `engine_cpu_budget` Ray CPUs (the rest is the predictor's and the ingress's).
 
     From benchmarks/peer_bench.py on this 2-core box, through the whole service against plain vLLM, with each
-    engine's model inside its engine-core process: one engine of 2 spinning threads and 32 seats was better than
-    vLLM on every metric near saturation (3 req/s), where two one-thread engines of 16 seats lost on per-token
-    latency and TTFT, and both beat vLLM at 6 req/s (the two engines by more: benchmarks/README.md, "The
-    model inside the engine core"). (Before the model moved into the engine core, two one-thread engines beat
-    one two-thread engine: benchmarks/results/layout_bench*.json.) Rule: engines of THREADS_PER_ENGINE spinning
-    threads (fewer on fewer cores), one per that many cores (capped by memory at ENGINE_MEMORY_GIB each, at
-    least one), SEATS_PER_THREAD seats per thread, the engines' Ray CPUs split evenly, and ENGINE_NICE levels
-    below the rest of the service when their threads fill every core, the predictor then scoring in up to
-    PREDICTOR_REPLICAS replicas of PREDICTOR_THREADS threads. Measured on 2 cores only; more cores repeat the
-    choice per pair of cores (not measured).
+    engine's model inside its engine-core process (gains = vLLM's latency / ltr-serve's): near saturation
+    (3 req/s) one engine of 2 spinning threads and 32 seats gained 0.93-1.35x on per-token latency (every metric
+    within 5% or better on 2 of 4 samples), two one-thread engines of 16 seats 0.80-0.91x (TTFT 0.41-0.44x);
+    both gained 2.3-4.9x at 6 req/s
+    (benchmarks/README.md, "The model inside the engine core"). (Before the model moved into the engine core,
+    two one-thread engines beat one two-thread engine: benchmarks/results/layout_bench*.json.) Rule: engines
+    of THREADS_PER_ENGINE spinning threads (fewer on fewer cores), one per that many cores (capped by memory at
+    ENGINE_MEMORY_GIB each, at least one), SEATS_PER_THREAD seats per thread, the engines' Ray CPUs split
+    evenly, and ENGINE_NICE levels below the rest of the service when their threads fill every core, the
+    predictor then scoring in up to PREDICTOR_REPLICAS replicas of PREDICTOR_THREADS threads. Measured on 2
+    cores only; more cores repeat the choice per pair of cores (not measured).
     """
     if cpus < 1 or memory_gib <= 0 or engine_cpu_budget <= 0:
         raise ValueError(f"cpus, memory and the engine CPU budget must be positive: {cpus}, {memory_gib}, "
@@ -156,5 +157,5 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
                         predictor_threads=PREDICTOR_THREADS if yield_cores else None,
                         predictor_replicas=min(cpus, PREDICTOR_REPLICAS) if yield_cores else 1,
                         reason=f"fit to {cpus} CPUs and {memory_gib:.0f} GiB, bound by {bound}: engines of up to "
-                               f"{THREADS_PER_ENGINE} spinning threads, the model inside the engine core, measured best "
-                               "(benchmarks/results/peer_bench_incore_*.json)")
+                               f"{THREADS_PER_ENGINE} spinning threads, the model inside the engine core, measured "
+                               "best (benchmarks/results/peer_bench_incore_*.json)")
