@@ -131,8 +131,8 @@ def fit_to_machine(cpus: int, memory_gib: float, engine_cpu_budget: float) -> En
 
     From benchmarks/peer_bench.py on this 2-core box, through the whole service against plain vLLM, with each
     engine's model inside its engine-core process (gains = vLLM's latency / ltr-serve's): near saturation
-    (3 req/s) one engine of 2 spinning threads and 32 seats gained 0.93-1.35x on per-token latency (every metric
-    within 5% or better on 2 of 4 samples), two one-thread engines of 16 seats 0.80-0.91x (TTFT 0.41-0.44x);
+    (3 req/s) one engine of 2 spinning threads and 32 seats gained 0.91-1.35x on per-token latency (every metric
+    within 5% or better on 2 of 6 samples), two one-thread engines of 16 seats 0.80-0.91x (TTFT 0.41-0.44x);
     both gained 2.3-4.9x at 6 req/s
     (benchmarks/README.md, "The model inside the engine core"). (Before the model moved into the engine core,
     two one-thread engines beat one two-thread engine: benchmarks/results/layout_bench*.json.) Rule: engines
