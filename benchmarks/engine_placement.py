@@ -110,12 +110,12 @@ async def measure(replicas: int, in_core: bool, concurrency: int, tokens: int, s
 def run_one(layout: str, placement: str, concurrency: int, args: argparse.Namespace) -> list[dict]:
     """One layout x placement x concurrency in a fresh process with the layout's OpenMP environment."""
     sys.path.insert(0, str(REPO))
+    from deployments.engine import CPU_ENGINE_ENV
     from deployments.machine import omp_env
 
     replicas, threads, spin = parse_layout(layout)
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    env.update(omp_env(threads, spin), VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE="1",
-               PYTHONPATH=str(REPO))
+    env.update(omp_env(threads, spin), **CPU_ENGINE_ENV, PYTHONPATH=str(REPO))   # what each engine replica gets
     command = [sys.executable, __file__, "--child", layout, placement, str(concurrency), "--tokens", str(args.tokens),
                "--seats", str(args.seats), "--reps", str(args.reps)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
