@@ -130,11 +130,18 @@ class AppArgs(BaseModel):
                                  enable_auto_tool_choice=self.enable_auto_tool_choice,
                                  tool_call_parser=self.tool_call_parser,
                                  trust_request_chat_template=self.trust_request_chat_template)
-        platform = "gpu" if self.engine_num_gpus > 0 else "cpu"
-        return EngineSpec(model=model_path, policy=platform_policy(self.policy, platform), platform=platform,
+        platform = self.platform()
+        return EngineSpec(model=model_path, policy=self.engine_policy(), platform=platform,
                           serving=serving, overrides=dict(self.engine_kwargs), served_log=self.served_log,
                           nice=self.engine_nice, stream_batch_s=self.stream_batch_s(platform),
                           worker_in_engine_core=platform == "cpu" and self.engine_worker_in_core)
+
+    def platform(self) -> Platform:
+        return "gpu" if self.engine_num_gpus > 0 else "cpu"
+
+    def engine_policy(self) -> PolicyConfig:
+        """The policy the engines run (the platform's defaults under the configured keys)."""
+        return platform_policy(self.policy, self.platform())
 
     def stream_batch_s(self, platform: Platform) -> float:
         """Seconds the engines gather a stream's events: the configured value, else the platform's default."""
@@ -194,7 +201,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     parsed = AppArgs(**(args or {}))
     model_path = parsed.model_path()
     settings = IngressSettings(**{"served_model_name": parsed.served_name(model_path),
-                                  "served_log": parsed.served_log is not None, **parsed.ingress})
+                                  "served_log": parsed.served_log is not None,
+                                  "engine_reranks": parsed.engine_policy().reranks_by_late_scores,
+                                  **parsed.ingress})
     actor_options: dict[str, Any] = {"num_cpus": parsed.ingress_num_cpus}
     if parsed.ingress_env:
         actor_options["runtime_env"] = {"env_vars": dict(parsed.ingress_env)}

@@ -122,12 +122,20 @@ class EngineRequest:
     expected_tokens: float | None = None
     #: Predicted cost in decode-token units (`ltr.routing.request_work`); read by `LeastWorkRouter`.
     predicted_work: float = 0.0
-    #: The predictor's pending answer (a Ray ObjectRef of a `Prediction`) when the ingress stopped waiting
-    #: for it: the replica re-ranks the request when it lands.
+    #: The predictor's pending answer (a Ray ObjectRef of a `Prediction`) when the ingress did not wait for
+    #: it: the replica re-ranks the request when it lands.
     late_prediction: Any = None
+    #: Sent ahead of its score (`late_prediction`): the rank scheduler holds the request behind all other
+    #: work until the score lands, or `release_after_s` after it reached the replica (then the request keeps
+    #: the neutral `score` it came with, and its own still re-ranks it if it lands later).
+    score_pending: bool = False
+    release_after_s: float = 0.0
     #: What the served-traffic log records of the request besides the engine's own counts
     #: (`ltr.data.served_log.log_extra_args`: input hash and length, predictor version, opt-in text).
     log_fields: dict[str, Any] = field(default_factory=dict)
+    #: With the served-traffic log on, whether it records the predictor's input text (None: log off); a
+    #: late answer's own log fields are then sent to the scheduler with its score.
+    log_text: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -296,14 +304,15 @@ class LLMEngine:
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self.state = await _serving_state(_TrackingEngineClient(self.llm), spec)
         self._tracked: dict[str, _Tracked] = {}
-        self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0, "late_scores": 0}
+        self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0, "followed_scores": 0,
+                         "late_scores": 0, "released_unscored": 0}
         logger.info("engine replica %s ready: model=%s policy=%s async_scheduling=%s", self.replica, spec.model,
                     self.policy.name, self.llm.vllm_config.scheduler_config.async_scheduling)
 
     async def openai(self, request: EngineRequest) -> AsyncIterator[ReplyHead | str]:
         """Serve one OpenAI request with vLLM's own serving layer: a `ReplyHead`, then (streams) vLLM's SSE
         strings. The score rides in `vllm_xargs`; cancellation (client gone) aborts it in the engine."""
-        from ltr.scheduling.engine import LATE_SCORE_ID_KEY, SCORE_KEY, priority_for
+        from ltr.scheduling.engine import LATE_SCORE_ID_KEY, SCORE_KEY, SCORE_PENDING_KEY, priority_for
 
         awaits_score = request.late_prediction is not None and self.policy.runs_rank_scheduler
         body = dict(request.body)
@@ -315,6 +324,8 @@ class LLMEngine:
             xargs[SCORE_KEY] = float(request.score)
         if awaits_score:
             xargs[LATE_SCORE_ID_KEY] = request.request_id
+            if request.score_pending:
+                xargs[SCORE_PENDING_KEY] = True
         body["vllm_xargs"] = xargs or None
         if self.policy.name == "priority":
             body["priority"] = priority_for(self.policy, request.score)
@@ -324,8 +335,7 @@ class LLMEngine:
         self.counters["scored" if tracked.scored else "unscored"] += 1
         late = None
         if awaits_score:
-            late = asyncio.get_running_loop().create_task(
-                self._apply_late_prediction(request.request_id, request.late_prediction, tracked))
+            late = asyncio.get_running_loop().create_task(self._apply_late_prediction(request, tracked))
         _CURRENT.set(tracked)
         try:
             result = await self._call_serving(request.kind, body)
@@ -382,23 +392,43 @@ class LLMEngine:
 
         return {"replica": self.replica, "text": vllm_registry_text()}
 
-    async def _apply_late_prediction(self, request_id: str, pending: Any, tracked: _Tracked) -> None:
-        """When the predictor's late answer lands, hand its score to the scheduler (which re-ranks the
-        request where it stands) and its expected length to the router's load report."""
+    async def _apply_late_prediction(self, request: EngineRequest, tracked: _Tracked) -> None:
+        """When the predictor's answer lands, hand its score (and, with the served-traffic log on, what the log
+        records of it) to the scheduler, which re-ranks the request where it stands, and its expected length
+        to the router's load report. A request sent ahead of its score is released to its neutral score when
+        the answer fails, or has not landed `release_after_s` from now (it may still land and re-rank it)."""
+        from ltr.data.served_log import log_extra_args
         from ltr.routing import request_work
-        from ltr.scheduling.score_updates import append_score_update
+        from ltr.scheduling.score_updates import ScoreUpdate, append_score_update
 
+        request_id = request.request_id
+        answer = asyncio.ensure_future(request.late_prediction)
+        pending = request.score_pending
         try:
-            prediction = await pending
+            if pending:
+                done, _ = await asyncio.wait({answer}, timeout=request.release_after_s)
+                if not done:
+                    append_score_update(self.score_updates_path, ScoreUpdate(request_id, None, final=False))
+                    self.counters["released_unscored"] += 1
+                    pending = False
+            prediction = await answer
+        except asyncio.CancelledError:
+            answer.cancel()
+            raise
         except Exception as exc:   # the predictor failed after all: the request keeps its neutral place
             logger.debug("late prediction for %s failed: %s", request_id, exc)
+            if pending:
+                append_score_update(self.score_updates_path, ScoreUpdate(request_id, None))
+                self.counters["released_unscored"] += 1
             return
         if request_id not in self._tracked:
             return
-        append_score_update(self.score_updates_path, request_id, prediction.score)
+        extra = ({} if request.log_text is None or prediction.input_text is None
+                 else log_extra_args(prediction.input_text, prediction.version, request.log_text))
+        append_score_update(self.score_updates_path, ScoreUpdate(request_id, prediction.score, extra))
         tracked.expected_tokens = prediction.expected_tokens
         tracked.predicted_work = request_work(prediction.expected_tokens, tracked.prompt_tokens)
-        self.counters["late_scores"] += 1
+        self.counters["followed_scores" if pending else "late_scores"] += 1
 
     def outstanding_work(self) -> float:
         """Predicted decode tokens still to come for the requests this replica holds."""

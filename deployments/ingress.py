@@ -3,7 +3,8 @@
 The protocol itself — request models, chat templates, sampling, structured outputs, tools, logprobs, `n`,
 streaming, usage, error responses — is vLLM's serving layer, run inside each engine replica on its AsyncLLM
 (`deployments/engine.py`). Here: API key, body cap, back-pressure (429 + Retry-After), the predictor call
-(timeout, circuit breaker, neutral placement, late scores), routing, our `x-ltr-*` headers, debug routes
+(requests sent ahead of their score, timeout, circuit breaker, neutral placement, late scores), routing, our
+`x-ltr-*` headers, debug routes
 and `/metrics`. Bodies are parsed with vLLM's protocol models (`ChatCompletionRequest`,
 `CompletionRequest`) before any of that, and refused with vLLM's own validation-error responses, so a bad
 request costs no predictor call and fails as it fails on `vllm serve`. Every error, ours included, has
@@ -22,6 +23,7 @@ import uuid
 from argparse import Namespace
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -98,7 +100,19 @@ class IngressSettings(BaseModel):
     neutral_window: int = Field(512, ge=1)
     #: A request sent on after a predictor timeout is re-ranked in its engine when the score lands.
     late_scores: bool = True
-    #: Most late answers (the predictor's, after a timeout) in flight at once.
+    #: Send each request to its engine without waiting for the predictor, its score following: the engine
+    #: holds it behind all other work until the score lands, or `predictor_timeout_s` after the call (then
+    #: it is placed at the neutral score and re-ranked if its score still lands). Scoring then adds no
+    #: latency where a seat is free and overlaps the queueing delay where none is. Needs `late_scores` and
+    #: engines that re-rank (`engine_reranks`), and the served-traffic log off (a request that finished before
+    #: its score landed would be logged without the predictor's answer); otherwise the ingress waits for the
+    #: score, as with False.
+    send_before_score: bool = True
+    #: Whether the engines re-rank a request when its score lands: the rank scheduler's policies do, vLLM's
+    #: own fcfs and priority queues do not. Set by `app.py` from the engines' policy.
+    engine_reranks: bool = True
+    #: Most late answers (the predictor's, after a timeout) in flight at once, when the ingress waited for
+    #: them (a request sent ahead of its score carries its answer from the start, until it finishes).
     max_late_in_flight: int = Field(256, ge=0)
     #: Predictor failures in a row that open the circuit breaker (no predictor calls for `breaker_cooldown_s`).
     #: A failure is an error, a timeout whose answer is not followed, or a followed answer that fails or
@@ -122,6 +136,30 @@ class IngressSettings(BaseModel):
             raise ValueError(f"breaker_late_answer_s ({self.breaker_late_answer_s}) must exceed predictor_timeout_s "
                              f"({self.predictor_timeout_s}): a late answer is one that missed the timeout")
         return self
+
+
+# ---- placement -------------------------------------------------------------------------------------
+
+@dataclass
+class Placement:
+    """How the ingress placed one request: what the engine gets, and what the `x-ltr-*` headers say."""
+
+    #: The score the request is sent with (the predictor's, a neutral one, an override), or None.
+    prediction: Prediction | None
+    #: predicted | neutral | first | override, or pending: sent ahead of its score (see `settled`).
+    how: str
+    #: Why the predictor did not place it (a fallback reason), if it did not.
+    reason: str | None = None
+    #: The predictor's answer still on its way (a Ray ObjectRef), which the engine replica applies.
+    pending: Any = None
+    #: Sent ahead of its score: resolves to the placement it ends with once its score lands in time, fails,
+    #: or misses the timeout (`release_at`, monotonic seconds; then the engine releases it at `prediction`).
+    settled: asyncio.Future | None = None
+    release_at: float = 0.0
+
+    def known(self) -> Placement:
+        """This placement as far as known now: the settled one, or itself while the score is on its way."""
+        return self.settled.result() if self.settled is not None and self.settled.done() else self
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -326,16 +364,34 @@ class OpenAIIngress:
                            else "at the neutral score")
         return None, reason
 
-    async def _predict(self, item: PredictorInput) -> tuple[Prediction | None, str | None, Any]:
-        """(prediction, fallback reason, pending): the request proceeds either way. On a timeout with
+    @property
+    def _sends_ahead(self) -> bool:
+        s = self.settings
+        return s.send_before_score and s.late_scores and s.engine_reranks and not s.served_log
+
+    def _fallback_prediction(self, reason: str | None) -> Prediction | None:
+        """Where a request the predictor did not score goes: the neutral score, or None (first)."""
+        if reason == "disabled" or self.settings.unscored_placement != "neutral":
+            return None
+        return self._neutral.prediction()
+
+    def _placed_without_score(self, reason: str, prediction: Prediction | None) -> Placement:
+        if prediction is not None:
+            self.neutral_placements += 1
+        return Placement(prediction, "neutral" if prediction is not None else "first", reason)
+
+    async def _predict(self, item: PredictorInput) -> tuple[Prediction | None, str | None, Any, Placement | None]:
+        """(prediction, fallback reason, pending, ahead): the request proceeds either way. On a timeout with
         `late_scores`, `pending` is the predictor's answer still on its way (a Ray ObjectRef), which the
-        engine replica applies when it lands (at most `max_late_in_flight` such answers at once)."""
+        engine replica applies when it lands (at most `max_late_in_flight` such answers at once). Sending
+        ahead of the score (`send_before_score`), `ahead` is the request's placement as soon as a predictor
+        replica has taken the call (`_follow_ahead`)."""
         if self._predictor is None:
-            return (*self._fallback("disabled"), None)
+            return (*self._fallback("disabled"), None, None)
         if not _fallback_text(item).strip():
-            return (*self._fallback("no_text"), None)
+            return (*self._fallback("no_text"), None, None)
         if time.monotonic() < self._breaker_open_until:
-            return (*self._fallback("circuit_open"), None)
+            return (*self._fallback("circuit_open"), None, None)
         reason, detail, pending, response, assignment, unassigned = None, "", None, None, None, False
         started = time.monotonic()
         deadline = started + self.settings.predictor_timeout_s
@@ -344,6 +400,8 @@ class OpenAIIngress:
             assignment = asyncio.ensure_future(response._to_object_ref())
             ref = await asyncio.wait_for(asyncio.shield(assignment), timeout=self.settings.predictor_timeout_s)
             answer = asyncio.wrap_future(ref.future())
+            if self._sends_ahead and not answer.done():
+                return None, None, None, self._follow_ahead(ref, answer, started)
             try:
                 prediction = await asyncio.wait_for(asyncio.shield(answer),
                                                     timeout=max(deadline - time.monotonic(), 0.0))
@@ -352,7 +410,7 @@ class OpenAIIngress:
                 raise
             self._failures = 0
             self._observe_wait(started, prediction)
-            return prediction, None, None
+            return prediction, None, None, None
         except asyncio.TimeoutError:
             reason = "timeout"
             unassigned = assignment is not None and not assignment.done()
@@ -366,7 +424,50 @@ class OpenAIIngress:
             reason, detail = "error", f"{type(exc).__name__}: {str(exc)[:200]}"
         if pending is None and not unassigned:   # those are judged later (`_follow_late`, `_judge_assignment`)
             self._predictor_failed()
-        return (*self._fallback(reason, detail), pending)
+        return (*self._fallback(reason, detail), pending, None)
+
+    def _follow_ahead(self, ref: Any, answer: asyncio.Future, started: float) -> Placement:
+        """The placement of a request sent ahead of its score, and the accounting of its answer. In time
+        (`predictor_timeout_s` after the call) the answer places the request as if awaited here. One that
+        fails first, or misses the timeout, is a fallback of that reason placed at the neutral score, which
+        is what the engine releases the request at; a late answer is then judged as `_follow_late`'s."""
+        fallback = self._fallback_prediction("timeout")
+        settled: asyncio.Future = asyncio.get_running_loop().create_future()
+        deadline = started + self.settings.predictor_timeout_s
+
+        def expired() -> None:
+            if answer.done():
+                return   # settled by `landed`, which runs next
+            self.late_sent += 1
+            self._fallback("timeout")
+            settled.set_result(self._placed_without_score("timeout", fallback))
+
+            def late(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._observe_wait(started, done.result())
+
+            self._judge_late(answer, started, ("landed", "failed", "overdue"), success_resets=True, on_settled=late)
+
+        def landed(done: asyncio.Future) -> None:
+            if settled.done():
+                return   # already expired: judged by `_judge_late`
+            timer.cancel()
+            error = None if done.cancelled() else done.exception()
+            if done.cancelled() or error is not None:
+                reason = "unavailable" if isinstance(error, PredictorUnavailable) else "error"
+                self._predictor_failed()
+                self._fallback(reason, f"{type(error).__name__}: {str(error)[:200]}")
+                settled.set_result(self._placed_without_score(reason, fallback))
+                return
+            prediction = done.result()
+            self._failures = 0
+            self._observe_wait(started, prediction)
+            self._neutral.observe(prediction)
+            settled.set_result(Placement(prediction, "predicted"))
+
+        timer = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0.0), expired)
+        answer.add_done_callback(landed)
+        return Placement(fallback, "pending", pending=ref, settled=settled, release_at=deadline)
 
     def _observe_wait(self, started: float, prediction: Prediction) -> None:
         self.predictor_waits.observe(time.monotonic() - started)
@@ -462,24 +563,21 @@ class OpenAIIngress:
                            "BadRequestError")
         return Prediction(score, expected)
 
-    async def _place(self, request: Request, served: bool, item: PredictorInput) -> tuple[
-            Prediction | None, str | None, str, Any]:
-        """(prediction, fallback reason, placement, pending late answer) of one request."""
+    async def _place(self, request: Request, served: bool, item: PredictorInput) -> Placement:
         override = self._override(request)
         if override is not None:
-            return override, "override", "override", None
+            return Placement(override, "override", "override")
         if not served:   # vLLM answers 404 for this model name: nothing to score
-            return None, None, "first", None
-        prediction, reason, pending = await self._predict(item)
-        placement = "predicted"
+            return Placement(None, "first")
+        prediction, reason, pending, ahead = await self._predict(item)
+        if ahead is not None:
+            return ahead
         if prediction is not None:
             self._neutral.observe(prediction)
-        elif reason != "disabled" and self.settings.unscored_placement == "neutral":
-            prediction = self._neutral.prediction()
-            if prediction is not None:
-                placement = "neutral"
-                self.neutral_placements += 1
-        return prediction, reason, placement if prediction is not None else "first", pending
+            return Placement(prediction, "predicted", reason, pending)
+        placement = self._placed_without_score(reason, self._fallback_prediction(reason))
+        placement.pending = pending
+        return placement
 
     # -- one generation request ------------------------------------------------------------------------
 
@@ -509,30 +607,50 @@ class OpenAIIngress:
         body = dict(data)
         body.setdefault("request_id", hex_id)   # vLLM names its answer "<prefix>-<request_id>"
         served = parsed.model in (None, self.settings.served_model_name)
-        prediction, reason, placement, pending = await self._place(request, served, item)
-        score = prediction.score if prediction else None
+        placement = await self._place(request, served, item)
+        prediction = placement.prediction
         expected = prediction.expected_tokens if prediction else None
-        scored_text = prediction.input_text if placement == "predicted" and prediction else None
+        scored_text = prediction.input_text if placement.how == "predicted" and prediction else None
         log_fields = {} if not self.settings.served_log else log_extra_args(
             scored_text or _fallback_text(item), prediction.version if scored_text is not None else None,
             self.settings.log_text)
         engine_request = EngineRequest(
-            kind=kind, body=body, request_id=request_id, score=score, expected_tokens=expected,
-            predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN), late_prediction=pending,
-            log_fields=log_fields)
+            kind=kind, body=body, request_id=request_id, score=prediction.score if prediction else None,
+            expected_tokens=expected, predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN),
+            late_prediction=placement.pending, score_pending=placement.settled is not None,
+            release_after_s=max(placement.release_at - time.monotonic(), 0.0), log_fields=log_fields,
+            log_text=self.settings.log_text if self.settings.served_log else None)
         self.requests[kind] += 1
-        headers = {SCORE_HEADER: "none" if score is None else repr(score), REQUEST_ID_HEADER: request_id,
-                   PLACEMENT_HEADER: placement}
-        if reason is not None:
-            headers[FALLBACK_HEADER] = reason
         head, stream = await self._start(engine_request)
+        first = None
+        if head.body is None and placement.settled is not None and not placement.settled.done():
+            # The headers go out with the first event: they say how the request was placed if its score has
+            # landed by then, and "pending" if not (the first token is never held for them).
+            first = asyncio.ensure_future(stream.__anext__())
+            try:
+                await asyncio.wait({first, placement.settled}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:   # client gone: the replica aborts the request
+                first.cancel()
+                stream.cancel()
+                raise
+        headers = self._placement_headers(placement.known(), request_id)
         headers[REPLICA_HEADER] = head.replica
         self.replicas_seen[head.replica] += 1
         if head.body is not None:
             async for _ in stream:   # the head was the whole answer: let the replica's call end by itself
                 pass
             return JSONResponse(head.body, status_code=head.status, headers=headers)
-        return StreamingResponse(self._relay(stream), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(self._relay(stream, first), media_type="text/event-stream", headers=headers)
+
+    @staticmethod
+    def _placement_headers(placement: Placement, request_id: str) -> dict[str, str]:
+        prediction = placement.prediction if placement.how != "pending" else None
+        headers = {SCORE_HEADER: "pending" if placement.how == "pending" else
+                   "none" if prediction is None else repr(prediction.score),
+                   REQUEST_ID_HEADER: request_id, PLACEMENT_HEADER: placement.how}
+        if placement.reason is not None:
+            headers[FALLBACK_HEADER] = placement.reason
+        return headers
 
     async def _start(self, engine_request: EngineRequest) -> tuple[ReplyHead, Any]:
         """The reply's head and its stream. A replica that dies before answering is retried once on
@@ -568,10 +686,15 @@ class OpenAIIngress:
         return APIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"engine error: {type(exc).__name__}",
                         "InternalServerError")
 
-    async def _relay(self, stream: Any) -> AsyncIterator[str]:
-        """vLLM's SSE strings as they come; an engine failure mid-stream ends the stream as vLLM's own
-        generators end theirs (an error event, then `[DONE]`)."""
+    async def _relay(self, stream: Any, first: asyncio.Future | None = None) -> AsyncIterator[str]:
+        """vLLM's SSE strings as they come (`first`: the stream's first, already asked for); an engine failure
+        mid-stream ends the stream as vLLM's own generators end theirs (an error event, then `[DONE]`)."""
         try:
+            if first is not None:
+                try:
+                    yield await first
+                except StopAsyncIteration:
+                    return
             async for event in stream:
                 yield event
         except Exception as exc:

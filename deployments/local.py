@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="let vLLM torch.compile the model (faster steps, minutes more startup on CPU)")
     parser.add_argument("--no-predictor", action="store_true", help="serve without the predictor (FCFS)")
+    parser.add_argument("--wait-for-score", action="store_true",
+                        help="send each request to its engine only once the predictor has scored it (or timed "
+                             "out), instead of at once with its score following (IngressSettings.send_before_score)")
     parser.add_argument("--api-key-env", default=None,
                         help="environment variable holding an API key clients must send as Bearer token")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
@@ -149,7 +152,8 @@ def serve_env(front: str, state_dir: str) -> dict[str, str]:
 
 def app_args(args: argparse.Namespace, layout: EngineLayout) -> dict:
     """The `build_app` args for these command-line options and engine layout."""
-    ingress: dict = {"predictor_app": None if args.no_predictor else PREDICTOR_APP_NAME}
+    ingress: dict = {"predictor_app": None if args.no_predictor else PREDICTOR_APP_NAME,
+                     "send_before_score": not args.wait_for_score}
     ingress_env: dict[str, str] = {}
     if args.api_key_env:
         ingress["api_key_env"] = args.api_key_env

@@ -33,7 +33,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from ltr.scheduling.engine import LATE_SCORE_ID_KEY, SCORE_KEY, additional_config_for
+from ltr.scheduling.engine import LATE_SCORE_ID_KEY, SCORE_KEY, SCORE_PENDING_KEY, additional_config_for
 from ltr.scheduling.policy import PolicyConfig
 
 #: Vocabulary the fake tokens stay inside (SmolLM2's tokenizer, which the tiny Llama uses).
@@ -94,7 +94,7 @@ _arrivals = itertools.count()
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int, score: float | None, *,
                  block_size: int = 16, arrival_time: float | None = None,
-                 late_score_id: str | None = None) -> Request:
+                 late_score_id: str | None = None, score_pending: bool = False) -> Request:
     """A request whose prompt shares no prefix-cache block with any other request's.
 
     Arrival times default to a global counter so ties in the policy's key break reproducibly.
@@ -104,6 +104,8 @@ def make_request(request_id: str, prompt_len: int, max_tokens: int, score: float
     extra = {} if score is None else {SCORE_KEY: float(score)}
     if late_score_id is not None:   # the caller's id; vLLM's engine gives the request its own
         extra[LATE_SCORE_ID_KEY] = late_score_id
+        if score_pending:   # sent ahead of its score, which will come under `late_score_id`
+            extra[SCORE_PENDING_KEY] = True
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None)
     return Request(request_id=request_id, prompt_token_ids=prompt, sampling_params=params,
                    pooling_params=None, block_hasher=_block_hasher(block_size),

@@ -135,6 +135,10 @@ def test_app_args_carry_the_layout_into_a_valid_app() -> None:
     assert not AppArgs(**app_args(apart, apart_layout)).engine_spec("/m").worker_in_engine_core
     assert apart_layout.reason == "set by --engine-worker-process"
     assert "model in a worker process" in apart_layout.describe() and "worker" not in layout.describe()
+    assert parsed.ingress["send_before_score"]   # requests go to their engine at once, their scores following
+    assert not parsed.engine_policy().reranks_by_late_scores and AppArgs().engine_policy().reranks_by_late_scores
+    waiting = parse_args(["--wait-for-score"])
+    assert AppArgs(**app_args(waiting, engine_layout(waiting, 2, 23.0, 2))).ingress["send_before_score"] is False
     batched = parse_args(["--stream-batch-ms", "500"])
     assert AppArgs(**app_args(batched, engine_layout(batched, 2, 23.0, 2))).engine_spec("/m").stream_batch_s == 0.5
     with pytest.raises(SystemExit):

@@ -118,8 +118,9 @@ def test_a_missing_score_is_served_between_ranked_work_not_ahead_of_it(overload_
     assert missing.headers["x-ltr-placement"] == "neutral" and missing.headers["x-ltr-fallback"] == "timeout"
     assert float(missing.headers["x-ltr-score"]) == neutral
     order = sorted(done, key=lambda name: done[name][0])
-    # The blocker still held the seat when the missing-score request reached the engine (after the ingress's
-    # predictor timeout), so every other request was queued with it: the order below is the ranking's.
+    # The blocker still held the seat when the missing-score request was released to the neutral score (it
+    # waited behind the ranked requests until the predictor timeout), so every other request was queued with
+    # it: the order below is the ranking's.
     assert done["blocker"][0] > sent["missing"] + PREDICTOR_TIMEOUT_S, (sent, order)
     assert order.index("missing") > max(order.index(f"short{i}") for i in range(3)), order
     assert order.index("missing") < min(order.index(f"long{i}") for i in range(3)), order
@@ -132,7 +133,8 @@ def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: Overl
     """24 concurrent requests against a predictor that sleeps `hang_s` per batch, then scores (on a shared
     quarter CPU, so a burst can still miss the 1 s timeout): all are served; each one the predictor missed is a
     counted timeout placed at the neutral score, and gets its own score in the engine while it still waits.
-    Near the timeout, every request ends up ranked by its own score (in time or late); beyond it, none is
+    Near the timeout, every request ends up ranked by its own score (in time or late), but for any the idle
+    seat served before its score landed (sent ahead of its score; its reply says "pending"); beyond it, none is
     scored in time and the late scores re-rank most of the queue (the first served finish before theirs land).
     The predictor serves at most 4 batches at once, so when the burst reaches it over more than 4 batch windows
     the last answers land a whole `hang_s` later: beyond the timeout each request decodes `tokens` = 32 so the
@@ -151,6 +153,7 @@ def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: Overl
         time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
         before, engines_before = _stats(url), asyncio.run(_engine_stats(url))
         replies = asyncio.run(burst())
+        time.sleep(PREDICTOR_TIMEOUT_S + 0.2)   # a reply that beat its score: the ingress has judged it since
         after, engines_after = _stats(url), asyncio.run(_engine_stats(url))
     finally:
         _set_predictor({})
@@ -158,12 +161,16 @@ def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: Overl
     fallbacks = {reason: after["predictor_fallbacks"].get(reason, 0) - before["predictor_fallbacks"].get(reason, 0)
                  for reason in after["predictor_fallbacks"]}
     fallbacks = {reason: moved for reason, moved in fallbacks.items() if moved}
-    unscored = [r for r in replies if r.headers["x-ltr-placement"] != "predicted"]
-    # Every request is either scored by the predictor or a counted fallback at the neutral score: the scored
-    # share /v1/ltr/stats reports is the share the requests saw.
-    assert sum(fallbacks.values()) == len(unscored), (fallbacks, [r.headers for r in unscored])
-    assert after["neutral_placements"] - before["neutral_placements"] == len(unscored)
-    assert all(r.headers["x-ltr-placement"] == "neutral" and r.headers["x-ltr-score"] != "none" for r in unscored)
+    n_fallbacks = sum(fallbacks.values())
+    placements = [r.headers["x-ltr-placement"] for r in replies]
+    # Every request is either scored by the predictor or a counted fallback at the neutral score (the scored
+    # share /v1/ltr/stats reports is the share the requests saw); a reply done before its score landed or
+    # missed the timeout says "pending".
+    assert set(placements) <= {"predicted", "neutral", "pending"}, placements
+    assert placements.count("neutral") <= n_fallbacks <= placements.count("neutral") + placements.count("pending"), \
+        (fallbacks, placements)
+    assert after["neutral_placements"] - before["neutral_placements"] == n_fallbacks
+    assert all(r.headers["x-ltr-score"] != "none" for r in replies)
     # All arrive before any times out, so none meets an open breaker: each miss is a timeout with a late answer.
     assert set(fallbacks) <= {"timeout"}, fallbacks
 
@@ -172,12 +179,17 @@ def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: Overl
                    for r in engines_after)
 
     received, applied = moved("counters"), moved("scheduler")
-    assert applied <= received <= len(unscored), (received, applied, len(unscored))
+    assert applied <= received <= n_fallbacks, (received, applied, n_fallbacks)
     if hang_s < PREDICTOR_TIMEOUT_S:
-        assert n - len(unscored) >= 1 and (n - len(unscored)) + received == n, (fallbacks, received)
+        # Each was sent ahead of its score, and each score still in flight reached the engine: in time
+        # (followed), or after the engine had released the request to the neutral score (late).
+        followed = sum(engines_after[r]["counters"]["followed_scores"] - engines_before[r]["counters"]["followed_scores"]
+                       for r in engines_after)
+        assert n - n_fallbacks >= 1 and followed >= n - n_fallbacks - placements.count("pending"), (fallbacks, followed)
+        assert n - placements.count("pending") <= followed + received <= n, (placements, followed, received)
     else:
         sent = after["late_sent"] - before["late_sent"]
-        assert len(unscored) == n and received >= n // 2 and applied >= 1, (fallbacks, sent, received, applied)
+        assert n_fallbacks == n and received >= n // 2 and applied >= 1, (fallbacks, sent, received, applied)
 
 
 
@@ -192,12 +204,17 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
         time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
         _set_predictor({"fault": "hang", "hang_s": PREDICTOR_TIMEOUT_S + 0.5})
         before = _stats(url)
-        replies = [httpx.post(f"{url}/v1/completions", json=_body(model, f"Slow {i}: explain.", 2), timeout=120)
-                   for i in range(5)]
-        time.sleep(1.0)   # the last answer lands
-        after = _stats(url)
+        replies = []
+        for i in range(5):   # spaced so that no call waits for a free predictor batch (at most 4 at once)
+            replies.append(httpx.post(f"{url}/v1/completions", json=_body(model, f"Slow {i}: explain.", 2), timeout=120))
+            time.sleep(0.5)
+        deadline = time.monotonic() + 4 * BREAKER_LATE_ANSWER_S
+        while _late_moved(before, after := _stats(url), "landed") < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)   # the answers land after their requests were served
         assert [r.status_code for r in replies] == [200] * 5, [r.text for r in replies]
-        assert [r.headers["x-ltr-fallback"] for r in replies] == ["timeout"] * 5, [r.headers for r in replies]
+        # Each was served on the idle engine before its score could land: the replies say so.
+        assert [r.headers["x-ltr-placement"] for r in replies] == ["pending"] * 5, [r.headers for r in replies]
+        assert after["predictor_fallbacks"].get("timeout", 0) - before["predictor_fallbacks"].get("timeout", 0) == 5
         assert _late_moved(before, after, "landed") == 5, after
         assert _late_moved(before, after, "overdue") == 0, after
         assert not after["breaker_open"]
@@ -218,7 +235,7 @@ def test_slow_answers_that_land_keep_the_breaker_closed_and_overdue_ones_open_it
                                               for i in range(3)))
 
         hung = asyncio.run(burst())
-        assert [r.headers["x-ltr-fallback"] for r in hung] == ["timeout"] * 3, [r.headers for r in hung]
+        assert [r.status_code for r in hung] == [200] * 3, [r.text for r in hung]
         deadline = time.monotonic() + 2 * BREAKER_LATE_ANSWER_S
         while not (stats := _stats(url))["breaker_open"] and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -285,7 +302,11 @@ def test_calls_no_predictor_replica_took_in_time_are_judged_by_assignment_and_ca
         deadline = time.monotonic() + 2 * BREAKER_LATE_ANSWER_S
         while _late_moved(before, stats := _stats(url), "unassigned") < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert [r.headers.get("x-ltr-fallback") for r in replies] == ["timeout"] * 4, [r.headers for r in replies]
+        # The call a replica took at once went ahead of its score, and its reply beat the score; the three
+        # queued behind it timed out unassigned and went on at the neutral score.
+        assert sorted(r.headers["x-ltr-placement"] for r in replies) == ["neutral"] * 3 + ["pending"], \
+            [r.headers for r in replies]
+        assert [r.headers.get("x-ltr-fallback") for r in replies].count("timeout") == 3, [r.headers for r in replies]
         assert _late_moved(before, stats, "unassigned") == 3, stats
         assert stats["breaker_openings"] - before["breaker_openings"] >= 1, (before, stats)
     finally:
@@ -301,3 +322,32 @@ def test_a_late_answer_is_overdue_after_ten_timeouts_unless_set_and_never_before
     assert IngressSettings(served_model_name="m", breaker_late_answer_s=3.0).breaker_late_answer_s == 3.0
     with pytest.raises(ValidationError, match="must exceed predictor_timeout_s"):
         IngressSettings(served_model_name="m", predictor_timeout_s=1.0, breaker_late_answer_s=1.0)
+
+
+def test_a_request_is_served_before_its_score_lands_when_a_seat_is_free(overload_app: OverloadApp) -> None:
+    """The predictor answers in time but slowly; the engine is idle. The request is sent ahead of its score
+    and admitted at once: its reply starts (headers "pending") before the score lands, which then still counts
+    as scored in time (no fallback) and reaches the engine, where the request still runs, as a followed score."""
+    url, model = overload_app.url, overload_app.model
+    try:
+        time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
+        _set_predictor({"fault": "hang", "hang_s": 0.6 * PREDICTOR_TIMEOUT_S})
+        before, engines_before = _stats(url), asyncio.run(_engine_stats(url))
+        with httpx.stream("POST", f"{url}/v1/completions", json={**_body(model, "Ahead: say hi.", 64), "stream": True},
+                          timeout=120) as reply:
+            headers, text = reply.headers, reply.read().decode()
+        time.sleep(1.0)   # the score lands
+        after, engines_after = _stats(url), asyncio.run(_engine_stats(url))
+    finally:
+        _set_predictor({})
+    assert reply.status_code == 200 and text.rstrip().endswith("data: [DONE]"), text
+    assert headers["x-ltr-placement"] == "pending" and headers["x-ltr-score"] == "pending", headers
+    assert "x-ltr-fallback" not in headers
+    assert after["predictor_fallbacks"] == before["predictor_fallbacks"], (before, after)
+    assert after["predictor_wait_s"]["count"] - before["predictor_wait_s"]["count"] == 1
+
+    def moved(section: str, key: str) -> int:
+        return sum(engines_after[r][section][key] - engines_before[r][section][key] for r in engines_after)
+
+    assert moved("counters", "followed_scores") == 1 and moved("scheduler", "followed_scores") == 1
+    assert moved("scheduler", "admitted_before_score") == 1 and moved("counters", "released_unscored") == 0

@@ -393,3 +393,32 @@ def test_gittins_config_builds_from_the_shipped_distribution_and_round_trips(tmp
         PolicyConfig.from_mapping({"length_distribution": 3})
     with pytest.raises(FileNotFoundError):
         PolicyConfig(length_distribution=str(tmp_path / "missing.json")).build()
+
+
+@given(st.lists(st.tuples(scores, st.booleans()), min_size=1, max_size=40))
+def test_requests_awaiting_their_score_queue_behind_all_other_work_by_arrival(
+        requests: list[tuple[float | None, bool]]) -> None:
+    """Whatever score a request sent ahead of its score came with (neutral, none), it waits behind every other
+    request, promoted or not, under every policy that ranks by score; once its score lands it is ranked by it."""
+    for policy in (RankPolicy(starvation=None), _gittins()):
+        states = _states([score for score, _ in requests])
+        for state, (_, pending) in zip(states, requests):
+            state.score_pending = pending
+        states[0].promoted_left = 3   # promoted work too stays ahead
+        ordered = policy.order(states)
+        settled = [s for s in ordered if not s.score_pending]
+        waiting = [s for s in ordered if s.score_pending]
+        assert ordered == settled + waiting
+        assert [s.arrival for s in waiting] == sorted(s.arrival for s in waiting)
+        assert [s.request_id for s in settled] == [s.request_id for s in policy.order(
+            [s for s in states if not s.score_pending])]
+        for state in waiting:   # the score lands: the request is ranked by it
+            state.score_pending, state.key_cache = False, None
+        fresh = _states([score for score, _ in requests])
+        fresh[0].promoted_left = 3
+        assert [s.request_id for s in policy.order(states)] == [s.request_id for s in policy.order(fresh)]
+
+
+def test_only_policies_that_rank_by_score_take_scores_after_arrival() -> None:
+    assert [name for name in ("fcfs", "priority", "mlfq", "ltr", "gittins")
+            if PolicyConfig(name=name).reranks_by_late_scores] == ["ltr", "gittins"]

@@ -61,9 +61,12 @@ def rel_app() -> Iterator[RelApp]:
         serve.run(build_app({
             "model": model, "num_engine_replicas": 2, "engine_num_cpus": 0.5, "engine_kwargs": engine_kwargs,
             "policy": {"name": "ltr", "starvation": STARVATION}, "routing_stats_period_s": 0.5,
+            # The ingress waits for each score here (the tiny model answers before a slow predictor would):
+            # these tests hold its fallbacks and late scores; tests/test_overload.py holds the default, requests
+            # sent ahead of their scores.
             "ingress": {"allow_score_override": True, "predictor_timeout_s": PREDICTOR_TIMEOUT_S,
                         "max_tokens_cap": MAX_TOKENS_CAP, "max_body_bytes": MAX_BODY_BYTES,
-                        "breaker_failures": 3, "breaker_cooldown_s": 1.0},
+                        "breaker_failures": 3, "breaker_cooldown_s": 1.0, "send_before_score": False},
         }), name="rel", route_prefix="/")
         serve.run(build_app({
             "model": model, "engine_kwargs": engine_kwargs,

@@ -8,7 +8,9 @@ import pytest
 from vllm.v1.request import RequestStatus
 
 from ltr.scheduling.policy import PolicyConfig
-from ltr.scheduling.score_updates import ScoreUpdateReader, append_score_update
+from ltr.data.served_log import VERSION_KEY
+from ltr.scheduling.engine import SCORE_KEY
+from ltr.scheduling.score_updates import ScoreUpdate, ScoreUpdateReader, append_score_update
 from ltr.scheduling.vllm_scheduler import RankScheduler
 
 from sched_harness import Driver, make_request, make_scheduler
@@ -18,28 +20,29 @@ ORDER_ONLY = PolicyConfig(name="ltr", starvation=None, max_preemptions_per_step=
 
 
 def test_reader_returns_each_complete_line_once(tmp_path: Path) -> None:
-    path = tmp_path / "updates.tsv"
+    path = tmp_path / "updates.jsonl"
     reader = ScoreUpdateReader(path)
     assert reader.read() == []   # not written yet
-    append_score_update(path, "a", 1.5)
-    append_score_update(path, "b", -2.0)
-    assert reader.read() == [("a", 1.5), ("b", -2.0)]
+    append_score_update(path, ScoreUpdate("a", 1.5))
+    append_score_update(path, ScoreUpdate("b\tc", -2.0, {"ltr_predictor_version": "v1"}))
+    append_score_update(path, ScoreUpdate("d", None, final=False))
+    append_score_update(path, ScoreUpdate("e", float("nan")))   # not a usable score: sent as none
+    assert reader.read() == [ScoreUpdate("a", 1.5), ScoreUpdate("b\tc", -2.0, {"ltr_predictor_version": "v1"}),
+                             ScoreUpdate("d", None, final=False), ScoreUpdate("e", None)]
     assert reader.read() == []
     with open(path, "a") as handle:
-        handle.write("c\tnot-a-number\nd\t3.")   # a malformed line, then a half-written one
+        handle.write('{"id": "f", "score": "many"}\nnot json\n{"id": "g", "sco')   # malformed, then half-written
     assert reader.read() == []
     with open(path, "a") as handle:
-        handle.write("25\n")
-    assert reader.read() == [("d", 3.25)]
-    with pytest.raises(ValueError, match="tab or newline"):
-        append_score_update(path, "bad\tid", 1.0)
+        handle.write('re": 3.25}\n')
+    assert reader.read() == [ScoreUpdate("g", 3.25)]
     reader.close()
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_a_late_score_re_ranks_waiting_and_running_requests(tiny_model_path: Path, tmp_path: Path,
                                                             async_scheduling: bool) -> None:
-    path = tmp_path / "updates.tsv"
+    path = tmp_path / "updates.jsonl"
     scheduler = make_scheduler(tiny_model_path, RankScheduler, policy=ORDER_ONLY, async_scheduling=async_scheduling,
                                max_num_seqs=2, num_blocks=200, block_size=16, max_num_batched_tokens=256,
                                score_updates_path=str(path))
@@ -65,9 +68,9 @@ def test_a_late_score_re_ranks_waiting_and_running_requests(tiny_model_path: Pat
     assert names(scheduler.running) == ["run-short", "run-neutral"]
     assert names(scheduler.waiting) == ["wait-short", "wait-neutral"]
     # The predictor's late answers: both "neutral" requests are in fact the shortest.
-    append_score_update(path, "wait-neutral", 1.0)
-    append_score_update(path, "run-neutral", 1.0)
-    append_score_update(path, "gone", 1.0)   # a request the engine does not hold: ignored
+    append_score_update(path, ScoreUpdate("wait-neutral", 1.0))
+    append_score_update(path, ScoreUpdate("run-neutral", 1.0))
+    append_score_update(path, ScoreUpdate("gone", 1.0))   # a request the engine does not hold: ignored
     driver.step()
     assert names(scheduler.waiting) == ["wait-neutral", "wait-short"]
     assert names(scheduler.running) == ["run-neutral", "run-short"]
@@ -80,3 +83,52 @@ def test_a_late_score_re_ranks_waiting_and_running_requests(tiny_model_path: Pat
     assert all(scheduler.rank_states.get(r.request_id) is None for r in running + waiting)
     assert scheduler._late_score_ids == {}
     assert RequestStatus.RUNNING not in {r.status for r in waiting}
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_request_sent_ahead_of_its_score_never_takes_a_seat_ranked_work_waits_for(
+        tiny_model_path: Path, tmp_path: Path, async_scheduling: bool) -> None:
+    """One seat, held by a blocker. A request sent ahead of its score queues behind every ranked request,
+    whatever neutral score it came with; its own score, when it lands, ranks it; a release without a score
+    leaves it at its neutral score, and a score landing after that re-ranks it again. On an idle engine it
+    is admitted at once, before its score."""
+    path = tmp_path / "updates.jsonl"
+    scheduler = make_scheduler(tiny_model_path, RankScheduler, policy=ORDER_ONLY, async_scheduling=async_scheduling,
+                               max_num_seqs=1, num_blocks=200, block_size=16, max_num_batched_tokens=256,
+                               score_updates_path=str(path))
+    driver = Driver(scheduler)
+    suffix = "-77aa"
+
+    def request(name: str, score: float, pending: bool = False, max_tokens: int = 4):
+        return make_request(name + suffix, 16, max_tokens, score, late_score_id=name, score_pending=pending)
+
+    def waiting() -> list[str]:
+        return [r.request_id.removesuffix(suffix) for r in scheduler.waiting]
+
+    driver.add(request("blocker", 0.0, max_tokens=40))
+    driver.step()
+    for item in (request("short", 5.0), request("p", 1.0, pending=True), request("long", 50.0),
+                 request("q", 2.0, pending=True)):
+        driver.add(item)
+    driver.step()
+    assert waiting() == ["short", "long", "p", "q"]   # the pending ones behind all ranked work, by arrival
+    append_score_update(path, ScoreUpdate("p", 10.0, {VERSION_KEY: "v7"}))   # p's own score
+    append_score_update(path, ScoreUpdate("q", None, final=False))          # q released: its score is late
+    driver.step()
+    assert waiting() == ["q", "short", "p", "long"]   # q at its neutral 2.0, p at its own 10.0
+    p = scheduler.requests["p" + suffix]
+    assert p.sampling_params.extra_args[SCORE_KEY] == 10.0 and p.sampling_params.extra_args[VERSION_KEY] == "v7"
+    append_score_update(path, ScoreUpdate("q", 99.0))   # q's own score, after all
+    driver.step()
+    assert waiting() == ["short", "p", "long", "q"]
+    stats = scheduler.stats()
+    assert (stats["followed_scores"], stats["late_scores"], stats["admitted_before_score"]) == (1, 1, 0)
+    driver.run_until_idle(max_steps=800)
+    assert [name.removesuffix(suffix) for name in driver.finish_order] == ["blocker", "short", "p", "long", "q"]
+    # An idle engine admits a request at once, before its score.
+    driver.add(request("alone", 3.0, pending=True))
+    driver.step()
+    assert [r.request_id for r in scheduler.running] == ["alone" + suffix]
+    assert scheduler.stats()["admitted_before_score"] == 1
+    driver.run_until_idle(max_steps=1600)
+    assert scheduler._late_score_ids == {}

@@ -28,6 +28,9 @@ SCORE_KEY = "ltr_score"
 #: Key, in ``SamplingParams.extra_args``, of the id a late score for the request will be sent under. vLLM
 #: gives each request an internal id (the caller's plus a random suffix), so the caller's id travels here.
 LATE_SCORE_ID_KEY = "ltr_late_score_id"
+#: Key, in ``SamplingParams.extra_args``, marking a request sent ahead of its score (true): the rank scheduler
+#: holds it behind all other work until a score arrives under its late-score id.
+SCORE_PENDING_KEY = "ltr_score_pending"
 #: Key of this project's section in vLLM's ``additional_config``.
 ADDITIONAL_CONFIG_KEY = "ltr"
 

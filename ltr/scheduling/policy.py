@@ -8,7 +8,9 @@ per step the policy then costs O(scheduled), not O(queued), which matters with t
 
 Score convention (the whole project): higher score = longer predicted output; requests are served in
 ascending score order, ties broken by arrival. A request without a usable score is ordered by arrival
-ahead of ranked work, so a predictor outage degrades to FCFS instead of starving anyone.
+ahead of ranked work, so a predictor outage degrades to FCFS instead of starving anyone. A request whose
+score is still on its way (`RankState.score_pending`) is ordered by arrival *behind* all other work: it
+takes a seat nobody else wants, and never one a ranked request is waiting for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ PolicyName = Literal["fcfs", "priority", "mlfq", "ltr", "gittins"]
 POLICY_NAMES: tuple[PolicyName, ...] = ("fcfs", "priority", "mlfq", "ltr", "gittins")
 
 SortKey = tuple[float, ...]
+#: First element of a sort key whose request's score is on its way: behind promoted (0) and other (1) work.
+SCORE_PENDING_TIER = 2.0
 
 
 def usable_score(score: float | None) -> float | None:
@@ -63,6 +67,9 @@ class RankState:
     promoted_left: int = 0
     #: Set at the first promotion and kept (see StarvationConfig).
     aged: bool = False
+    #: Its score is on its way (sent ahead of the predictor's answer): it waits behind all other work until
+    #: the caller clears this, when the score lands or the wait for it is given up.
+    score_pending: bool = False
     #: (policy, key while promoted, key otherwise), filled by a policy whose rank key is static.
     key_cache: tuple[Any, SortKey, SortKey] | None = field(default=None, repr=False, compare=False)
 
@@ -161,6 +168,8 @@ class SchedulingPolicy(ABC):
         return math.inf
 
     def sort_key(self, state: RankState) -> SortKey:
+        if state.score_pending:
+            return (SCORE_PENDING_TIER, state.arrival)
         if not self.static_rank_key:
             return (0.0 if state.promoted_left > 0 else 1.0, *self.rank_key(state), state.arrival)
         cache = state.key_cache
@@ -520,6 +529,12 @@ class PolicyConfig:
     def runs_rank_scheduler(self) -> bool:
         """Whether engines run the adapter (gittins, ltr, mlfq); fcfs and priority run vLLM's own scheduler."""
         return self.name in ("ltr", "mlfq", "gittins")
+
+    @property
+    def reranks_by_late_scores(self) -> bool:
+        """Whether engines order by the score and re-rank a request when its score lands after it (gittins,
+        ltr): vLLM's priority queue fixes a request's place at arrival, fcfs and mlfq ignore the score."""
+        return self.name in ("ltr", "gittins")
 
     _FIELDS = ("name", "starvation", "max_preemptions_per_step", "preemption_patience", "mlfq_base_quantum",
                "mlfq_skip_join", "priority_levels_per_unit", "gittins_per_token", "gittins_prefill_weight",

@@ -42,7 +42,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from ltr.scheduling.engine import ADDITIONAL_CONFIG_KEY, LATE_SCORE_ID_KEY, SCORE_KEY
+from ltr.scheduling.engine import ADDITIONAL_CONFIG_KEY, LATE_SCORE_ID_KEY, SCORE_KEY, SCORE_PENDING_KEY
 from ltr.scheduling.policy import (
     PolicyConfig,
     RankState,
@@ -205,8 +205,12 @@ class AdapterCounters:
     """What the adapter measures on top of the policy's own counters."""
 
     kv_preemptions: int = 0
-    #: Scores applied after their request entered the engine (re-ranked where it stood).
+    #: Scores that landed while their request, sent ahead of its score, waited for it behind other work.
+    followed_scores: int = 0
+    #: Scores that landed after their request had been placed without them (at a neutral score), re-ranking it.
     late_scores: int = 0
+    #: Requests sent ahead of their score and admitted before it landed: no other work wanted the seat.
+    admitted_before_score: int = 0
     #: Requests admitted to the batch while their late score was still on its way: placed by the neutral
     #: score, not their own (the ones whose late score landed while they waited were ranked by it).
     admitted_awaiting_score: int = 0
@@ -260,7 +264,8 @@ class RankScheduler(Scheduler):
         self._score_updates = ScoreUpdateReader(path) if path else None
         #: Running requests whose score changed since the last sort (late scores).
         self._rescored_running: list[RankState] = []
-        #: The caller's id of each request that may get a late score -> vLLM's internal id for it.
+        #: The caller's id of each request that may get a late score -> vLLM's internal id for it, until its
+        #: final update lands or it finishes.
         self._late_score_ids: dict[str, str] = {}
         from ltr.data.served_log import ServedLogConfig, ServedLogWriter
         from ltr.predictor.live_quality import LiveQualityConfig, LiveRankQuality
@@ -278,8 +283,10 @@ class RankScheduler(Scheduler):
     def _state(self, request: Request) -> RankState:
         state = self.rank_states.get(request.request_id)
         if state is None:
+            extra = (request.sampling_params.extra_args or {}) if request.sampling_params is not None else {}
             state = RankState(request_id=request.request_id, arrival=request.arrival_time,
-                              score=self._score_of(request), prompt_len=request.num_prompt_tokens)
+                              score=self._score_of(request), prompt_len=request.num_prompt_tokens,
+                              score_pending=bool(extra.get(SCORE_PENDING_KEY)) and LATE_SCORE_ID_KEY in extra)
             self.rank_states[request.request_id] = state
             self.rank_policy.track(state)
         return state
@@ -338,7 +345,13 @@ class RankScheduler(Scheduler):
         after_upstream = time.perf_counter()
         if self._late_score_ids and output.scheduled_new_reqs:
             awaiting = set(self._late_score_ids.values())
-            self.counters.admitted_awaiting_score += sum(new.req_id in awaiting for new in output.scheduled_new_reqs)
+            for new in output.scheduled_new_reqs:
+                if new.req_id in awaiting:
+                    state = self.rank_states.get(new.req_id)
+                    if state is not None and state.score_pending:
+                        self.counters.admitted_before_score += 1
+                    else:
+                        self.counters.admitted_awaiting_score += 1
         for victim in victims:
             self.waiting.add_request(victim)
         kv_preempted = max(len(output.preempted_req_ids or ()) - len(victims), 0)
@@ -410,31 +423,47 @@ class RankScheduler(Scheduler):
             for request_id in [r for r in self.rank_states if r not in self.requests]:
                 del self.rank_states[request_id]
                 self.rank_policy.forget(request_id)
-        if len(self._late_score_ids) > len(self.requests):   # finished before their late score came
+        if len(self._late_score_ids) > len(self.requests):   # finished before their final update came
             self._late_score_ids = {k: v for k, v in self._late_score_ids.items() if v in self.requests}
 
     def _apply_late_scores(self) -> None:
         """Re-rank requests whose predicted score arrived after they entered the engine: a waiting one moves
-        to its new place in the queue, a running one to its new place in the batch at this step's sort."""
+        to its new place in the queue, a running one to its new place in the batch at this step's sort.
+
+        A request sent ahead of its score leaves the back of the queue with its first update: its own score,
+        or a release without one (its own is late) that leaves it at the neutral score it came with. A
+        score's `extra_args` (what the served-traffic log records of the predictor's answer) join the
+        request's."""
         if self._score_updates is None:
             return
-        for late_id, raw in self._score_updates.read():
-            request_id = self._late_score_ids.pop(late_id, None)
+        for update in self._score_updates.read():
+            request_id = self._late_score_ids.get(update.request_id)
             if request_id is None:
                 continue   # not a request this engine holds (finished, or another replica's)
+            if update.final:
+                del self._late_score_ids[update.request_id]
             request, state = self.requests.get(request_id), self.rank_states.get(request_id)
-            score = usable_score(raw)
-            if request is None or state is None or score is None:
+            score = usable_score(update.score)
+            if request is None or state is None or (score is None and not state.score_pending):
                 continue   # finished already, or not a usable score: keep the placement it has
             queue = next((q for q in (self.waiting, self.kv_holding_waiting) if request in q), None)
             if queue is not None:
                 queue.remove_request(request)   # found under the key it was queued with
-            state.score, state.key_cache = score, None
+            if score is not None and update.final:
+                if state.score_pending:
+                    self.counters.followed_scores += 1
+                else:
+                    self.counters.late_scores += 1
+            state.score_pending, state.key_cache = False, None
+            if score is not None:
+                state.score = score
+                if request.sampling_params is not None:   # what the served-traffic log records of the request
+                    request.sampling_params.extra_args = {**(request.sampling_params.extra_args or {}),
+                                                          **update.extra_args, SCORE_KEY: score}
             if queue is not None:
                 queue.add_request(request)
             elif request.status == RequestStatus.RUNNING:
                 self._rescored_running.append(state)
-            self.counters.late_scores += 1
 
     def _reorder_waiting(self) -> None:
         """Bring the waiting queues up to date with keys changed by the last step.
@@ -592,7 +621,9 @@ class RankScheduler(Scheduler):
             "promotions": p.promotions,
             "rank_preemptions": p.rank_preemptions,
             "kv_preemptions": c.kv_preemptions,
+            "followed_scores": c.followed_scores,
             "late_scores": c.late_scores,
+            "admitted_before_score": c.admitted_before_score,
             "admitted_awaiting_score": c.admitted_awaiting_score,
             "live_quality": self._live_quality.snapshot(),
             "scored_requests": c.scored_requests,
