@@ -450,7 +450,9 @@ def admitted_awaiting_score(stats: dict) -> int | None:
 def ranked_share(stats: dict | None, engines_before: dict, engines_after: dict) -> float | None:
     """Share of the run's requests whose own score placed them when they were admitted: scored in time, or
     late with the score landing while they still waited. Not ranked: a fallback sent on without a late
-    score (error, no text, too many in flight), or a request admitted before its late score came."""
+    score (error, no text, too many in flight), or a request admitted at the neutral score before its late
+    score came. A request sent ahead of its score and admitted before it landed counts as ranked: it took a
+    seat no other request waited for (the engines' `admitted_before_score`)."""
     if stats is None or not stats["requests"]:
         return None
     before, after = admitted_awaiting_score(engines_before), admitted_awaiting_score(engines_after)
@@ -486,10 +488,27 @@ def row_from(result: dict, requests: list[Any]) -> dict:
         "total_output_tokens": result.get("total_output_tokens"), "expected_output_tokens": sum(expected),
         "output_len_mismatches": sum(1 for i in ok if out[i] != expected[i]),
         "errors": sorted({e.strip().splitlines()[-1][:200] for e in errors if e and e.strip()})[:5],
+        **stream_gaps(result.get("itls") or []),
         "per_request": {"expected_output_len": expected, "output_len": out,
                         "latency_s": [round(x, 4) for x in lat], "ttft_s": [round(x, 4) for x in ttft],
                         "prompt_len": [int(r.prompt_len) for r in requests]},
     }
+
+
+#: A pause between two tokens of one answer longer than this is a stall (a step of several whole prefills
+#: on this box; one decode step takes 30-100 ms).
+STALL_GAP_S = 0.5
+
+
+def stream_gaps(itls: list[list[float]]) -> dict[str, float | int | None]:
+    """The longest pause inside each streamed answer (inter-token latencies, as the client measured them):
+    its p99 and maximum over the requests, and how many requests paused longer than `STALL_GAP_S`."""
+    longest = [max(gaps) for gaps in itls if gaps]
+    if not longest:
+        return {"itl_longest_p99_s": None, "itl_longest_max_s": None, "requests_stalled": None}
+    p99 = statistics.quantiles(longest, n=100, method="inclusive")[98] if len(longest) > 1 else longest[0]
+    return {"itl_longest_p99_s": p99, "itl_longest_max_s": max(longest),
+            "requests_stalled": sum(gap > STALL_GAP_S for gap in longest)}
 
 
 #: What each of a server's processes is, by its command line (vLLM and Ray set process titles); first match.

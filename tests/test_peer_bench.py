@@ -37,3 +37,13 @@ def test_ltr_over_its_own_fcfs_needs_both_runs_complete() -> None:
             _row("ltr-fcfs", 1, 48, 0.9, 70.0), _row("ltr", 1, 48, 0.3, 90.0)]
     first, second = peer_bench._fcfs_over_ltr(rows, 6.0)
     assert first is None and abs(second - 3.0) < 1e-9
+
+
+def test_stream_gaps_find_the_longest_pause_of_each_answer() -> None:
+    """Three answers: steady 40 ms tokens, one 1.2 s pause, one 0.6 s pause; one answer of a single token has no
+    gaps and is left out."""
+    gaps = peer_bench.stream_gaps([[0.04] * 20, [0.04, 1.2, 0.04], [0.6, 0.05], []])
+    assert gaps["itl_longest_max_s"] == 1.2 and gaps["requests_stalled"] == 2
+    assert 0.6 < gaps["itl_longest_p99_s"] <= 1.2
+    assert peer_bench.stream_gaps([]) == {"itl_longest_p99_s": None, "itl_longest_max_s": None,
+                                          "requests_stalled": None}
