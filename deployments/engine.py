@@ -130,11 +130,12 @@ class EngineRequest:
     #: the neutral `score` it came with, and its own still re-ranks it if it lands later).
     score_pending: bool = False
     release_after_s: float = 0.0
-    #: What the served-traffic log records of the request besides the engine's own counts
-    #: (`ltr.data.served_log.log_extra_args`: input hash and length, predictor version, opt-in text).
+    #: What the request's record (live ranking quality, the served-traffic log) holds besides the engine's own
+    #: counts: the predictor version, and with the log on input hash and length and opt-in text
+    #: (`ltr.data.served_log.version_extra_args`, `log_extra_args`).
     log_fields: dict[str, Any] = field(default_factory=dict)
     #: With the served-traffic log on, whether it records the predictor's input text (None: log off); a
-    #: late answer's own log fields are then sent to the scheduler with its score.
+    #: late answer's own fields are sent to the scheduler with its score.
     log_text: bool | None = None
 
 
@@ -393,11 +394,12 @@ class LLMEngine:
         return {"replica": self.replica, "text": vllm_registry_text()}
 
     async def _apply_late_prediction(self, request: EngineRequest, tracked: _Tracked) -> None:
-        """When the predictor's answer lands, hand its score (and, with the served-traffic log on, what the log
-        records of it) to the scheduler, which re-ranks the request where it stands, and its expected length
-        to the router's load report. A request sent ahead of its score is released to its neutral score when
-        the answer fails, or has not landed `release_after_s` from now (it may still land and re-rank it)."""
-        from ltr.data.served_log import log_extra_args
+        """When the predictor's answer lands, hand its score (with its version and, with the served-traffic
+        log on, what the log records of it) to the scheduler, which re-ranks the request where it stands, and
+        its expected length to the router's load report. A request sent ahead of its score is released to its
+        neutral score when the answer fails, or has not landed `release_after_s` from now (it may still land
+        and re-rank it)."""
+        from ltr.data.served_log import log_extra_args, version_extra_args
         from ltr.routing import request_work
         from ltr.scheduling.score_updates import ScoreUpdate, append_score_update
 
@@ -423,8 +425,9 @@ class LLMEngine:
             return
         if request_id not in self._tracked:
             return
-        extra = ({} if request.log_text is None or prediction.input_text is None
-                 else log_extra_args(prediction.input_text, prediction.version, request.log_text))
+        extra = ({} if prediction.input_text is None else version_extra_args(prediction.version)
+                 if request.log_text is None else log_extra_args(prediction.input_text, prediction.version,
+                                                                 request.log_text))
         append_score_update(self.score_updates_path, ScoreUpdate(request_id, prediction.score, extra))
         tracked.expected_tokens = prediction.expected_tokens
         tracked.predicted_work = request_work(prediction.expected_tokens, tracked.prompt_tokens)

@@ -46,7 +46,7 @@ from deployments.engine import EngineRequest, ReplyHead
 from deployments.metrics import WaitHistogram, prometheus_text
 from deployments.neutral import NeutralPlacement, calibration_median
 from deployments.predictor import Prediction, PredictorInput, PredictorUnavailable
-from ltr.data.served_log import log_extra_args
+from ltr.data.served_log import log_extra_args, version_extra_args
 from ltr.predictor.render import last_user_text
 from ltr.routing import request_work
 
@@ -456,7 +456,7 @@ class OpenAIIngress:
             if done.cancelled() or error is not None:
                 reason = "unavailable" if isinstance(error, PredictorUnavailable) else "error"
                 self._predictor_failed()
-                self._fallback(reason, f"{type(error).__name__}: {str(error)[:200]}")
+                self._fallback(reason, "cancelled" if error is None else f"{type(error).__name__}: {str(error)[:200]}")
                 settled.set_result(self._placed_without_score(reason, fallback))
                 return
             prediction = done.result()
@@ -611,9 +611,9 @@ class OpenAIIngress:
         prediction = placement.prediction
         expected = prediction.expected_tokens if prediction else None
         scored_text = prediction.input_text if placement.how == "predicted" and prediction else None
-        log_fields = {} if not self.settings.served_log else log_extra_args(
-            scored_text or _fallback_text(item), prediction.version if scored_text is not None else None,
-            self.settings.log_text)
+        version = prediction.version if scored_text is not None else None
+        log_fields = (log_extra_args(scored_text or _fallback_text(item), version, self.settings.log_text)
+                      if self.settings.served_log else version_extra_args(version))
         engine_request = EngineRequest(
             kind=kind, body=body, request_id=request_id, score=prediction.score if prediction else None,
             expected_tokens=expected, predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN),

@@ -346,8 +346,19 @@ def test_a_request_is_served_before_its_score_lands_when_a_seat_is_free(overload
     assert after["predictor_fallbacks"] == before["predictor_fallbacks"], (before, after)
     assert after["predictor_wait_s"]["count"] - before["predictor_wait_s"]["count"] == 1
 
-    def moved(section: str, key: str) -> int:
-        return sum(engines_after[r][section][key] - engines_before[r][section][key] for r in engines_after)
+    def moved(section: str, key: str) -> int:   # an engine that has not stepped yet has no scheduler stats
+        return sum(engines_after[r][section].get(key, 0) - engines_before[r][section].get(key, 0)
+                   for r in engines_after)
 
     assert moved("counters", "followed_scores") == 1 and moved("scheduler", "followed_scores") == 1
     assert moved("scheduler", "admitted_before_score") == 1 and moved("counters", "released_unscored") == 0
+    # The score came with the predictor's version (no served-traffic log here): live ranking quality counted
+    # the finished request under that version.
+    quality_before = [r["scheduler"].get("live_quality", {"unattributed": 0, "versions": {}})
+                      for r in engines_before.values()]
+    quality_after = [r["scheduler"]["live_quality"] for r in engines_after.values()]
+    def seen(quality: list[dict]) -> int:
+        return sum(window["seen"] for q in quality for window in q["versions"].values())
+
+    assert sum(q["unattributed"] for q in quality_after) == sum(q["unattributed"] for q in quality_before)
+    assert seen(quality_after) - seen(quality_before) == 1, (quality_before, quality_after)

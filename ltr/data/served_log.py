@@ -51,6 +51,12 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def version_extra_args(predictor_version: str | None) -> dict[str, Any]:
+    """What a request carries of the predictor's answer with the served-traffic log off: the predictor's
+    version (`Prediction.version`; None: not the predictor's score), by which live ranking quality groups."""
+    return {} if predictor_version is None else {VERSION_KEY: predictor_version}
+
+
 def log_extra_args(text: str, predictor_version: str | None, include_text: bool) -> dict[str, Any]:
     """The extra_args the ingress adds to a request so its log record is complete.
 
@@ -59,9 +65,8 @@ def log_extra_args(text: str, predictor_version: str | None, include_text: bool)
     overridden placement: that score says nothing about the predictor). The text itself is included only
     when the operator opted in (`include_text`), since it is the user's data.
     """
-    extra: dict[str, Any] = {INPUT_HASH_KEY: text_sha256(text), INPUT_CHARS_KEY: len(text)}
-    if predictor_version is not None:
-        extra[VERSION_KEY] = predictor_version
+    extra: dict[str, Any] = {INPUT_HASH_KEY: text_sha256(text), INPUT_CHARS_KEY: len(text),
+                             **version_extra_args(predictor_version)}
     if include_text:
         extra[INPUT_TEXT_KEY] = text
     return extra
