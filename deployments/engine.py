@@ -132,7 +132,7 @@ class EngineRequest:
     release_after_s: float = 0.0
     #: What the request's record (live ranking quality, the served-traffic log) holds besides the engine's own
     #: counts: the predictor version, and with the log on input hash and length and opt-in text
-    #: (`ltr.data.served_log.version_extra_args`, `log_extra_args`).
+    #: (`ltr.data.served_log.record_extra_args`).
     log_fields: dict[str, Any] = field(default_factory=dict)
     #: With the served-traffic log on, whether it records the predictor's input text (None: log off); a
     #: late answer's own fields are sent to the scheduler with its score.
@@ -399,7 +399,7 @@ class LLMEngine:
         its expected length to the router's load report. A request sent ahead of its score is released to its
         neutral score when the answer fails, or has not landed `release_after_s` from now (it may still land
         and re-rank it)."""
-        from ltr.data.served_log import log_extra_args, version_extra_args
+        from ltr.data.served_log import record_extra_args
         from ltr.routing import request_work
         from ltr.scheduling.score_updates import ScoreUpdate, append_score_update
 
@@ -425,9 +425,8 @@ class LLMEngine:
             return
         if request_id not in self._tracked:
             return
-        extra = ({} if prediction.input_text is None else version_extra_args(prediction.version)
-                 if request.log_text is None else log_extra_args(prediction.input_text, prediction.version,
-                                                                 request.log_text))
+        extra = ({} if prediction.input_text is None
+                 else record_extra_args(prediction.input_text, prediction.version, request.log_text))
         append_score_update(self.score_updates_path, ScoreUpdate(request_id, prediction.score, extra))
         tracked.expected_tokens = prediction.expected_tokens
         tracked.predicted_work = request_work(prediction.expected_tokens, tracked.prompt_tokens)

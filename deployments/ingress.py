@@ -46,7 +46,7 @@ from deployments.engine import EngineRequest, ReplyHead
 from deployments.metrics import WaitHistogram, prometheus_text
 from deployments.neutral import NeutralPlacement, calibration_median
 from deployments.predictor import Prediction, PredictorInput, PredictorUnavailable
-from ltr.data.served_log import log_extra_args, version_extra_args
+from ltr.data.served_log import record_extra_args
 from ltr.predictor.render import last_user_text
 from ltr.routing import request_work
 
@@ -73,7 +73,7 @@ class IngressSettings(BaseModel):
 
     served_model_name: str
     #: Whether the engines log served traffic (set by `app.py` from `served_log`): then each request carries
-    #: what the log records of it (`ltr.data.served_log.log_extra_args`).
+    #: what the log records of it (`ltr.data.served_log.record_extra_args`).
     served_log: bool = False
     #: Log the scored text itself, not only its hash (the user's data: opt-in; `ltr train-predictor --data`
     #: needs it).
@@ -441,12 +441,8 @@ class OpenAIIngress:
             self.late_sent += 1
             self._fallback("timeout")
             settled.set_result(self._placed_without_score("timeout", fallback))
-
-            def late(done: asyncio.Future) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    self._observe_wait(started, done.result())
-
-            self._judge_late(answer, started, ("landed", "failed", "overdue"), success_resets=True, on_settled=late)
+            self._judge_late(answer, started, ("landed", "failed", "overdue"), success_resets=True,
+                             on_settled=lambda done: self._observe_answer(started, done))
 
         def landed(done: asyncio.Future) -> None:
             if settled.done():
@@ -468,6 +464,11 @@ class OpenAIIngress:
         timer = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0.0), expired)
         answer.add_done_callback(landed)
         return Placement(fallback, "pending", pending=ref, settled=settled, release_at=deadline)
+
+    def _observe_answer(self, started: float, done: asyncio.Future) -> None:
+        """The wait for an answer that settled after the ingress stopped waiting, if it is a prediction."""
+        if not done.cancelled() and done.exception() is None:
+            self._observe_wait(started, done.result())
 
     def _observe_wait(self, started: float, prediction: Prediction) -> None:
         self.predictor_waits.observe(time.monotonic() - started)
@@ -493,8 +494,7 @@ class OpenAIIngress:
 
         def landed(done: asyncio.Future) -> None:
             self._late_in_flight -= 1
-            if not done.cancelled() and done.exception() is None:   # the engine replica applies the score
-                self._observe_wait(started, done.result())
+            self._observe_answer(started, done)   # the engine replica applies the score
 
         self._judge_late(answer, started, ("landed", "failed", "overdue"), success_resets=True, on_settled=landed)
         return ref
@@ -611,15 +611,15 @@ class OpenAIIngress:
         prediction = placement.prediction
         expected = prediction.expected_tokens if prediction else None
         scored_text = prediction.input_text if placement.how == "predicted" and prediction else None
-        version = prediction.version if scored_text is not None else None
-        log_fields = (log_extra_args(scored_text or _fallback_text(item), version, self.settings.log_text)
-                      if self.settings.served_log else version_extra_args(version))
+        log_text = self.settings.log_text if self.settings.served_log else None
+        log_fields = record_extra_args(scored_text or _fallback_text(item),
+                                       prediction.version if scored_text is not None else None, log_text)
         engine_request = EngineRequest(
             kind=kind, body=body, request_id=request_id, score=prediction.score if prediction else None,
             expected_tokens=expected, predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN),
             late_prediction=placement.pending, score_pending=placement.settled is not None,
             release_after_s=max(placement.release_at - time.monotonic(), 0.0), log_fields=log_fields,
-            log_text=self.settings.log_text if self.settings.served_log else None)
+            log_text=log_text)
         self.requests[kind] += 1
         head, stream = await self._start(engine_request)
         first = None

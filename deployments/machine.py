@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-#: Seats (max_num_seqs) per engine thread: the CPU engine default (ltr.scheduling.engine.CPU_ENGINE_DEFAULTS)
-#: for each of an engine's threads, so an engine on two cores holds as many requests as two one-thread engines.
 from ltr.scheduling.engine import CPU_ENGINE_DEFAULTS
 
+#: Seats (max_num_seqs) per engine thread: the CPU engine default (ltr.scheduling.engine.CPU_ENGINE_DEFAULTS)
+#: for each of an engine's threads, so an engine on two cores holds as many requests as two one-thread engines.
 SEATS_PER_THREAD = int(CPU_ENGINE_DEFAULTS["max_num_seqs"])
 #: OpenMP threads per engine the measurement favours, spinning between parallel regions, with the model inside
 #: the engine-core process (benchmarks/README.md, "The model inside the engine core": one engine on both cores

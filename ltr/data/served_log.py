@@ -15,7 +15,7 @@ complete line.
 
 Where records come from: the rank scheduler sees each finished vLLM ``Request`` (output tokens, finish
 reason, ``sampling_params.extra_args``); the ingress puts what only it knows into extra_args with
-`log_extra_args`, and `record_from_request` turns the finished request into a `ServedRecord`.
+`record_extra_args`, and `record_from_request` turns the finished request into a `ServedRecord`.
 Stdlib only: it runs inside vLLM's engine-core process, beside the scheduler plugin.
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
-#: extra_args keys the ingress sets (`log_extra_args`) and `record_from_request` reads. The score itself
+#: extra_args keys the ingress sets (`record_extra_args`) and `record_from_request` reads. The score itself
 #: rides in ``ltr_score`` (`ltr.scheduling.engine.SCORE_KEY`).
 VERSION_KEY = "ltr_predictor_version"
 INPUT_HASH_KEY = "ltr_input_sha256"
@@ -51,10 +51,17 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def version_extra_args(predictor_version: str | None) -> dict[str, Any]:
-    """What a request carries of the predictor's answer with the served-traffic log off: the predictor's
-    version (`Prediction.version`; None: not the predictor's score), by which live ranking quality groups."""
+def _version_extra_args(predictor_version: str | None) -> dict[str, Any]:
     return {} if predictor_version is None else {VERSION_KEY: predictor_version}
+
+
+def record_extra_args(text: str, predictor_version: str | None, log_text: bool | None) -> dict[str, Any]:
+    """The extra_args a request carries for its record: the predictor's version always (`Prediction.version`;
+    None: not the predictor's score), by which live ranking quality groups; with the served-traffic log on
+    (`log_text` not None) what the log records as well (`log_extra_args`, the text itself if `log_text`)."""
+    if log_text is None:
+        return _version_extra_args(predictor_version)
+    return log_extra_args(text, predictor_version, log_text)
 
 
 def log_extra_args(text: str, predictor_version: str | None, include_text: bool) -> dict[str, Any]:
@@ -66,7 +73,7 @@ def log_extra_args(text: str, predictor_version: str | None, include_text: bool)
     when the operator opted in (`include_text`), since it is the user's data.
     """
     extra: dict[str, Any] = {INPUT_HASH_KEY: text_sha256(text), INPUT_CHARS_KEY: len(text),
-                             **version_extra_args(predictor_version)}
+                             **_version_extra_args(predictor_version)}
     if include_text:
         extra[INPUT_TEXT_KEY] = text
     return extra
