@@ -232,15 +232,21 @@ _MULTIPROCESSING_SWITCH = "VLLM_ENABLE_V1_MULTIPROCESSING"
 def _nice(adjustment: int) -> Iterator[None]:
     """Run the body `adjustment` nice levels lower in priority (as `nice -n`). Linux keeps a nice value per
     thread and a process started from a thread inherits that thread's, so vLLM's engine core and workers
-    started in the body keep the lower priority while the replica's own threads go back to theirs."""
+    started in the body keep the lower priority while the replica's own threads go back to theirs. The engine
+    core also takes a CPU session of its own at that nice (`ltr.scheduling.engine_session`): across sessions
+    Linux weighs sessions, not nice values."""
     if not adjustment:
         yield
         return
+    from ltr.scheduling.engine_session import SESSION_NICE_ENV
+
     before = os.getpriority(os.PRIO_PROCESS, 0)
     os.setpriority(os.PRIO_PROCESS, 0, min(19, before + adjustment))
+    os.environ[SESSION_NICE_ENV] = str(min(19, adjustment))
     try:
         yield
     finally:
+        os.environ.pop(SESSION_NICE_ENV, None)
         try:
             os.setpriority(os.PRIO_PROCESS, 0, before)
         except PermissionError:   # no CAP_SYS_NICE: this thread cannot raise its priority again

@@ -19,6 +19,7 @@ from deployments.app import AppArgs, PredictorArgs
 from deployments.local import QUIET_SERVE_ENV, app_args, engine_layout, parse_args, predictor_args, serve_env
 from deployments.machine import ENGINE_NICE, PREDICTOR_REPLICAS, PREDICTOR_THREADS, SEATS_PER_THREAD, EngineLayout, \
     fit_to_machine
+from ltr.scheduling.engine_session import autogroup_enabled
 
 REPO = Path(__file__).resolve().parents[1]
 RESERVED = AppArgs.model_fields["ingress_num_cpus"].default + PredictorArgs.model_fields["num_cpus"].default
@@ -234,6 +235,10 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
             environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
             assert f"OMP_NUM_THREADS={expected.threads}".encode() in environ
             assert {_nice_of(task) for task in Path(f"/proc/{worker.pid}/task").iterdir()} == {expected.nice}
+            if autogroup_enabled():   # and the CPU session it yields in against other programs
+                session = Path(f"/proc/{worker.pid}/autogroup").read_text().split()
+                assert session[0] != Path(f"/proc/{proc.pid}/autogroup").read_text().split()[0]
+                assert session[1:] == ["nice", str(expected.nice)]
         for replica in _processes(leader, "ServeReplica:ltr:LLMEngine"):   # the replica keeps normal priority
             assert _nice_of(Path(f"/proc/{replica.pid}/task/{replica.pid}")) == 0
         predictors = _processes(leader, "ServeReplica:ltr-predictor:Predictor")
