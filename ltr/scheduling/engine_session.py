@@ -50,10 +50,15 @@ def engine_core_session() -> None:
     nice = int(value)
     try:
         os.setsid()
-        with open("/proc/self/autogroup", "w") as autogroup:
-            autogroup.write(str(nice))
-    except OSError as error:   # still served, as before, at the service session's weight
+    except OSError as error:   # served as before, in the service's session
         logger.warning("engine core keeps the service's CPU session (%s); other programs on these cores may "
                        "wait behind it", error)
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as autogroup:
+            autogroup.write(str(nice))
+    except OSError as error:
+        logger.warning("engine core's own CPU session stays at nice 0 (%s): it competes with the rest of the "
+                       "service at equal weight", error)
         return
     logger.info("engine core runs in a CPU session of its own at nice %d", nice)
