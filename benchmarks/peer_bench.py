@@ -495,8 +495,8 @@ def row_from(result: dict, requests: list[Any]) -> dict:
     }
 
 
-#: A pause between two tokens of one answer longer than this is a stall (a step of several whole prefills
-#: on this box; one decode step takes 30-100 ms).
+#: A pause between two tokens of one answer longer than this is a stall (one decode step on this box takes
+#: 30-100 ms; benchmarks/README.md, "The engines' session", on where such pauses came from).
 STALL_GAP_S = 0.5
 
 

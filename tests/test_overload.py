@@ -357,6 +357,7 @@ def test_a_request_is_served_before_its_score_lands_when_a_seat_is_free(overload
     quality_before = [r["scheduler"].get("live_quality", {"unattributed": 0, "versions": {}})
                       for r in engines_before.values()]
     quality_after = [r["scheduler"]["live_quality"] for r in engines_after.values()]
+
     def seen(quality: list[dict]) -> int:
         return sum(window["seen"] for q in quality for window in q["versions"].values())
 
