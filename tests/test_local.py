@@ -237,7 +237,7 @@ def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
             assert {_nice_of(task) for task in Path(f"/proc/{worker.pid}/task").iterdir()} == {expected.nice}
             if autogroup_enabled():   # and the CPU session it yields in against other programs
                 session = Path(f"/proc/{worker.pid}/autogroup").read_text().split()
-                assert session[0] != Path(f"/proc/{proc.pid}/autogroup").read_text().split()[0]
+                assert session[:1] != Path(f"/proc/{proc.pid}/autogroup").read_text().split()[:1]
                 assert session[1:] == ["nice", str(expected.nice)]
         for replica in _processes(leader, "ServeReplica:ltr:LLMEngine"):   # the replica keeps normal priority
             assert _nice_of(Path(f"/proc/{replica.pid}/task/{replica.pid}")) == 0
