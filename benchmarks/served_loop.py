@@ -12,8 +12,9 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    message, and one trained on rendered conversations by the conversation) `--samples` times as a chat
    request, sampled (temperature 1.0, a seed per request, `--max-tokens`), `--concurrency` at a time, until
    every prompt is served or `--budget-s` runs out.
-2. **Retrain.** `ltr train-predictor --data LOG --init SERVED` on the log's train slice (split by prompt
-   hash: the held-out slice is never trained on).
+2. **Retrain.** `ltr train-predictor --data LOG --init SERVED --censored RULE` on the log's train slice
+   (split by prompt hash: the held-out slice is never trained on), once per `--censored` rule (how answers
+   cut at max_tokens train); the first rule's artifact is the one swapped in.
 3. **Swap.** Held-out prompts are served once more; after a quarter of them, a `serve deploy`-style update
    gives the Predictor the retrained artifact. Every request must succeed; the log says which version
    scored each.
@@ -48,6 +49,8 @@ REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 sys.path.insert(0, str(REPO))
 
+from ltr.predictor.train import CENSORING_RULES  # noqa: E402
+
 PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving default
 
 
@@ -66,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-max-length", type=int, default=128, help="MiniLM tokens per prompt in retraining")
+    p.add_argument("--censored", nargs="+", choices=CENSORING_RULES, default=["lower-bound"],
+                   help="how answers cut at max_tokens train (`ltr train-predictor --censored`): one retrained "
+                        "artifact per rule, all compared; the first is swapped in")
     p.add_argument("--serve-artifact", type=Path, default=None,
                    help="predictor artifact to serve in phase 1 and retrain from (default: the shipped one), e.g. "
                         "one trained on rendered conversations (`ltr train-predictor --turns`)")
@@ -75,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.samples < 2:
         p.error("--samples must be >= 2 (the ceiling compares two answers to one prompt)")
+    if len(set(args.censored)) < len(args.censored):
+        p.error("--censored names a rule twice")
     for name in ("prompts", "max_tokens", "concurrency", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -240,8 +248,9 @@ def bootstrap(groups: list[np.ndarray], stat, resamples: int = 300, seed: int = 
 
 def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], conversation_of: dict[str, list[dict]],
             holdout: float) -> dict:
-    """Taus on the held-out slice of the phase-1 log: each of `predictors` ("shipped", "retrained", and
-    "served" when phase 1 served another artifact), the gains over the shipped one, the ceiling and prompt
+    """Taus on the held-out slice of the phase-1 log: each of `predictors` ("shipped", "retrained", any
+    "retrained_<rule>", and "served" when phase 1 served another artifact), the gains over the shipped one,
+    the ceiling and prompt
     length. Each predictor scores the held-out requests as it would serve them (its own `chat_input` of the
     conversation the logged text came from, `conversation_of`)."""
     from ltr.data.served_log import read_served_log, text_sha256
@@ -309,8 +318,10 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars = [("tau_prompt_length", "prompt length", "#999"), ("tau_shipped", "shipped\npredictor", "#4c72b0"),
-            ("tau_served", "served in\nphase 1", "#8172b3"), ("tau_retrained", "retrained\non the log", "#dd8452"),
-            ("tau_ceiling", "ceiling\n(answer vs answer)", "#55a868")]
+            ("tau_served", "served in\nphase 1", "#8172b3"), ("tau_retrained", "retrained\non the log", "#dd8452")]
+    bars += [(name, f"retrained,\n{name.removeprefix('tau_retrained_')}", "#c44e52") for name in summary
+             if name.startswith("tau_retrained_") and not name.endswith("_ci95")]
+    bars.append(("tau_ceiling", "ceiling\n(answer vs answer)", "#55a868"))
     names, labels, colors = zip(*[bar for bar in bars if bar[0] in summary])
     values = [summary[n] or 0.0 for n in names]
     intervals = [summary[f"{n}_ci95"] or [v, v] for n, v in zip(names, values)]
@@ -341,7 +352,12 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python benchmarks/served_loop.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="ltr-served-loop-"))
-    log_dir, retrained = work / "served-log", work / "retrained"
+    log_dir = work / "served-log"
+    # One retrained artifact per rule; the first rule's is "retrained" (swapped in), others "retrained_<rule>".
+    retrained_by_rule = {rule: work / ("retrained" if i == 0 else f"retrained_{rule}")
+                         for i, rule in enumerate(args.censored)}
+    retrained = retrained_by_rule[args.censored[0]]
+    print(f"work dir (the served log, retrained artifacts; kept): {work}", flush=True)
     prompts = pick_conversations(args.prompts, args.max_prompt_tokens, args.seed, args.turns)
     serve_artifact = args.serve_artifact or shipped_artifact_dir()
     serve_settings = {**PREDICTOR_SETTINGS, **({"artifact_dir": str(serve_artifact)} if args.serve_artifact else {})}
@@ -367,15 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phase 1: {len(ok)}/{len(phase1)} answered in {timings['serve_s']:.0f} s, {len(records)} logged",
               flush=True)
 
-        # 2. retrain on the log's train slice.
-        started = time.monotonic()
-        train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
-                      "--holdout", str(args.holdout), "--val-fraction", str(args.val_fraction),
-                      "--epochs", str(args.epochs), "--max-length", str(args.train_max_length),
-                      "--seed", str(args.seed), "--output", str(retrained)]
-        if ltr_main(train_argv) != 0:
-            raise SystemExit("train-predictor failed")
-        timings["retrain_s"] = time.monotonic() - started
+        # 2. retrain on the log's train slice, once per censoring rule.
+        for rule, output in retrained_by_rule.items():
+            started = time.monotonic()
+            train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
+                          "--censored", rule, "--holdout", str(args.holdout), "--val-fraction",
+                          str(args.val_fraction), "--epochs", str(args.epochs), "--max-length",
+                          str(args.train_max_length), "--seed", str(args.seed), "--output", str(output)]
+            if ltr_main(train_argv) != 0:
+                raise SystemExit(f"train-predictor --censored {rule} failed")
+            timings[f"retrain_{rule}_s"] = time.monotonic() - started
 
         # 3. serve held-out prompts again, swapping the predictor a quarter of the way in.
         held_out = [i for i, p in enumerate(prompts) if served_slice(text_sha256(served_input(p))) < args.holdout
@@ -423,9 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     predictors = {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if args.serve_artifact else {}),
-                  "retrained": retrained}
+                  **{output.name: output for output in retrained_by_rule.values()}}
     summary = compare(log_dir, phase1_ids, predictors, conversation_of, args.holdout)
-    train_meta = json.loads((retrained / "config.json").read_text())["metadata"]
+    train_meta = {rule: json.loads((output / "config.json").read_text())["metadata"]
+                  for rule, output in retrained_by_rule.items()}
     result = {
         "command": command, "args": vars(args), "summary": summary, "timings_s": timings, "swap": swap_report,
         "phase1": {"sent": len(phase1), "answered": len(ok), "logged": len(records),
@@ -433,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                    "fallbacks": dict(Counter(r["fallback"] for r in ok if r.get("fallback"))),
                    "finish_reasons": dict(Counter(str(r.get("finish")) for r in ok)),
                    "output_tokens_per_s": sum(r["tokens"] for r in ok) / timings["serve_s"]},
-        "retrain": {"command": train_meta.get("command"), "best_epoch": train_meta["history"].get("best_epoch"),
-                    "best_val_tau": train_meta["history"].get("best_val_tau"), "test": train_meta.get("test")},
+        "retrain": {retrained_by_rule[rule].name: {
+            "censored": rule, "command": meta.get("command"), "best_epoch": meta["history"].get("best_epoch"),
+            "best_val_tau": meta["history"].get("best_val_tau"), "test": meta.get("test")}
+            for rule, meta in train_meta.items()},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

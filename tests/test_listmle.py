@@ -1,4 +1,5 @@
-"""ListMLE: ordering, stability, the exact Plackett-Luce likelihood, and random tie-breaking."""
+"""ListMLE: ordering, stability, the exact Plackett-Luce likelihood, and random tie-breaking; its censored
+variant, the risk-set loss."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ltr.predictor.losses import listmle_loss
+from ltr.predictor.losses import listmle_loss, risk_set_loss
 
 
 def _pl_log_prob(scores: list[float], order: list[int]) -> float:
@@ -92,3 +93,45 @@ def test_bad_shapes_raise() -> None:
         listmle_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="must both be"):
         listmle_loss(torch.zeros(3), torch.zeros(3))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_risk_set_loss_without_censoring_is_plackett_luce_shortest_first(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(1, 4, generator=g, dtype=torch.float64) * 2
+    for perm in itertools.permutations(range(4)):
+        lengths = torch.zeros(1, 4, dtype=torch.float64)
+        for rank, item in enumerate(perm):   # `perm` is the shortest-first order
+            lengths[0, item] = 10.0 + rank
+        loss = risk_set_loss(scores, lengths, torch.zeros(1, 4, dtype=torch.bool)).item()
+        assert loss == pytest.approx(-_pl_log_prob((-scores[0]).tolist(), list(perm)), rel=1e-9, abs=1e-9)
+
+
+def test_risk_set_loss_by_hand_with_cut_answers() -> None:
+    # a ended at 10, b ended at 30, c was cut at 20, d was cut at 5.
+    # a ended with a, b, c still running (d: unknown past 5); b ended alone (c: unknown past 20).
+    sa, sb, sc, sd = 0.4, -1.0, 2.0, 0.3
+    scores = torch.tensor([[sa, sb, sc, sd]], dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([[10.0, 30.0, 20.0, 5.0]], dtype=torch.float64)
+    censored = torch.tensor([[False, False, True, True]])
+    expected = math.log(math.exp(-sa) + math.exp(-sb) + math.exp(-sc)) + sa + (math.log(math.exp(-sb)) + sb)
+    loss = risk_set_loss(scores, lengths, censored)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    grad = scores.grad[0].tolist()
+    assert grad[3] == 0.0          # cut before any answer ended: it teaches nothing
+    assert grad[2] < 0.0           # cut after a ended: gradient descent raises its score (longer)
+    assert grad[0] > 0.0           # the shortest answer that ended: its score goes down
+
+
+def test_risk_set_loss_reductions_and_shapes() -> None:
+    g = torch.Generator().manual_seed(4)
+    scores, lengths = torch.randn(5, 8, generator=g), torch.randint(1, 50, (5, 8), generator=g).float()
+    censored = torch.rand(5, 8, generator=g) < 0.5
+    per_list = risk_set_loss(scores, lengths, censored, reduction="none")
+    assert per_list.shape == (5,) and torch.isfinite(per_list).all()
+    assert risk_set_loss(scores, lengths, censored) == pytest.approx(per_list.mean().item())
+    all_cut = risk_set_loss(scores, lengths, torch.ones(5, 8, dtype=torch.bool), reduction="none")
+    assert torch.equal(all_cut, torch.zeros(5))   # nothing ended: nothing is known
+    with pytest.raises(ValueError, match="must all be"):
+        risk_set_loss(scores, lengths, censored[:, :4])

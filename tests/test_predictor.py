@@ -200,7 +200,8 @@ def test_served_log_splits_by_prompt_hash_and_handles_censored_labels(tmp_path: 
         load_served_examples(tmp_path / "hashes")
 
 
-def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: ExampleSplits,
+@pytest.mark.parametrize("censored", ["lower-bound", "risk-set"])
+def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: ExampleSplits, censored: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
@@ -219,11 +220,12 @@ def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: Exampl
               "--lora-r", "8", "--output", str(out)])
     assert main(["train-predictor", "--data", str(tmp_path / "log"), "--init", str(shipped_artifact_dir()),
                  "--epochs", "1", "--list-size", "8", "--holdout", "0.25", "--val-fraction", "0.25",
-                 "--max-length", "128", "--output", str(out)]) == 0
+                 "--max-length", "128", "--censored", censored, "--output", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["max_length"] == 128   # the input window follows the flag; the shapes stay the artifact's
     meta = config["metadata"]
-    assert "--data=" in meta["command"] and "--init=" in meta["command"]
+    assert "--data=" in meta["command"] and "--init=" in meta["command"] and f"--censored={censored}" in meta["command"]
+    assert meta["history"]["train_config"]["censored"] == censored
     assert meta["history"]["init"] == str(shipped_artifact_dir()) and meta["test"]["censored"] >= 1
     assert meta["history"]["n_train"] >= 40
     shipped, retrained = (load_file(str(d / "weights.safetensors")) for d in (shipped_artifact_dir(), out))
@@ -234,3 +236,17 @@ def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: Exampl
     printed = capsys.readouterr().out
     assert "served log" in printed and "censored" in printed and "listmle/lora@128" in printed
     assert f"{meta['test']['kendall_tau']:.4f}" in printed   # the same held-out slice as training's test
+
+
+def test_the_risk_set_rule_trains_on_the_risk_set_loss() -> None:
+    from ltr.predictor.losses import risk_set_loss
+    from ltr.predictor.train import _Objective
+
+    g = torch.Generator().manual_seed(0)
+    raw, lengths = torch.randn(8, generator=g), torch.randint(1, 300, (8,), generator=g)
+    censored = lengths >= 200
+    objective = _Objective(PredictorConfig(), lengths.numpy().astype(float), g, risk_set=True)
+    assert objective(raw, lengths, censored, 4) == risk_set_loss(raw.view(2, 4), lengths.view(2, 4).float(),
+                                                                 censored.view(2, 4))
+    with pytest.raises(ValueError, match="need the listmle objective, not 'regression'"):
+        _Objective(PredictorConfig(objective="regression"), lengths.numpy().astype(float), g, risk_set=True)

