@@ -315,15 +315,15 @@ def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], co
     return result
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, swapped_rule: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bars = [("tau_prompt_length", "prompt length", "#999"), ("tau_shipped", "shipped\npredictor", "#4c72b0"),
-            ("tau_served", "served in\nphase 1", "#8172b3"), ("tau_retrained", "retrained\non the log", "#dd8452")]
-    bars += [(name, f"retrained,\n{name.removeprefix('tau_retrained_')}", "#c44e52") for name in summary
+            ("tau_served", "served in\nphase 1", "#8172b3"), ("tau_retrained", f"retrained on\nthe log, {swapped_rule}", "#dd8452")]
+    bars += [(name, f"retrained on\nthe log, {name.removeprefix('tau_retrained_')}", "#c44e52") for name in summary
              if name.startswith("tau_retrained_") and not name.endswith("_ci95")]
     bars.append(("tau_ceiling", "ceiling\n(answer vs answer)", "#55a868"))
     names, labels, colors = zip(*[bar for bar in bars if bar[0] in summary])
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    plot(summary, RESULTS / f"{args.out}.png")
+    plot(summary, RESULTS / f"{args.out}.png", args.censored[0])
     print(json.dumps(summary, indent=1))
     return 0
 
