@@ -322,7 +322,8 @@ def plot(summary: dict, path: Path, swapped_rule: str) -> None:
     import matplotlib.pyplot as plt
 
     bars = [("tau_prompt_length", "prompt length", "#999"), ("tau_shipped", "shipped\npredictor", "#4c72b0"),
-            ("tau_served", "served in\nphase 1", "#8172b3"), ("tau_retrained", f"retrained on\nthe log, {swapped_rule}", "#dd8452")]
+            ("tau_served", "served in\nphase 1", "#8172b3"),
+            ("tau_retrained", f"retrained on\nthe log, {swapped_rule}", "#dd8452")]
     bars += [(name, f"retrained on\nthe log, {name.removeprefix('tau_retrained_')}", "#c44e52") for name in summary
              if name.startswith("tau_retrained_") and not name.endswith("_ci95")]
     bars.append(("tau_ceiling", "ceiling\n(answer vs answer)", "#55a868"))

@@ -276,6 +276,9 @@ class OpenAIIngress:
         #: after the call; it may still land); and timed-out calls no replica had taken yet
         #: (`_judge_assignment`): assigned_late, assignment_failed or unassigned.
         self.late_sent = 0
+        #: Requests sent to an engine ahead of their score (`send_before_score`: a predictor replica had taken
+        #: the call, its answer was not in yet); one whose answer was in by then goes with it.
+        self.sent_ahead = 0
         self.late_answers: Counter[str] = Counter()
         self.predictor_waits = WaitHistogram()
         self.predictor_replica_times = WaitHistogram()   # the part of each wait spent in the predictor replica
@@ -401,6 +404,7 @@ class OpenAIIngress:
             ref = await asyncio.wait_for(asyncio.shield(assignment), timeout=self.settings.predictor_timeout_s)
             answer = asyncio.wrap_future(ref.future())
             if self._sends_ahead and not answer.done():
+                self.sent_ahead += 1
                 return None, None, None, self._follow_ahead(ref, answer, started)
             try:
                 prediction = await asyncio.wait_for(asyncio.shield(answer),
@@ -762,6 +766,7 @@ class OpenAIIngress:
     def _ingress_stats(self) -> dict[str, Any]:
         return {"requests": dict(self.requests), "predictor_fallbacks": dict(self.fallbacks),
                 "neutral_placements": self.neutral_placements, "late_sent": self.late_sent,
+                "sent_ahead": self.sent_ahead,
                 "late_answers": dict(self.late_answers), "predictor_wait_s": self.predictor_waits.snapshot(),
                 "predictor_replica_s": self.predictor_replica_times.snapshot(),
                 "replicas_seen": dict(self.replicas_seen),

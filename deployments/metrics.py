@@ -129,6 +129,8 @@ class _StatsCollector:
              "(median of recent predictions) instead of ahead of ranked work", self.ingress.get("neutral_placements", 0)),
             (CounterMetricFamily, "ltr_predictor_late_answers_sent", "unscored requests sent on with the predictor's "
              "answer following them (re-ranked in their engine when it lands)", self.ingress.get("late_sent", 0)),
+            (CounterMetricFamily, "ltr_requests_sent_ahead_of_score", "requests sent to an engine before their "
+             "predictor score was in (send_before_score); the score follows them", self.ingress.get("sent_ahead", 0)),
             (GaugeMetricFamily, "ltr_predictor_breaker_open", "1 while the predictor circuit breaker is open",
              float(bool(self.ingress.get("breaker_open")))),
             (CounterMetricFamily, "ltr_predictor_breaker_openings", "times the predictor circuit breaker opened "

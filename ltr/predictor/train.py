@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ltr.predictor.evaluate import kendall_tau
+from ltr.predictor.evaluate import ranking_report
 from ltr.predictor.losses import listmle_loss, risk_set_loss
 from ltr.predictor.model import PredictorConfig, RankPredictor, fit_calibration
 
@@ -242,6 +242,8 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     train = data.train[: tc.limit_train] if tc.limit_train else data.train
+    if tc.censored not in CENSORING_RULES:
+        raise ValueError(f"censored must be one of {', '.join(CENSORING_RULES)}, not {tc.censored!r}")
     if len(train) < tc.list_size * tc.lists_per_step or not data.val:
         raise ValueError(f"need at least {tc.list_size * tc.lists_per_step} training and 1 validation example")
     if init is None:
@@ -260,11 +262,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
 
     def val_tau(scores: np.ndarray) -> float:
         """Validation tau; censor-aware where served answers were cut (pairs of unknown order left out)."""
-        if not val_censored.any():
-            return kendall_tau(scores, val_len)
-        from ltr.predictor.live_quality import censored_kendall_tau
-
-        tau = censored_kendall_tau(scores, val_len.astype(np.int64), val_censored)["kendall_tau"]
+        tau = ranking_report(scores, val_len, censored=val_censored if val_censored.any() else None)["kendall_tau"]
         return -math.inf if tau is None else tau
 
     frozen = model.config.finetune == "frozen"
