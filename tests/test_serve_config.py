@@ -38,9 +38,24 @@ def test_serve_config_passes_ray_schema_and_app_args(path: Path) -> None:
     if path.name.endswith("gpu.yaml"):
         assert serving.engine_num_gpus == 1 and serving.model.startswith("/")
     else:
-        assert serving.engine_num_gpus == 0 and 0 < serving.engine_num_cpus < 1
-        assert serving.num_engine_replicas == 2 and serving.model == "smollm2"
+        assert serving.engine_num_gpus == 0 and serving.model == "smollm2"
         assert serving.engine_env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_cpu_config_is_the_layout_the_local_default_fits_to_2_cores() -> None:
+    """`serve run deployments/serve_config_cpu.yaml` serves as `bash scripts/serve.sh` does on a 2-core box."""
+    from deployments.local import engine_cpu_budget, parse_args, predictor_args
+    from deployments.machine import fit_to_machine
+
+    apps = {app["name"]: app["args"] for app in _load(CONFIGS[0])["applications"]}
+    layout = fit_to_machine(2, 24, engine_cpu_budget(parse_args([]), 2))
+    serving = AppArgs(**apps["ltr"])
+    assert (serving.num_engine_replicas, serving.engine_num_cpus, serving.engine_nice, serving.engine_worker_in_core,
+            serving.engine_kwargs["max_num_seqs"]) == \
+        (layout.replicas, layout.num_cpus, layout.nice, layout.worker_in_core, layout.max_num_seqs)
+    assert layout.engine_env().items() <= serving.engine_env.items()
+    assert {key: apps["ltr-predictor"][key] for key in ("num_replicas", "threads", "num_cpus")} == \
+        predictor_args(layout)
 
 
 def test_cpu_config_import_paths_build_applications() -> None:
@@ -123,11 +138,11 @@ def test_resolve_config_gpu_engines_take_vllm_defaults_and_the_async_rank_schedu
 def test_resolve_config_cpu_engines_get_the_cpu_workarounds() -> None:
     engine = _resolve(CONFIGS[0])
     kwargs = engine["vllm_kwargs"]
-    assert engine["platform"] == "cpu" and engine["num_replicas"] == 2
+    assert engine["platform"] == "cpu" and engine["num_replicas"] == 1
     assert kwargs["dtype"] == "float32" and kwargs["async_scheduling"] is False
     assert engine["scheduler_class"] == "ltr.scheduling.vllm_scheduler.RankScheduler"
-    assert kwargs["max_num_seqs"] == 16 and kwargs["max_model_len"] == 2048
-    assert engine["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert kwargs["max_num_seqs"] == 32 and kwargs["max_model_len"] == 2048
+    assert engine["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and engine["env"]["OMP_NUM_THREADS"] == "2"
     assert engine["resolved"]["stream_batch_ms"] == STREAM_BATCH_S["cpu"] * 1000
 
 
