@@ -110,6 +110,13 @@ def load_turn_examples(tokenizer: Any, max_length: int, limit_train: int = 0) ->
 #: How an answer cut at max_tokens trains: as its observed length (a tie at the cap with the other cut
 #: ones), left out, or as a lower bound in the risk sets of `risk_set_loss` (ListMLE objective only).
 CENSORING_RULES = ("lower-bound", "drop", "risk-set")
+
+
+def _check_censoring_rule(rule: str) -> None:
+    if rule not in CENSORING_RULES:
+        raise ValueError(f"censored must be one of {', '.join(CENSORING_RULES)}, not {rule!r}")
+
+
 #: Served-log records that are no label at all: the client or the server ended them, not the model or its cap.
 _NOT_LABELS = ("abort", "error")
 
@@ -133,8 +140,7 @@ def load_served_examples(log: Path, censored: str = "lower-bound", holdout: floa
     """
     from ltr.data.served_log import read_served_log, text_sha256
 
-    if censored not in CENSORING_RULES:
-        raise ValueError(f"censored must be one of {', '.join(CENSORING_RULES)}, not {censored!r}")
+    _check_censoring_rule(censored)
     if not (0 < holdout < 1 and 0 < val_fraction < 1 and holdout + val_fraction < 1):
         raise ValueError(f"holdout ({holdout}) and val_fraction ({val_fraction}) must be in (0, 1), sum < 1")
     parts: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
@@ -242,8 +248,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     train = data.train[: tc.limit_train] if tc.limit_train else data.train
-    if tc.censored not in CENSORING_RULES:
-        raise ValueError(f"censored must be one of {', '.join(CENSORING_RULES)}, not {tc.censored!r}")
+    _check_censoring_rule(tc.censored)
     if len(train) < tc.list_size * tc.lists_per_step or not data.val:
         raise ValueError(f"need at least {tc.list_size * tc.lists_per_step} training and 1 validation example")
     if init is None:
