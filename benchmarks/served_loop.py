@@ -10,7 +10,7 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    predictor never trained on them; with `--turns later`, later turns sent with the conversation before
    them, which a prompt-only predictor such as the shipped one scores, logs and retrains on by the last user
    message, and one trained on rendered conversations by the conversation) `--samples` times as a chat
-   request, sampled (temperature 1.0, a seed per request, `--max-tokens`), `--concurrency` at a time, until
+   request, sampled (`--temperature`, default 1.0, and `--top-p`, a seed per request, `--max-tokens`), `--concurrency` at a time, until
    every prompt is served or `--budget-s` runs out.
 2. **Retrain.** `ltr train-predictor --data LOG --init SERVED --censored RULE` on the log's train slice
    (split by prompt hash: the held-out slice is never trained on), once per `--censored` rule (how answers
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first user turns, or later turns sent with the conversation before them")
     p.add_argument("--samples", type=int, default=2, help="sampled answers per prompt (>= 2: the ceiling)")
     p.add_argument("--max-tokens", type=int, default=128, help="answer cap (a capped answer is censored)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share of every request")
     p.add_argument("--max-prompt-tokens", type=int, default=128,
                    help="prompts longer than this (message text in all) are skipped (keeps CPU work affordable)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
@@ -84,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--samples must be >= 2 (the ceiling compares two answers to one prompt)")
     if len(set(args.censored)) < len(args.censored):
         p.error("--censored names a rule twice")
+    if not args.temperature > 0:
+        p.error("--temperature must be > 0 (the answers are sampled: two of them measure the ceiling)")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
     for name in ("prompts", "max_tokens", "concurrency", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -177,10 +183,11 @@ def start_service(log_dir: Path, port: int, predictor_settings: dict) -> tuple[s
     return f"http://127.0.0.1:{port}", predictor
 
 
-async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, list[dict]]], max_tokens: int,
+async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, list[dict]]], sampling: dict,
                      concurrency: int, budget_s: float, during: Any = None) -> list[dict]:
     """Send (prompt id, sample, messages) chat requests with the openai client; one result dict each.
-    Each is sampled with its own `seed` (100 x prompt id + sample), so a served label can be regenerated.
+    Each is sampled with `sampling` (max_tokens, temperature, top_p) and its own `seed` (100 x prompt id +
+    sample), so a served label can be regenerated.
     `during(done)` is awaited after each answer (phase 3 uses it to start the swap)."""
     import openai
 
@@ -197,8 +204,7 @@ async def serve_jobs(url: str, model: str, jobs: list[tuple[int, int, list[dict]
             started = time.monotonic()
             try:
                 raw = await client.chat.completions.with_raw_response.create(
-                    model=model, messages=messages, max_tokens=max_tokens, temperature=1.0,
-                    seed=100 * prompt_id + sample)
+                    model=model, messages=messages, seed=100 * prompt_id + sample, **sampling)
                 answer = raw.parse()
                 results.append({"prompt": prompt_id, "sample": sample, "ok": True,
                                 "placement": raw.headers.get("x-ltr-placement"),
@@ -315,7 +321,7 @@ def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], co
     return result
 
 
-def plot(summary: dict, path: Path, swapped_rule: str) -> None:
+def plot(summary: dict, path: Path, swapped_rule: str, sampling: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +342,9 @@ def plot(summary: dict, path: Path, swapped_rule: str) -> None:
     ax.set_ylabel("censor-aware Kendall tau vs served lengths")
     gain = summary["tau_gain_vs_shipped"]
     ax.set_title(f"Held-out served traffic ({summary['held_out_prompts']} prompts, {summary['held_out_records']} "
-                 f"answers); retrained - shipped {'n/a' if gain is None else f'{gain:+.3f}'}")
+                 f"answers; temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, max_tokens "
+                 f"{sampling['max_tokens']}); retrained - shipped {'n/a' if gain is None else f'{gain:+.3f}'}",
+                 fontsize=9)
     ax.axhline(0, color="black", linewidth=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -375,13 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         conversation_of.setdefault(served_input(prompt), prompt)
         conversation_of.setdefault(last_user_text(prompt), prompt)
     model_name = prepare_model().name
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     url, predictor_app_args = start_service(log_dir, args.port, serve_settings)
     timings: dict[str, float] = {}
     try:
         # 1. serve, prompt-major so that a budget cut leaves whole prompts.
         jobs = [(i, k, prompt) for i, prompt in enumerate(prompts) for k in range(args.samples)]
         started = time.monotonic()
-        phase1 = asyncio.run(serve_jobs(url, model_name, jobs, args.max_tokens, args.concurrency, args.budget_s))
+        phase1 = asyncio.run(serve_jobs(url, model_name, jobs, sampling, args.concurrency, args.budget_s))
         timings["serve_s"] = time.monotonic() - started
         ok = [r for r in phase1 if r["ok"]]
         records = wait_for_records(log_dir, len(ok))
@@ -414,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
         async def phase3() -> list[dict]:
             results = await serve_jobs(url, model_name, [(i, args.samples, prompts[i]) for i in held_out],
-                                       args.max_tokens, args.concurrency, float("inf"), maybe_swap)
+                                       sampling, args.concurrency, float("inf"), maybe_swap)
             if "task" in swap:
                 await swap["task"]
             return results
@@ -463,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    plot(summary, RESULTS / f"{args.out}.png", args.censored[0])
+    plot(summary, RESULTS / f"{args.out}.png", args.censored[0], sampling)
     print(json.dumps(summary, indent=1))
     return 0
 
