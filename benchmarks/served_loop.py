@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-max-length", type=int, default=128, help="MiniLM tokens per prompt in retraining")
+    p.add_argument("--train-list-size", type=int, default=64,
+                   help="answers per ListMLE list in retraining (smaller: more steps on a small log)")
     p.add_argument("--censored", nargs="+", choices=CENSORING_RULES, default=["lower-bound"],
                    help="how answers cut at max_tokens train (`ltr train-predictor --censored`): one retrained "
                         "artifact per rule, all compared; the first is swapped in")
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--temperature must be > 0 (the answers are sampled: two of them measure the ceiling)")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
-    for name in ("prompts", "max_tokens", "concurrency", "epochs"):
+    for name in ("prompts", "max_tokens", "concurrency", "epochs", "train_list_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -403,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
                           "--censored", rule, "--holdout", str(args.holdout), "--val-fraction",
                           str(args.val_fraction), "--epochs", str(args.epochs), "--max-length",
-                          str(args.train_max_length), "--seed", str(args.seed), "--output", str(output)]
+                          str(args.train_max_length), "--list-size", str(args.train_list_size), "--seed", str(args.seed),
+                          "--output", str(output)]
             if ltr_main(train_argv) != 0:
                 raise SystemExit(f"train-predictor --censored {rule} failed")
             timings[f"retrain_{rule}_s"] = time.monotonic() - started
