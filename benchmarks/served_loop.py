@@ -10,8 +10,8 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    predictor never trained on them; with `--turns later`, later turns sent with the conversation before
    them, which a prompt-only predictor such as the shipped one scores, logs and retrains on by the last user
    message, and one trained on rendered conversations by the conversation) `--samples` times as a chat
-   request, sampled (`--temperature`, default 1.0, and `--top-p`, a seed per request, `--max-tokens`), `--concurrency` at a time, until
-   every prompt is served or `--budget-s` runs out.
+   request, sampled (`--temperature`, default 1.0, and `--top-p`, a seed per request, `--max-tokens`),
+   `--concurrency` at a time, until every prompt is served or `--budget-s` runs out.
 2. **Retrain.** `ltr train-predictor --data LOG --init SERVED --censored RULE` on the log's train slice
    (split by prompt hash: the held-out slice is never trained on), once per `--censored` rule (how answers
    cut at max_tokens train); the first rule's artifact is the one swapped in.
@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
                           "--censored", rule, "--holdout", str(args.holdout), "--val-fraction",
                           str(args.val_fraction), "--epochs", str(args.epochs), "--max-length",
-                          str(args.train_max_length), "--list-size", str(args.train_list_size), "--seed", str(args.seed),
-                          "--output", str(output)]
+                          str(args.train_max_length), "--list-size", str(args.train_list_size),
+                          "--seed", str(args.seed), "--output", str(output)]
             if ltr_main(train_argv) != 0:
                 raise SystemExit(f"train-predictor --censored {rule} failed")
             timings[f"retrain_{rule}_s"] = time.monotonic() - started
