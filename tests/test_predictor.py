@@ -251,4 +251,4 @@ def test_the_risk_set_rule_trains_on_the_risk_set_loss() -> None:
     with pytest.raises(ValueError, match="need the listmle objective, not 'regression'"):
         _Objective(PredictorConfig(objective="regression"), lengths.numpy().astype(float), g, risk_set=True)
     with pytest.raises(ValueError, match="censored must be one of lower-bound, drop, risk-set, not 'risk'"):
-        train_predictor(PredictorConfig(), TrainConfig(censored="risk"), ExampleSplits([], [], []))
+        TrainConfig(censored="risk")

@@ -64,6 +64,9 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_censoring_rule(self.censored)
+
 
 def load_examples(data_dir: Path | None = None) -> ExampleSplits:
     """The conversation-disjoint ShareGPT splits: from `ltr.data`, or from {train,val,test}.jsonl traces."""
@@ -248,7 +251,6 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     train = data.train[: tc.limit_train] if tc.limit_train else data.train
-    _check_censoring_rule(tc.censored)
     if len(train) < tc.list_size * tc.lists_per_step or not data.val:
         raise ValueError(f"need at least {tc.list_size * tc.lists_per_step} training and 1 validation example")
     if init is None:
