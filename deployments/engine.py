@@ -312,7 +312,7 @@ class LLMEngine:
         self.state = await _serving_state(_TrackingEngineClient(self.llm), spec)
         self._tracked: dict[str, _Tracked] = {}
         self.counters = {"requests": 0, "scored": 0, "unscored": 0, "aborted": 0, "failed": 0, "followed_scores": 0,
-                         "late_scores": 0, "released_unscored": 0}
+                         "late_scores": 0, "finished_before_score": 0, "released_unscored": 0}
         logger.info("engine replica %s ready: model=%s policy=%s async_scheduling=%s", self.replica, spec.model,
                     self.policy.name, self.llm.vllm_config.scheduler_config.async_scheduling)
 
@@ -362,6 +362,8 @@ class LLMEngine:
             raise
         finally:
             if late is not None:
+                if not late.done():   # its answer reached this replica after the request was done, if at all
+                    self.counters["finished_before_score"] += 1
                 late.cancel()
             self._tracked.pop(request.request_id, None)
 
@@ -428,8 +430,6 @@ class LLMEngine:
             if pending:
                 append_score_update(self.score_updates_path, ScoreUpdate(request_id, None))
                 self.counters["released_unscored"] += 1
-            return
-        if request_id not in self._tracked:
             return
         extra = ({} if prediction.input_text is None
                  else record_extra_args(prediction.input_text, prediction.version, request.log_text))

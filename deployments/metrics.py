@@ -31,6 +31,8 @@ ENGINE_METRICS: tuple[tuple[str, str, str, bool, str], ...] = (
      "predictor scores that followed their request (sent ahead of its score) in time, passed to its scheduler"),
     ("counters", "late_scores", "ltr_engine_late_scores", True,
      "predictor scores that landed after their request was placed at the neutral score, passed to its scheduler"),
+    ("counters", "finished_before_score", "ltr_engine_finished_before_score", True,
+     "requests awaiting a predictor score (sent ahead of it, or placed without it) that finished before it landed"),
     ("counters", "released_unscored", "ltr_engine_released_unscored", True,
      "requests sent ahead of their score released to the neutral score: the score was late or failed"),
     ("", "in_flight", "ltr_engine_in_flight_requests", False, "requests this replica holds now"),

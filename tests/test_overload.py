@@ -77,6 +77,12 @@ def _late_moved(before: dict, after: dict, outcome: str) -> int:
     return after["late_answers"].get(outcome, 0) - before["late_answers"].get(outcome, 0)
 
 
+def _engine_moved(before: dict, after: dict, section: str, key: str) -> int:
+    """How much `key` in `section` of every engine replica's stats grew (an engine that has not stepped yet has
+    no scheduler stats)."""
+    return sum(after[r][section].get(key, 0) - before[r][section].get(key, 0) for r in after)
+
+
 def test_a_missing_score_is_served_between_ranked_work_not_ahead_of_it(overload_app: OverloadApp) -> None:
     """A blocker holds the one seat; ranked short and long requests queue behind it; then a request whose
     predictor never answers arrives. It must finish after every ranked request scored below the neutral
@@ -133,8 +139,8 @@ def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: Overl
     """24 concurrent requests against a predictor that sleeps `hang_s` per batch, then scores (on a shared
     quarter CPU, so a burst can still miss the 1 s timeout): all are served; each one the predictor missed is a
     counted timeout placed at the neutral score, and gets its own score in the engine while it still waits.
-    Near the timeout, every request ends up ranked by its own score (in time or late), but for any the idle
-    seat served before its score landed (sent ahead of its score; its reply says "pending"); beyond it, none is
+    Near the timeout, every request ends up ranked by its own score (in time or late), but for any done before
+    its score reached its engine replica (sent ahead of its score, a free seat served it first); beyond it, none is
     scored in time and the late scores re-rank most of the queue (the first served finish before theirs land).
     The predictor serves at most 4 batches at once, so when the burst reaches it over more than 4 batch windows
     the last answers land a whole `hang_s` later: beyond the timeout each request decodes `tokens` = 32 so the
@@ -174,23 +180,22 @@ def test_burst_with_a_slow_predictor_is_served_and_accounted(overload_app: Overl
     # All arrive before any times out, so none meets an open breaker: each miss is a timeout with a late answer.
     assert set(fallbacks) <= {"timeout"}, fallbacks
 
-    def moved(section: str) -> int:
-        return sum(engines_after[r][section].get("late_scores", 0) - engines_before[r][section].get("late_scores", 0)
-                   for r in engines_after)
+    def moved(section: str, key: str) -> int:
+        return _engine_moved(engines_before, engines_after, section, key)
 
-    received, applied = moved("counters"), moved("scheduler")
+    received, applied = moved("counters", "late_scores"), moved("scheduler", "late_scores")
     assert applied <= received <= n_fallbacks, (received, applied, n_fallbacks)
+    # Each request sent ahead of its score ends in its engine replica in one way: the score followed it in
+    # time, landed after the replica released it to the neutral score (late), or it finished first (the
+    # answer may reach the ingress before it reaches the replica, so a reply can say "predicted" for it).
+    ahead = after["sent_ahead"] - before["sent_ahead"]
+    followed, finished = moved("counters", "followed_scores"), moved("counters", "finished_before_score")
+    assert followed + received + finished == ahead, (ahead, followed, received, finished, placements)
     if hang_s < PREDICTOR_TIMEOUT_S:
-        # Those sent ahead of their score (all but any whose answer was in before the ingress had the predictor
-        # replica's reference, which go with it), and each score still in flight reached the engine: in time
-        # (followed), or after the engine had released the request to the neutral score (late).
-        ahead = after["sent_ahead"] - before["sent_ahead"]
-        followed = sum(engines_after[r]["counters"]["followed_scores"] - engines_before[r]["counters"]["followed_scores"]
-                       for r in engines_after)
-        assert ahead >= n // 2 and ahead - n_fallbacks >= 1, (ahead, fallbacks)
-        assert followed >= ahead - n_fallbacks - placements.count("pending"), (ahead, fallbacks, followed)
-        assert ahead - placements.count("pending") <= followed + received <= ahead, (ahead, placements, followed,
-                                                                                    received)
+        # Those sent ahead of their score: all but any whose answer was in before the ingress had the
+        # predictor replica's reference, which go with it. With late scores bounded by the timeouts (above),
+        # each one scored in time was followed, unless its request was done first.
+        assert ahead >= n // 2 and ahead - n_fallbacks >= 1 and followed >= 1, (ahead, fallbacks, followed)
     else:
         sent = after["late_sent"] - before["late_sent"]
         assert n_fallbacks == n and received >= n // 2 and applied >= 1, (fallbacks, sent, received, applied)
@@ -328,17 +333,21 @@ def test_a_late_answer_is_overdue_after_ten_timeouts_unless_set_and_never_before
         IngressSettings(served_model_name="m", predictor_timeout_s=1.0, breaker_late_answer_s=1.0)
 
 
-def test_a_request_is_served_before_its_score_lands_when_a_seat_is_free(overload_app: OverloadApp) -> None:
+@pytest.mark.parametrize(("tokens", "outlives_score"), [(64, True), (1, False)], ids=["followed", "done_first"])
+def test_a_request_is_served_before_its_score_lands_when_a_seat_is_free(overload_app: OverloadApp, tokens: int,
+                                                                        outlives_score: bool) -> None:
     """The predictor answers in time but slowly; the engine is idle. The request is sent ahead of its score
     and admitted at once: its reply starts (headers "pending") before the score lands, which then still counts
-    as scored in time (no fallback) and reaches the engine, where the request still runs, as a followed score."""
+    as scored in time (no fallback). A request still running gets it as a followed score, ranked and counted
+    under the predictor's version by live ranking quality; one done first (a single token) is counted as
+    finished before its score, and live ranking quality counts it unattributed."""
     url, model = overload_app.url, overload_app.model
     try:
         time.sleep(2.0)   # an open breaker from an earlier test closes (cooldown 1 s)
         _set_predictor({"fault": "hang", "hang_s": 0.6 * PREDICTOR_TIMEOUT_S})
         before, engines_before = _stats(url), asyncio.run(_engine_stats(url))
-        with httpx.stream("POST", f"{url}/v1/completions", json={**_body(model, "Ahead: say hi.", 64), "stream": True},
-                          timeout=120) as reply:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**_body(model, "Ahead: say hi.", tokens),
+                                                                 "stream": True}, timeout=120) as reply:
             headers, text = reply.headers, reply.read().decode()
         time.sleep(1.0)   # the score lands
         after, engines_after = _stats(url), asyncio.run(_engine_stats(url))
@@ -350,14 +359,15 @@ def test_a_request_is_served_before_its_score_lands_when_a_seat_is_free(overload
     assert after["predictor_fallbacks"] == before["predictor_fallbacks"], (before, after)
     assert after["predictor_wait_s"]["count"] - before["predictor_wait_s"]["count"] == 1
 
-    def moved(section: str, key: str) -> int:   # an engine that has not stepped yet has no scheduler stats
-        return sum(engines_after[r][section].get(key, 0) - engines_before[r][section].get(key, 0)
-                   for r in engines_after)
+    def moved(section: str, key: str) -> int:
+        return _engine_moved(engines_before, engines_after, section, key)
 
-    assert moved("counters", "followed_scores") == 1 and moved("scheduler", "followed_scores") == 1
+    followed = int(outlives_score)
+    assert moved("counters", "followed_scores") == followed and moved("scheduler", "followed_scores") == followed
+    assert moved("counters", "finished_before_score") == 1 - followed
     assert moved("scheduler", "admitted_before_score") == 1 and moved("counters", "released_unscored") == 0
     # The score came with the predictor's version (no served-traffic log here): live ranking quality counted
-    # the finished request under that version.
+    # the finished request under that version if the score reached it in time, else as unattributed.
     quality_before = [r["scheduler"].get("live_quality", {"unattributed": 0, "versions": {}})
                       for r in engines_before.values()]
     quality_after = [r["scheduler"]["live_quality"] for r in engines_after.values()]
@@ -365,5 +375,6 @@ def test_a_request_is_served_before_its_score_lands_when_a_seat_is_free(overload
     def seen(quality: list[dict]) -> int:
         return sum(window["seen"] for q in quality for window in q["versions"].values())
 
-    assert sum(q["unattributed"] for q in quality_after) == sum(q["unattributed"] for q in quality_before)
-    assert seen(quality_after) - seen(quality_before) == 1, (quality_before, quality_after)
+    unattributed = sum(q["unattributed"] for q in quality_after) - sum(q["unattributed"] for q in quality_before)
+    assert (seen(quality_after) - seen(quality_before), unattributed) == (followed, 1 - followed), \
+        (quality_before, quality_after)
