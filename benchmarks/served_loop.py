@@ -9,9 +9,10 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    `openai` client sends each ShareGPT prompt (first turns of the val + test conversations: the shipped
    predictor never trained on them; with `--turns later`, later turns sent with the conversation before
    them, which a prompt-only predictor such as the shipped one scores, logs and retrains on by the last user
-   message, and one trained on rendered conversations by the conversation) `--samples` times as a chat
-   request, sampled (`--temperature`, default 1.0, and `--top-p`, a seed per request, `--max-tokens`),
-   `--concurrency` at a time, until every prompt is served or `--budget-s` runs out.
+   message, and one trained on rendered conversations by the conversation) `--samples` times (a prompt
+   outside the held-out slice `--train-samples` times) as a chat request, sampled (`--temperature`, default
+   1.0, and `--top-p`, a seed per request, `--max-tokens`), `--concurrency` at a time, until every prompt is
+   served or `--budget-s` runs out.
 2. **Retrain.** `ltr train-predictor --data LOG --init SERVED --censored RULE` on the log's train slice
    (split by prompt hash: the held-out slice is never trained on), once per `--censored` rule (how answers
    cut at max_tokens train); the first rule's artifact is the one swapped in.
@@ -60,7 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=700, help="distinct ShareGPT prompts to serve")
     p.add_argument("--turns", choices=("first", "later"), default="first",
                    help="first user turns, or later turns sent with the conversation before them")
-    p.add_argument("--samples", type=int, default=2, help="sampled answers per prompt (>= 2: the ceiling)")
+    p.add_argument("--samples", type=int, default=2,
+                   help="sampled answers per held-out prompt (>= 2: the ceiling), and per prompt the retraining "
+                        "sees unless --train-samples says otherwise")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="sampled answers per prompt outside the held-out slice (default: --samples); 1 spends the "
+                        "serving budget on more distinct prompts to retrain on")
     p.add_argument("--max-tokens", type=int, default=128, help="answer cap (a capped answer is censored)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share of every request")
@@ -92,7 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--temperature must be > 0 (the answers are sampled: two of them measure the ceiling)")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
-    for name in ("prompts", "max_tokens", "concurrency", "epochs", "train_list_size"):
+    if args.train_samples is None:
+        args.train_samples = args.samples
+    for name in ("prompts", "max_tokens", "concurrency", "epochs", "train_list_size", "train_samples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -384,13 +392,19 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in prompts:
         conversation_of.setdefault(served_input(prompt), prompt)
         conversation_of.setdefault(last_user_text(prompt), prompt)
+
+    def held_out_prompt(prompt: list[dict]) -> bool:
+        """In the held-out slice: split by the hash of the text the served predictor scores, as the log is."""
+        return served_slice(text_sha256(served_input(prompt))) < args.holdout
+
     model_name = prepare_model().name
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     url, predictor_app_args = start_service(log_dir, args.port, serve_settings)
     timings: dict[str, float] = {}
     try:
         # 1. serve, prompt-major so that a budget cut leaves whole prompts.
-        jobs = [(i, k, prompt) for i, prompt in enumerate(prompts) for k in range(args.samples)]
+        jobs = [(i, k, prompt) for i, prompt in enumerate(prompts)
+                for k in range(args.samples if held_out_prompt(prompt) else args.train_samples)]
         started = time.monotonic()
         phase1 = asyncio.run(serve_jobs(url, model_name, jobs, sampling, args.concurrency, args.budget_s))
         timings["serve_s"] = time.monotonic() - started
@@ -412,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"retrain_{rule}_s"] = time.monotonic() - started
 
         # 3. serve held-out prompts again, swapping the predictor a quarter of the way in.
-        held_out = [i for i, p in enumerate(prompts) if served_slice(text_sha256(served_input(p))) < args.holdout
-                    and any(r["prompt"] == i and r["ok"] for r in ok)]
+        held_out = [i for i, p in enumerate(prompts) if held_out_prompt(p) and any(r["prompt"] == i and r["ok"]
+                                                                                   for r in ok)]
         handle = serve.get_deployment_handle("Predictor", app_name=PREDICTOR_APP_NAME)
         new_version = artifact_version(retrained, PREDICTOR_SETTINGS["max_length"], False)
         swap: dict[str, Any] = {}
