@@ -389,14 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     # The conversation behind each logged text: the served predictor's input, or the last user message
     # (what the ingress logs for a request the predictor did not score; unique per conversation here).
     conversation_of = {}
-    for prompt in prompts:
-        conversation_of.setdefault(served_input(prompt), prompt)
+    # Prompts in the held-out slice: split by the hash of the text the served predictor scores, as the log is.
+    held_out_ids = set()
+    for i, prompt in enumerate(prompts):
+        scored_text = served_input(prompt)
+        conversation_of.setdefault(scored_text, prompt)
         conversation_of.setdefault(last_user_text(prompt), prompt)
-
-    def held_out_prompt(prompt: list[dict]) -> bool:
-        """In the held-out slice: split by the hash of the text the served predictor scores, as the log is."""
-        return served_slice(text_sha256(served_input(prompt))) < args.holdout
-
+        if served_slice(text_sha256(scored_text)) < args.holdout:
+            held_out_ids.add(i)
     model_name = prepare_model().name
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     url, predictor_app_args = start_service(log_dir, args.port, serve_settings)
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # 1. serve, prompt-major so that a budget cut leaves whole prompts.
         jobs = [(i, k, prompt) for i, prompt in enumerate(prompts)
-                for k in range(args.samples if held_out_prompt(prompt) else args.train_samples)]
+                for k in range(args.samples if i in held_out_ids else args.train_samples)]
         started = time.monotonic()
         phase1 = asyncio.run(serve_jobs(url, model_name, jobs, sampling, args.concurrency, args.budget_s))
         timings["serve_s"] = time.monotonic() - started
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"retrain_{rule}_s"] = time.monotonic() - started
 
         # 3. serve held-out prompts again, swapping the predictor a quarter of the way in.
-        held_out = [i for i, p in enumerate(prompts) if held_out_prompt(p) and any(r["prompt"] == i and r["ok"]
-                                                                                   for r in ok)]
+        answered = {r["prompt"] for r in ok}
+        held_out = sorted(held_out_ids & answered)
         handle = serve.get_deployment_handle("Predictor", app_name=PREDICTOR_APP_NAME)
         new_version = artifact_version(retrained, PREDICTOR_SETTINGS["max_length"], False)
         swap: dict[str, Any] = {}
