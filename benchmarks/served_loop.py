@@ -12,7 +12,9 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    message, and one trained on rendered conversations by the conversation) `--samples` times (a prompt
    outside the held-out slice `--train-samples` times) as a chat request, sampled (`--temperature`, default
    1.0, and `--top-p`, a seed per request, `--max-tokens`), `--concurrency` at a time, until every prompt is
-   served or `--budget-s` runs out.
+   served or `--budget-s` runs out. `--train-split-prompts N` adds up to N prompts from the ShareGPT *train*
+   split's conversations, served last and only where they fall in the log's train slice: more served labels to
+   retrain on, while the held-out slice stays val + test prompts that no predictor trained on.
 2. **Retrain.** `ltr train-predictor --data LOG --init SERVED --censored RULE` on the log's train slice
    (split by prompt hash: the held-out slice is never trained on), once per `--censored` rule (how answers
    cut at max_tokens train); the first rule's artifact is the one swapped in.
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=None,
                    help="sampled answers per prompt outside the held-out slice (default: --samples); 1 spends the "
                         "serving budget on more distinct prompts to retrain on")
+    p.add_argument("--train-split-prompts", type=int, default=0,
+                   help="up to this many more prompts from the ShareGPT train split's conversations, served after "
+                        "the others (--train-samples times each) and only if they fall in the log's train slice")
     p.add_argument("--max-tokens", type=int, default=128, help="answer cap (a capped answer is censored)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share of every request")
@@ -103,21 +108,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("prompts", "max_tokens", "concurrency", "epochs", "train_list_size", "train_samples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.train_split_prompts < 0:
+        p.error("--train-split-prompts must be >= 0")
     return args
 
 
-def pick_conversations(count: int, max_prompt_tokens: int, seed: int, turns: str) -> list[list[dict]]:
-    """Chat requests (OpenAI messages) from the val and test conversations, shuffled: "first" turns (one
+def pick_conversations(count: int | None, max_prompt_tokens: int, seed: int, turns: str,
+                       sides: tuple[str, ...] = ("val", "test")) -> list[list[dict]]:
+    """Chat requests (OpenAI messages) from the conversations of the split `sides` (by default val and test,
+    which the shipped predictor never trained on), shuffled: "first" turns (one
     user message each, distinct), or "later" turns (the conversation before the turn and its user message;
     one turn per ShareGPT conversation, drawn at random, so that no held-out request shares its history
     with one the retraining saw, and distinct last user messages), at most `max_prompt_tokens` served-model
-    tokens of message text in all."""
+    tokens of message text in all. `count` None: all there are."""
     rng = random.Random(seed)
     if turns == "first":
         from ltr.data import load_pairs, split_pairs
 
         splits = split_pairs(load_pairs())
-        prompts = sorted({p.prompt for p in (*splits.val, *splits.test)
+        prompts = sorted({p.prompt for side in sides for p in getattr(splits, side)
                           if p.prompt.strip() and p.prompt_len <= max_prompt_tokens})
         conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     else:
@@ -128,7 +137,8 @@ def pick_conversations(count: int, max_prompt_tokens: int, seed: int, turns: str
 
         splits, _ = split_turns(load_turns())
         by_last: dict[str, tuple[str, list[dict]]] = {}
-        for turn in sorted((*splits.val, *splits.test), key=lambda t: (t.conv_id, t.index)):
+        side_turns = [t for side in sides for t in getattr(splits, side)]
+        for turn in sorted(side_turns, key=lambda t: (t.conv_id, t.index)):
             messages = turn.messages()
             if (turn.history and turn.prompt.strip() and turn.prompt not in by_last
                     and sum(len(m["content"]) for m in messages) <= 8 * max_prompt_tokens):
@@ -143,6 +153,8 @@ def pick_conversations(count: int, max_prompt_tokens: int, seed: int, turns: str
                 by_conversation[base_id].append(messages)
         conversations = [rng.choice(turns_of) for turns_of in by_conversation.values()]
     rng.shuffle(conversations)
+    if count is None:
+        return conversations
     if len(conversations) < count:
         raise SystemExit(f"only {len(conversations)} {turns}-turn requests of <= {max_prompt_tokens} tokens, "
                          f"--prompts {count}")
@@ -397,6 +409,20 @@ def main(argv: list[str] | None = None) -> int:
         conversation_of.setdefault(last_user_text(prompt), prompt)
         if served_slice(text_sha256(scored_text)) < args.holdout:
             held_out_ids.add(i)
+    if args.train_split_prompts:
+        # Train-split prompts for the retraining only: those that would land in the log's held-out slice are
+        # skipped, as is any whose text a val / test prompt already has.
+        extra = []
+        for prompt in pick_conversations(None, args.max_prompt_tokens, args.seed, args.turns, sides=("train",)):
+            if len(extra) == args.train_split_prompts:
+                break
+            scored_text = served_input(prompt)
+            if (served_slice(text_sha256(scored_text)) >= args.holdout and scored_text not in conversation_of
+                    and last_user_text(prompt) not in conversation_of):
+                conversation_of[scored_text] = conversation_of[last_user_text(prompt)] = prompt
+                extra.append(prompt)
+        print(f"{len(extra)} train-split prompts added (train slice only)", flush=True)
+        prompts += extra
     model_name = prepare_model().name
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     url, predictor_app_args = start_service(log_dir, args.port, serve_settings)
