@@ -276,18 +276,20 @@ def bootstrap(groups: list[np.ndarray], stat, resamples: int = 300, seed: int = 
 
 
 def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], conversation_of: dict[str, list[dict]],
-            holdout: float) -> dict:
+            holdout: float, train_only: frozenset[str] = frozenset()) -> dict:
     """Taus on the held-out slice of the phase-1 log: each of `predictors` ("shipped", "retrained", any
     "retrained_<rule>", and "served" when phase 1 served another artifact), the gains over the shipped one,
     the ceiling and prompt
     length. Each predictor scores the held-out requests as it would serve them (its own `chat_input` of the
-    conversation the logged text came from, `conversation_of`)."""
+    conversation the logged text came from, `conversation_of`). Texts in `train_only` (train-split prompts)
+    never count, even where the log put one in the held-out slice (logged by its last user message, unscored)."""
     from ltr.data.served_log import read_served_log, text_sha256
     from ltr.predictor.model import RankPredictor
     from ltr.predictor.train import served_slice
 
     records = [r for r in read_served_log(log_dir) if r.request_id in phase1_ids and r.finish_reason not in
-               ("abort", "error") and served_slice(r.input_sha256 or text_sha256(r.text)) < holdout]
+               ("abort", "error") and served_slice(r.input_sha256 or text_sha256(r.text)) < holdout
+               and r.text not in train_only]
     texts = sorted({r.text for r in records})
     scores = {}
     for name, artifact in predictors.items():
@@ -409,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         conversation_of.setdefault(last_user_text(prompt), prompt)
         if served_slice(text_sha256(scored_text)) < args.holdout:
             held_out_ids.add(i)
+    train_only = set()   # every text a train-split prompt can be logged by
     if args.train_split_prompts:
         # Train-split prompts for the retraining only: those that would land in the log's held-out slice are
         # skipped, as is any whose text a val / test prompt already has.
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             if (served_slice(text_sha256(scored_text)) >= args.holdout and scored_text not in conversation_of
                     and last_user_text(prompt) not in conversation_of):
                 conversation_of[scored_text] = conversation_of[last_user_text(prompt)] = prompt
+                train_only |= {scored_text, last_user_text(prompt)}
                 extra.append(prompt)
         print(f"{len(extra)} train-split prompts added (train slice only)", flush=True)
         prompts += extra
@@ -498,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 
     predictors = {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if args.serve_artifact else {}),
                   **{output.name: output for output in retrained_by_rule.values()}}
-    summary = compare(log_dir, phase1_ids, predictors, conversation_of, args.holdout)
+    summary = compare(log_dir, phase1_ids, predictors, conversation_of, args.holdout, frozenset(train_only))
     train_meta = {rule: json.loads((output / "config.json").read_text())["metadata"]
                   for rule, output in retrained_by_rule.items()}
     result = {
