@@ -403,13 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     # The conversation behind each logged text: the served predictor's input, or the last user message
     # (what the ingress logs for a request the predictor did not score; unique per conversation here).
     conversation_of = {}
-    # Prompts in the held-out slice: split by the hash of the text the served predictor scores, as the log is.
+    def held_out(scored_text: str) -> bool:
+        """In the held-out slice: split by the hash of the text the served predictor scores, as the log is."""
+        return served_slice(text_sha256(scored_text)) < args.holdout
+
     held_out_ids = set()
     for i, prompt in enumerate(prompts):
         scored_text = served_input(prompt)
         conversation_of.setdefault(scored_text, prompt)
         conversation_of.setdefault(last_user_text(prompt), prompt)
-        if served_slice(text_sha256(scored_text)) < args.holdout:
+        if held_out(scored_text):
             held_out_ids.add(i)
     train_only = set()   # every text a train-split prompt can be logged by
     if args.train_split_prompts:
@@ -419,11 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         for prompt in pick_conversations(None, args.max_prompt_tokens, args.seed, args.turns, sides=("train",)):
             if len(extra) == args.train_split_prompts:
                 break
-            scored_text = served_input(prompt)
-            if (served_slice(text_sha256(scored_text)) >= args.holdout and scored_text not in conversation_of
-                    and last_user_text(prompt) not in conversation_of):
-                conversation_of[scored_text] = conversation_of[last_user_text(prompt)] = prompt
-                train_only |= {scored_text, last_user_text(prompt)}
+            scored_text, last_message = served_input(prompt), last_user_text(prompt)
+            if not held_out(scored_text) and scored_text not in conversation_of and last_message not in conversation_of:
+                conversation_of[scored_text] = conversation_of[last_message] = prompt
+                train_only |= {scored_text, last_message}
                 extra.append(prompt)
         print(f"{len(extra)} train-split prompts added (train slice only)", flush=True)
         prompts += extra
