@@ -53,7 +53,7 @@ REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 sys.path.insert(0, str(REPO))
 
-from ltr.predictor.train import CENSORING_RULES  # noqa: E402
+from ltr.predictor.train import CENSORING_RULES, TrainConfig  # noqa: E402
 
 PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving default
 
@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=float, default=0.25, help="held-out share of prompts (by prompt hash)")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-lr", type=float, default=TrainConfig.lr,
+                   help="backbone learning rate of the retraining (`ltr train-predictor --lr`)")
+    p.add_argument("--train-head-lr", type=float, default=TrainConfig.head_lr,
+                   help="head learning rate of the retraining (`ltr train-predictor --head-lr`)")
     p.add_argument("--train-max-length", type=int, default=128, help="MiniLM tokens per prompt in retraining")
     p.add_argument("--train-list-size", type=int, default=64,
                    help="answers per ListMLE list in retraining (smaller: more steps on a small log)")
@@ -450,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
                           "--censored", rule, "--holdout", str(args.holdout), "--val-fraction",
-                          str(args.val_fraction), "--epochs", str(args.epochs), "--max-length",
+                          str(args.val_fraction), "--epochs", str(args.epochs), "--lr", str(args.train_lr),
+                          "--head-lr", str(args.train_head_lr), "--max-length",
                           str(args.train_max_length), "--list-size", str(args.train_list_size),
                           "--seed", str(args.seed), "--output", str(output)]
             if ltr_main(train_argv) != 0:
