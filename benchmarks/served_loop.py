@@ -282,9 +282,9 @@ def bootstrap(groups: list[np.ndarray], stat, resamples: int = 300, seed: int = 
 def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], conversation_of: dict[str, list[dict]],
             holdout: float, train_only: frozenset[str] = frozenset()) -> dict:
     """Taus on the held-out slice of the phase-1 log: each of `predictors` ("shipped", "retrained", any
-    "retrained_<rule>", and "served" when phase 1 served another artifact), the gains over the shipped one,
-    the ceiling and prompt
-    length. Each predictor scores the held-out requests as it would serve them (its own `chat_input` of the
+    "retrained_<rule>", and "served" when phase 1 served another artifact), the gains over the shipped one
+    and (paired, the served labels' own share) of each retrained one over the served one, the ceiling and
+    prompt length. Each predictor scores the held-out requests as it would serve them (its own `chat_input` of the
     conversation the logged text came from, `conversation_of`). Texts in `train_only` (train-split prompts)
     never count, even where the log put one in the held-out slice (logged by its last user message, unscored)."""
     from ltr.data.served_log import read_served_log, text_sha256
@@ -315,9 +315,9 @@ def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], co
     def tau_of(values: np.ndarray):
         return lambda idx: tau(values[idx], lengths[idx], censored[idx])
 
-    def gain_over_shipped(name: str):
+    def gain_over(name: str, baseline: str):
         def gain(idx: np.ndarray) -> float | None:
-            a, b = tau_of(scores[name])(idx), tau_of(scores["shipped"])(idx)
+            a, b = tau_of(scores[name])(idx), tau_of(scores[baseline])(idx)
             return None if a is None or b is None else a - b
         return gain
 
@@ -333,7 +333,10 @@ def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], co
               "censored_share": float(censored.mean()), "mean_output_tokens": float(lengths.mean())}
     stats = [(f"tau_{name}", tau_of(values), groups) for name, values in scores.items()]
     stats += [(f"tau_gain_{name}_vs_shipped" if name != "retrained" else "tau_gain_vs_shipped",
-               gain_over_shipped(name), groups) for name in scores if name != "shipped"]
+               gain_over(name, "shipped"), groups) for name in scores if name != "shipped"]
+    if "served" in scores:   # what the served labels add to the predictor they retrained
+        stats += [(f"tau_gain_{name}_vs_served", gain_over(name, "served"), groups)
+                  for name in scores if name.startswith("retrained")]
     stats += [("tau_prompt_length", tau_of(prompt_tokens), groups),
               ("tau_ceiling", ceiling, [np.array([i]) for i in range(len(pairs))])]
     for name, stat, grouping in stats:
