@@ -287,13 +287,12 @@ def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], co
     prompt length. Each predictor scores the held-out requests as it would serve them (its own `chat_input` of the
     conversation the logged text came from, `conversation_of`). Texts in `train_only` (train-split prompts)
     never count, even where the log put one in the held-out slice (logged by its last user message, unscored)."""
-    from ltr.data.served_log import read_served_log, text_sha256
+    from ltr.data.served_log import read_served_log
     from ltr.predictor.model import RankPredictor
-    from ltr.predictor.train import served_slice
+    from ltr.predictor.train import record_slice
 
     records = [r for r in read_served_log(log_dir) if r.request_id in phase1_ids and r.finish_reason not in
-               ("abort", "error") and served_slice(r.input_sha256 or text_sha256(r.text)) < holdout
-               and r.text not in train_only]
+               ("abort", "error") and record_slice(r) < holdout and r.text not in train_only]
     texts = sorted({r.text for r in records})
     scores = {}
     for name, artifact in predictors.items():

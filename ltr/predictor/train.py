@@ -129,6 +129,13 @@ def served_slice(input_sha256: str) -> float:
     return int(input_sha256[:13], 16) / 16**13
 
 
+def record_slice(record: Any) -> float:
+    """Where a served-log record falls: by its logged input hash, or its text's where the log has none."""
+    from ltr.data.served_log import text_sha256
+
+    return served_slice(record.input_sha256 or text_sha256(record.text))
+
+
 def load_served_examples(log: Path, censored: str = "lower-bound", holdout: float = 0.2,
                          val_fraction: float = 0.1) -> ExampleSplits:
     """Splits of a served-traffic log (`ltr.data.served_log`) by prompt hash: test = the first `holdout`,
@@ -141,7 +148,7 @@ def load_served_examples(log: Path, censored: str = "lower-bound", holdout: floa
     "risk-set" (the training loss then uses it as one) or left out with "drop"; aborted and failed
     requests are left out of both.
     """
-    from ltr.data.served_log import read_served_log, text_sha256
+    from ltr.data.served_log import read_served_log
 
     _check_censoring_rule(censored)
     if not (0 < holdout < 1 and 0 < val_fraction < 1 and holdout + val_fraction < 1):
@@ -153,7 +160,7 @@ def load_served_examples(log: Path, censored: str = "lower-bound", holdout: floa
         if record.text is None:
             without_text += 1
             continue
-        where = served_slice(record.input_sha256 or text_sha256(record.text))
+        where = record_slice(record)
         example = Example(record.text, record.prompt_tokens, record.output_tokens, record.censored)
         if where < holdout:
             parts["test"].append(example)
