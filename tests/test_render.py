@@ -50,6 +50,30 @@ def test_cut_from_the_left_keeps_the_last_user_message_whole(served_tokenizer, e
     assert short == served_tokenizer.apply_chat_template(messages[2:], tokenize=False, add_generation_prompt=True)
 
 
+def test_measuring_a_long_conversation_warns_of_no_indexing_error(served_tokenizer) -> None:
+    """The renderer tokenizes more than the encoder takes on purpose, to measure; the encoder's
+    "will result in indexing errors" warning would send operators after a bug that is not there."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from ltr.predictor.model import default_backbone_path
+
+    fresh = AutoTokenizer.from_pretrained(default_backbone_path())   # it warns once per instance
+    messages = [{"role": "user", "content": "alpha " * 1500}, {"role": "user", "content": "Why?"}]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        text = chat_input(messages, served_tokenizer.chat_template, fresh, 512)
+    finally:
+        logger.removeHandler(handler)
+    assert "Why?" in text and _count(fresh, text) <= 512     # it did measure, and cut
+    assert not [r for r in records if "sequence length" in r.getMessage()]
+
+
 def test_prompt_trained_artifact_scores_the_last_user_message(encoder_tokenizer) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "sec"},

@@ -53,7 +53,9 @@ def fit_left(text: str, keep_from: int, tokenizer: Any, max_length: int) -> str:
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
     start = max(0, keep_from - budget * _TEXT_LIMIT_FACTOR)
     window = text[start:]
-    offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    # verbose=False: measuring a window longer than the encoder is the point here, not an indexing error
+    offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False)["offset_mapping"]
     if len(offsets) <= budget:
         return window
     keep_at = keep_from - start
