@@ -19,13 +19,17 @@ def served_tokenizer(smollm2_path: Path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
-@pytest.fixture(scope="module")
-def encoder_tokenizer():
+def _load_encoder_tokenizer():
     from transformers import AutoTokenizer
 
     from ltr.predictor.model import default_backbone_path
 
     return AutoTokenizer.from_pretrained(default_backbone_path())
+
+
+@pytest.fixture(scope="module")
+def encoder_tokenizer():
+    return _load_encoder_tokenizer()
 
 
 def _count(tokenizer, text: str) -> int:
@@ -55,11 +59,7 @@ def test_measuring_a_long_conversation_warns_of_no_indexing_error(served_tokeniz
     "will result in indexing errors" warning would send operators after a bug that is not there."""
     import logging
 
-    from transformers import AutoTokenizer
-
-    from ltr.predictor.model import default_backbone_path
-
-    fresh = AutoTokenizer.from_pretrained(default_backbone_path())   # it warns once per instance
+    fresh = _load_encoder_tokenizer()   # it warns once per instance
     messages = [{"role": "user", "content": "alpha " * 1500}, {"role": "user", "content": "Why?"}]
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
