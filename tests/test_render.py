@@ -54,24 +54,22 @@ def test_cut_from_the_left_keeps_the_last_user_message_whole(served_tokenizer, e
     assert short == served_tokenizer.apply_chat_template(messages[2:], tokenize=False, add_generation_prompt=True)
 
 
-def test_measuring_a_long_conversation_warns_of_no_indexing_error(served_tokenizer) -> None:
+def test_measuring_a_long_conversation_warns_of_no_indexing_error(
+        served_tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     """The renderer tokenizes more than the encoder takes on purpose, to measure; the encoder's
     "will result in indexing errors" warning would send operators after a bug that is not there."""
     import logging
 
     fresh = _load_encoder_tokenizer()   # it warns once per instance
     messages = [{"role": "user", "content": "alpha " * 1500}, {"role": "user", "content": "Why?"}]
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
+    logger = logging.getLogger("transformers")   # does not propagate to the root, where caplog listens
+    logger.addHandler(caplog.handler)
     try:
         text = chat_input(messages, served_tokenizer.chat_template, fresh, 512)
     finally:
-        logger.removeHandler(handler)
+        logger.removeHandler(caplog.handler)
     assert "Why?" in text and _count(fresh, text) <= 512     # it did measure, and cut
-    assert not [r for r in records if "sequence length" in r.getMessage()]
+    assert not [r for r in caplog.records if "sequence length" in r.getMessage()]
 
 
 def test_prompt_trained_artifact_scores_the_last_user_message(encoder_tokenizer) -> None:
