@@ -28,7 +28,12 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    bootstrap over held-out prompts (paired for the gains).
 
 Writes benchmarks/results/<out>.json (command inside, `summary` with tau_shipped, tau_retrained,
-tau_gain_vs_shipped, tau_ceiling) and <out>.png.
+tau_gain_vs_shipped, tau_ceiling; `work_dir`, the kept served log and artifacts) and <out>.png.
+
+`--from-run RESULTS_JSON [--work DIR]` skips serving and swapping: it retrains that run's kept phase-1 log
+with this invocation's retraining flags (another `--censored` rule, learning rate, epochs) and repeats step 4
+on the same held-out slice, the run's swapped-in artifact beside the new ones (paired gains), so a retraining
+recipe can be compared without serving the log again (1.5-2 hours on this machine).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,8 @@ sys.path.insert(0, str(REPO))
 from ltr.predictor.train import CENSORING_RULES, TrainConfig  # noqa: E402
 
 PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving default
+#: The flags of the retraining: what `--from-run` takes from its own invocation (all else is the run's).
+RETRAIN_FLAGS = ("epochs", "train_lr", "train_head_lr", "train_max_length", "train_list_size", "censored")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="served_loop")
+    p.add_argument("--from-run", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="no serving: retrain that run's kept phase-1 log again with this invocation's retraining "
+                        "flags (--epochs, --train-*, --censored; all other flags are the run's) and compare on "
+                        "the same held-out slice, next to the artifact the run swapped in")
+    p.add_argument("--work", type=Path, default=None,
+                   help="with --from-run: the run's kept work dir (default: the one its results JSON names)")
     args = p.parse_args(argv)
+    if args.work and not args.from_run:
+        p.error("--work goes with --from-run")
     if args.samples < 2:
         p.error("--samples must be >= 2 (the ceiling compares two answers to one prompt)")
     if len(set(args.censored)) < len(args.censored):
@@ -163,6 +179,138 @@ def pick_conversations(count: int | None, max_prompt_tokens: int, seed: int, tur
         raise SystemExit(f"only {len(conversations)} {turns}-turn requests of <= {max_prompt_tokens} tokens, "
                          f"--prompts {count}")
     return conversations[:count]
+
+
+@dataclass
+class LoopRequests:
+    """Phase 1's requests, and what the comparison needs to read their log records."""
+
+    prompts: list[list[dict]]                 # val / test conversations, then any train-split ones
+    held_out_ids: set[int]                    # indices of `prompts` in the log's held-out slice
+    conversation_of: dict[str, list[dict]]    # a logged text (served input or last user message) -> its chat
+    train_only: frozenset[str]                # every text a train-split prompt can be logged by
+
+
+def loop_requests(args: argparse.Namespace, serve_artifact: Path) -> LoopRequests:
+    """The requests of phase 1 for `args` (its seed, turns, prompt counts), deterministic, so that a kept
+    run's log can be read again (`--from-run`)."""
+    from ltr.data.served_log import text_sha256
+    from ltr.predictor.model import RankPredictor
+    from ltr.predictor.render import last_user_text
+    from ltr.predictor.train import served_slice
+
+    prompts = pick_conversations(args.prompts, args.max_prompt_tokens, args.seed, args.turns)
+    # What the served predictor scores for each (the log's text, whose hash splits the log).
+    served_input = RankPredictor.from_pretrained(serve_artifact).for_serving(PREDICTOR_SETTINGS["max_length"]).chat_input
+    # The conversation behind each logged text: the served predictor's input, or the last user message
+    # (what the ingress logs for a request the predictor did not score; unique per conversation here).
+    conversation_of: dict[str, list[dict]] = {}
+
+    def held_out(scored_text: str) -> bool:
+        """In the held-out slice: split by the hash of the text the served predictor scores, as the log is."""
+        return served_slice(text_sha256(scored_text)) < args.holdout
+
+    held_out_ids = set()
+    for i, prompt in enumerate(prompts):
+        scored_text = served_input(prompt)
+        conversation_of.setdefault(scored_text, prompt)
+        conversation_of.setdefault(last_user_text(prompt), prompt)
+        if held_out(scored_text):
+            held_out_ids.add(i)
+    train_only: set[str] = set()
+    if args.train_split_prompts:
+        # Train-split prompts for the retraining only: those that would land in the log's held-out slice are
+        # skipped, as is any whose text a val / test prompt already has.
+        extra = []
+        for prompt in pick_conversations(None, args.max_prompt_tokens, args.seed, args.turns, sides=("train",)):
+            if len(extra) == args.train_split_prompts:
+                break
+            scored_text, last_message = served_input(prompt), last_user_text(prompt)
+            if not held_out(scored_text) and scored_text not in conversation_of and last_message not in conversation_of:
+                conversation_of[scored_text] = conversation_of[last_message] = prompt
+                train_only |= {scored_text, last_message}
+                extra.append(prompt)
+        print(f"{len(extra)} train-split prompts added (train slice only)", flush=True)
+        prompts += extra
+    return LoopRequests(prompts, held_out_ids, conversation_of, frozenset(train_only))
+
+
+def retrain(args: argparse.Namespace, log_dir: Path, serve_artifact: Path, outputs: dict[str, Path]) -> dict[str, float]:
+    """`ltr train-predictor` on the log's train slice from `serve_artifact`, once per censoring rule into
+    `outputs[rule]`; seconds per rule."""
+    from ltr.cli import main as ltr_main
+
+    seconds = {}
+    for rule, output in outputs.items():
+        started = time.monotonic()
+        train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
+                      "--censored", rule, "--holdout", str(args.holdout), "--val-fraction",
+                      str(args.val_fraction), "--epochs", str(args.epochs), "--lr", str(args.train_lr),
+                      "--head-lr", str(args.train_head_lr), "--max-length",
+                      str(args.train_max_length), "--list-size", str(args.train_list_size),
+                      "--seed", str(args.seed), "--output", str(output)]
+        if ltr_main(train_argv) != 0:
+            raise SystemExit(f"train-predictor --censored {rule} failed")
+        seconds[f"retrain_{rule}_s"] = time.monotonic() - started
+    return seconds
+
+
+def retrain_report(outputs: dict[str, Path]) -> dict[str, dict]:
+    """Each retrained artifact's training command, best epoch and taus (from its metadata)."""
+    report = {}
+    for rule, output in outputs.items():
+        meta = json.loads((output / "config.json").read_text())["metadata"]
+        report[output.name] = {"censored": rule, "command": meta.get("command"),
+                               "best_epoch": meta["history"].get("best_epoch"),
+                               "best_val_tau": meta["history"].get("best_val_tau"), "test": meta.get("test")}
+    return report
+
+
+def phase1_request_ids(log_dir: Path, run: dict) -> set[str]:
+    """A kept run's phase-1 records. Its log holds phase 1 (which ended within `serve_s` of its first
+    record), then, after the retraining (`retrain_*_s`), phase 3: cut halfway through the retraining."""
+    from ltr.data.served_log import read_served_log
+
+    records = list(read_served_log(log_dir))
+    retrain_s = sum(v for k, v in run["timings_s"].items() if k.startswith("retrain_"))
+    cut = min(r.time for r in records) + run["timings_s"]["serve_s"] + retrain_s / 2
+    ids = {r.request_id for r in records if r.time <= cut}
+    if len(ids) != run["phase1"]["logged"]:
+        raise SystemExit(f"{log_dir}: {len(ids)} records before the retraining, the run logged "
+                         f"{run['phase1']['logged']} in phase 1: not that run's log?")
+    return ids
+
+
+def rerun(args: argparse.Namespace, command: str) -> int:
+    """`--from-run`: retrain a kept run's phase-1 log again with this invocation's retraining flags and
+    compare on the same held-out slice as the run (paired with its swapped artifact); no serving, no swap."""
+    from ltr.predictor.model import shipped_artifact_dir
+
+    run = json.loads(args.from_run.read_text())
+    work = args.work or Path(run.get("work_dir", ""))
+    log_dir = work / "served-log"
+    if not log_dir.is_dir():
+        raise SystemExit(f"{log_dir}: no served log (give the run's kept work dir with --work)")
+    retraining = {name: getattr(args, name) for name in RETRAIN_FLAGS}
+    merged = argparse.Namespace(**{**run["args"], **retraining})
+    serve_artifact = Path(merged.serve_artifact) if merged.serve_artifact else shipped_artifact_dir()
+    requests = loop_requests(merged, serve_artifact)
+    phase1_ids = phase1_request_ids(log_dir, run)
+    outputs = {rule: work / f"rerun-{args.out}" / f"retrained_{rule}" for rule in args.censored}
+    timings = retrain(merged, log_dir, serve_artifact, outputs)
+    predictors = {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if merged.serve_artifact else {}),
+                  "retrained": work / "retrained", **{output.name: output for output in outputs.values()}}
+    summary = compare(log_dir, phase1_ids, predictors, requests.conversation_of, merged.holdout, requests.train_only)
+    result = {"command": command, "from_run": {"results": str(args.from_run), "command": run["command"],
+                                               "work_dir": str(work)},
+              "args": {**vars(merged), "from_run": str(args.from_run)}, "summary": summary, "timings_s": timings,
+              "retrain": retrain_report(outputs)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    sampling = {k: run["args"][k] for k in ("max_tokens", "temperature", "top_p")}
+    plot(summary, RESULTS / f"{args.out}.png", run["args"]["censored"][0], sampling)
+    print(json.dumps(summary, indent=1))
+    return 0
 
 
 def deploy_predictor(settings: dict, app_args: dict) -> None:
@@ -367,7 +515,7 @@ def plot(summary: dict, path: Path, swapped_rule: str, sampling: dict) -> None:
     values = [summary[n] or 0.0 for n in names]
     intervals = [summary[f"{n}_ci95"] or [v, v] for n, v in zip(names, values)]
     errors = np.array([[v - low, high - v] for v, (low, high) in zip(values, intervals)]).T
-    fig, ax = plt.subplots(figsize=(9.5, 4))
+    fig, ax = plt.subplots(figsize=(max(9.5, 1.9 * len(names)), 4))   # room for each two-line label
     ax.bar(labels, values, yerr=errors, capsize=6, color=colors)
     ax.set_ylabel("censor-aware Kendall tau vs served lengths")
     gain = summary["tau_gain_vs_shipped"]
@@ -386,14 +534,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from deployments.local import PREDICTOR_APP_NAME
     from deployments.predictor import artifact_version
-    from ltr.cli import main as ltr_main
     from ltr.models import prepare_model
-    from ltr.data.served_log import text_sha256
-    from ltr.predictor.model import RankPredictor, shipped_artifact_dir
-    from ltr.predictor.train import served_slice
-    from ltr.predictor.render import last_user_text
+    from ltr.predictor.model import shipped_artifact_dir
 
     command = "python benchmarks/served_loop.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.from_run:
+        return rerun(args, command)
     work = Path(tempfile.mkdtemp(prefix="ltr-served-loop-"))
     log_dir = work / "served-log"
     # One retrained artifact per rule; the first rule's is "retrained" (swapped in), others "retrained_<rule>".
@@ -401,40 +547,10 @@ def main(argv: list[str] | None = None) -> int:
                          for i, rule in enumerate(args.censored)}
     retrained = retrained_by_rule[args.censored[0]]
     print(f"work dir (the served log, retrained artifacts; kept): {work}", flush=True)
-    prompts = pick_conversations(args.prompts, args.max_prompt_tokens, args.seed, args.turns)
     serve_artifact = args.serve_artifact or shipped_artifact_dir()
     serve_settings = {**PREDICTOR_SETTINGS, **({"artifact_dir": str(serve_artifact)} if args.serve_artifact else {})}
-    # What the served predictor scores for each (the log's text, whose hash splits the log).
-    served_input = RankPredictor.from_pretrained(serve_artifact).for_serving(PREDICTOR_SETTINGS["max_length"]).chat_input
-    # The conversation behind each logged text: the served predictor's input, or the last user message
-    # (what the ingress logs for a request the predictor did not score; unique per conversation here).
-    conversation_of = {}
-    def held_out(scored_text: str) -> bool:
-        """In the held-out slice: split by the hash of the text the served predictor scores, as the log is."""
-        return served_slice(text_sha256(scored_text)) < args.holdout
-
-    held_out_ids = set()
-    for i, prompt in enumerate(prompts):
-        scored_text = served_input(prompt)
-        conversation_of.setdefault(scored_text, prompt)
-        conversation_of.setdefault(last_user_text(prompt), prompt)
-        if held_out(scored_text):
-            held_out_ids.add(i)
-    train_only = set()   # every text a train-split prompt can be logged by
-    if args.train_split_prompts:
-        # Train-split prompts for the retraining only: those that would land in the log's held-out slice are
-        # skipped, as is any whose text a val / test prompt already has.
-        extra = []
-        for prompt in pick_conversations(None, args.max_prompt_tokens, args.seed, args.turns, sides=("train",)):
-            if len(extra) == args.train_split_prompts:
-                break
-            scored_text, last_message = served_input(prompt), last_user_text(prompt)
-            if not held_out(scored_text) and scored_text not in conversation_of and last_message not in conversation_of:
-                conversation_of[scored_text] = conversation_of[last_message] = prompt
-                train_only |= {scored_text, last_message}
-                extra.append(prompt)
-        print(f"{len(extra)} train-split prompts added (train slice only)", flush=True)
-        prompts += extra
+    requests = loop_requests(args, serve_artifact)
+    prompts = requests.prompts
     model_name = prepare_model().name
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     url, predictor_app_args = start_service(log_dir, args.port, serve_settings)
@@ -442,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # 1. serve, prompt-major so that a budget cut leaves whole prompts.
         jobs = [(i, k, prompt) for i, prompt in enumerate(prompts)
-                for k in range(args.samples if i in held_out_ids else args.train_samples)]
+                for k in range(args.samples if i in requests.held_out_ids else args.train_samples)]
         started = time.monotonic()
         phase1 = asyncio.run(serve_jobs(url, model_name, jobs, sampling, args.concurrency, args.budget_s))
         timings["serve_s"] = time.monotonic() - started
@@ -452,21 +568,11 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
         # 2. retrain on the log's train slice, once per censoring rule.
-        for rule, output in retrained_by_rule.items():
-            started = time.monotonic()
-            train_argv = ["train-predictor", "--data", str(log_dir), "--init", str(serve_artifact),
-                          "--censored", rule, "--holdout", str(args.holdout), "--val-fraction",
-                          str(args.val_fraction), "--epochs", str(args.epochs), "--lr", str(args.train_lr),
-                          "--head-lr", str(args.train_head_lr), "--max-length",
-                          str(args.train_max_length), "--list-size", str(args.train_list_size),
-                          "--seed", str(args.seed), "--output", str(output)]
-            if ltr_main(train_argv) != 0:
-                raise SystemExit(f"train-predictor --censored {rule} failed")
-            timings[f"retrain_{rule}_s"] = time.monotonic() - started
+        timings.update(retrain(args, log_dir, serve_artifact, retrained_by_rule))
 
         # 3. serve held-out prompts again, swapping the predictor a quarter of the way in.
         answered = {r["prompt"] for r in ok}
-        held_out = sorted(held_out_ids & answered)
+        held_out = sorted(requests.held_out_ids & answered)
         handle = serve.get_deployment_handle("Predictor", app_name=PREDICTOR_APP_NAME)
         new_version = artifact_version(retrained, PREDICTOR_SETTINGS["max_length"], False)
         swap: dict[str, Any] = {}
@@ -511,20 +617,16 @@ def main(argv: list[str] | None = None) -> int:
 
     predictors = {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if args.serve_artifact else {}),
                   **{output.name: output for output in retrained_by_rule.values()}}
-    summary = compare(log_dir, phase1_ids, predictors, conversation_of, args.holdout, frozenset(train_only))
-    train_meta = {rule: json.loads((output / "config.json").read_text())["metadata"]
-                  for rule, output in retrained_by_rule.items()}
+    summary = compare(log_dir, phase1_ids, predictors, requests.conversation_of, args.holdout, requests.train_only)
     result = {
-        "command": command, "args": vars(args), "summary": summary, "timings_s": timings, "swap": swap_report,
+        "command": command, "work_dir": str(work), "args": vars(args), "summary": summary, "timings_s": timings,
+        "swap": swap_report,
         "phase1": {"sent": len(phase1), "answered": len(ok), "logged": len(records),
                    "placements": dict(Counter(str(r.get("placement")) for r in ok)),
                    "fallbacks": dict(Counter(r["fallback"] for r in ok if r.get("fallback"))),
                    "finish_reasons": dict(Counter(str(r.get("finish")) for r in ok)),
                    "output_tokens_per_s": sum(r["tokens"] for r in ok) / timings["serve_s"]},
-        "retrain": {retrained_by_rule[rule].name: {
-            "censored": rule, "command": meta.get("command"), "best_epoch": meta["history"].get("best_epoch"),
-            "best_val_tau": meta["history"].get("best_val_tau"), "test": meta.get("test")}
-            for rule, meta in train_meta.items()},
+        "retrain": retrain_report(retrained_by_rule),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

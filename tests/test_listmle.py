@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ltr.predictor.losses import listmle_loss, risk_set_loss
+from ltr.predictor.losses import known_pairs_loss, listmle_loss, risk_set_loss
 
 
 def _pl_log_prob(scores: list[float], order: list[int]) -> float:
@@ -135,3 +135,38 @@ def test_risk_set_loss_reductions_and_shapes() -> None:
     assert torch.equal(all_cut, torch.zeros(5))   # nothing ended: nothing is known
     with pytest.raises(ValueError, match="must all be"):
         risk_set_loss(scores, lengths, censored[:, :4])
+
+
+def test_known_pairs_loss_by_hand_with_cut_answers() -> None:
+    # a ended at 10, b ended at 30, c was cut at 20, d was cut at 5, e ended at 10 (a tie with a).
+    # Known pairs (shorter, longer): (a, b), (a, c), (e, b), (e, c); d: cut below every answer that ended;
+    # b vs c: b ended past c's cut; a vs e: equal lengths.
+    s = {"a": 0.4, "b": -1.0, "c": 2.0, "d": 0.3, "e": -0.2}
+    scores = torch.tensor([list(s.values())], dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([[10.0, 30.0, 20.0, 5.0, 10.0]], dtype=torch.float64)
+    censored = torch.tensor([[False, False, True, True, False]])
+    pairs = [("a", "b"), ("a", "c"), ("e", "b"), ("e", "c")]
+    expected = sum(math.log1p(math.exp(s[short] - s[long])) for short, long in pairs) / len(pairs)
+    loss = known_pairs_loss(scores, lengths, censored)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    grad = dict(zip(s, scores.grad[0].tolist()))
+    assert grad["d"] == 0.0                      # in no known pair: it teaches nothing
+    assert grad["b"] < 0.0 and grad["c"] < 0.0   # the longer ones: gradient descent raises their scores
+    assert grad["a"] > 0.0 and grad["e"] > 0.0
+
+
+def test_known_pairs_loss_reductions_and_shapes() -> None:
+    g = torch.Generator().manual_seed(4)
+    scores, lengths = torch.randn(5, 8, generator=g), torch.randint(1, 50, (5, 8), generator=g).float()
+    censored = torch.rand(5, 8, generator=g) < 0.5
+    per_list = known_pairs_loss(scores, lengths, censored, reduction="none")
+    assert per_list.shape == (5,) and torch.isfinite(per_list).all() and (per_list > 0).all()
+    assert known_pairs_loss(scores, lengths, censored) == pytest.approx(per_list.mean().item())
+    assert known_pairs_loss(scores, lengths, censored, reduction="sum") == pytest.approx(per_list.sum().item())
+    all_cut = known_pairs_loss(scores, lengths, torch.ones(5, 8, dtype=torch.bool), reduction="none")
+    assert torch.equal(all_cut, torch.zeros(5))   # nothing ended: nothing is known
+    with pytest.raises(ValueError, match="must all be"):
+        known_pairs_loss(scores, lengths, censored[:, :4])
+    with pytest.raises(ValueError, match="reduction must be"):
+        known_pairs_loss(scores, lengths, censored, reduction="max")

@@ -200,7 +200,7 @@ def test_served_log_splits_by_prompt_hash_and_handles_censored_labels(tmp_path: 
         load_served_examples(tmp_path / "hashes")
 
 
-@pytest.mark.parametrize("censored", ["lower-bound", "risk-set"])
+@pytest.mark.parametrize("censored", ["lower-bound", "risk-set", "known-pairs"])
 def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: ExampleSplits, censored: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     import json
@@ -238,17 +238,20 @@ def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: Exampl
     assert f"{meta['test']['kendall_tau']:.4f}" in printed   # the same held-out slice as training's test
 
 
-def test_the_risk_set_rule_trains_on_the_risk_set_loss() -> None:
-    from ltr.predictor.losses import risk_set_loss
+@pytest.mark.parametrize("rule", ["risk-set", "known-pairs"])
+def test_a_censor_aware_rule_trains_on_its_loss(rule: str) -> None:
+    from ltr.predictor.losses import known_pairs_loss, risk_set_loss
     from ltr.predictor.train import _Objective
 
+    loss = {"risk-set": risk_set_loss, "known-pairs": known_pairs_loss}[rule]
     g = torch.Generator().manual_seed(0)
     raw, lengths = torch.randn(8, generator=g), torch.randint(1, 300, (8,), generator=g)
     censored = lengths >= 200
-    objective = _Objective(PredictorConfig(), lengths.numpy().astype(float), g, risk_set=True)
-    assert objective(raw, lengths, censored, 4) == risk_set_loss(raw.view(2, 4), lengths.view(2, 4).float(),
-                                                                 censored.view(2, 4))
-    with pytest.raises(ValueError, match="need the listmle objective, not 'regression'"):
-        _Objective(PredictorConfig(objective="regression"), lengths.numpy().astype(float), g, risk_set=True)
-    with pytest.raises(ValueError, match="censored must be one of lower-bound, drop, risk-set, not 'risk'"):
+    objective = _Objective(PredictorConfig(), lengths.numpy().astype(float), g, censored=rule)
+    assert objective(raw, lengths, censored, 4) == loss(raw.view(2, 4), lengths.view(2, 4).float(),
+                                                        censored.view(2, 4))
+    with pytest.raises(ValueError, match=f"lower bounds .{rule}. need the listmle objective, not 'regression'"):
+        _Objective(PredictorConfig(objective="regression"), lengths.numpy().astype(float), g, censored=rule)
+    with pytest.raises(ValueError, match="censored must be one of lower-bound, drop, risk-set, known-pairs, "
+                                         "not 'risk'"):
         TrainConfig(censored="risk")

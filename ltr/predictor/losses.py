@@ -12,7 +12,9 @@ with `torch.logcumsumexp`, which stays finite for large scores.
 Served traffic adds answers cut at max_tokens, whose length is only a lower bound. Their place in the
 longest-first order is unknown, so `risk_set_loss` ranks the other way, as survival analysis does (Cox's
 partial likelihood, Breslow ties): each answer that ended is chosen, as the shortest, from the answers still
-running at its length, censored ones included, with weights exp(-score).
+running at its length, censored ones included, with weights exp(-score). `known_pairs_loss` is the pairwise
+counterpart (RankNet's logistic loss over the pairs of known order, Harrell's rule): the surrogate of the
+censor-aware Kendall tau that live ranking quality and the served-loop benchmark report.
 """
 
 from __future__ import annotations
@@ -69,6 +71,28 @@ def risk_set_loss(scores: Tensor, lengths: Tensor, censored: Tensor, reduction: 
     hazards = (-scores).unsqueeze(1).expand_as(at_risk).masked_fill(~at_risk, float("-inf"))
     per_item = hazards.logsumexp(dim=2) + scores
     per_list = per_item.masked_fill(censored.bool(), 0.0).sum(dim=1)
+    if reduction == "none":
+        return per_list
+    return per_list.sum() if reduction == "sum" else per_list.mean()
+
+
+def known_pairs_loss(scores: Tensor, lengths: Tensor, censored: Tensor, reduction: str = "mean") -> Tensor:
+    """Mean logistic loss log(1 + exp(s_short - s_long)) over the pairs of each list whose order is known:
+    the shorter answer ended (`censored` False) and the other one is longer, ended or cut. Two cut answers,
+    or an answer cut at or below one that ended, are never compared (Harrell's rule, as in
+    `ltr.predictor.live_quality`); equal lengths are no pair. A list without a known pair adds 0.
+
+    scores, lengths, censored: [B, L]. reduction: "mean" over lists (default), "sum", or "none".
+    """
+    if scores.dim() != 2 or scores.shape != lengths.shape or scores.shape != censored.shape:
+        raise ValueError(f"scores, lengths and censored must all be [B, L]; got {tuple(scores.shape)}, "
+                         f"{tuple(lengths.shape)} and {tuple(censored.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    known = (lengths.unsqueeze(2) < lengths.unsqueeze(1)) & ~censored.bool().unsqueeze(2)  # [B, i, j]: i shorter
+    margins = scores.unsqueeze(2) - scores.unsqueeze(1)                                    # s_i - s_j
+    pair_losses = torch.nn.functional.softplus(margins).masked_fill(~known, 0.0)
+    per_list = pair_losses.sum(dim=(1, 2)) / known.sum(dim=(1, 2)).clamp(min=1)
     if reduction == "none":
         return per_list
     return per_list.sum() if reduction == "sum" else per_list.mean()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ltr.predictor.evaluate import ranking_report
-from ltr.predictor.losses import listmle_loss, risk_set_loss
+from ltr.predictor.losses import known_pairs_loss, listmle_loss, risk_set_loss
 from ltr.predictor.model import PredictorConfig, RankPredictor, fit_calibration
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,10 @@ def load_turn_examples(tokenizer: Any, max_length: int, limit_train: int = 0) ->
 
 
 #: How an answer cut at max_tokens trains: as its observed length (a tie at the cap with the other cut
-#: ones), left out, or as a lower bound in the risk sets of `risk_set_loss` (ListMLE objective only).
-CENSORING_RULES = ("lower-bound", "drop", "risk-set")
+#: ones), left out, or as a lower bound: in the risk sets of `risk_set_loss`, or in the known pairs of
+#: `known_pairs_loss` (these two: ListMLE objective only, whose one-score head they train).
+CENSORING_RULES = ("lower-bound", "drop", "risk-set", "known-pairs")
+_CENSOR_AWARE_LOSSES = {"risk-set": risk_set_loss, "known-pairs": known_pairs_loss}
 
 
 def _check_censoring_rule(rule: str) -> None:
@@ -145,8 +147,8 @@ def load_served_examples(log: Path, censored: str = "lower-bound", holdout: floa
     ended is an exact label; one cut at max_tokens (or by vLLM's repetition check) is a lower bound,
     used as its observed length with `censored="lower-bound"` (right in rank against every shorter
     exact answer, and exact when all requests share one max_tokens), kept as a lower bound with
-    "risk-set" (the training loss then uses it as one) or left out with "drop"; aborted and failed
-    requests are left out of both.
+    "risk-set" or "known-pairs" (the training loss then uses it as one) or left out with "drop"; aborted
+    and failed requests are left out of both.
     """
     from ltr.data.served_log import read_served_log
 
@@ -212,12 +214,14 @@ class _Objective(nn.Module):
     """Loss of one step for the configured objective."""
 
     def __init__(self, config: PredictorConfig, train_lengths: np.ndarray, generator: torch.Generator,
-                 risk_set: bool = False) -> None:
+                 censored: str = "lower-bound") -> None:
         super().__init__()
-        if risk_set and config.objective != "listmle":
-            raise ValueError(f"censored answers as lower bounds (risk-set) need the listmle objective, not "
+        _check_censoring_rule(censored)
+        self.censor_aware_loss = _CENSOR_AWARE_LOSSES.get(censored)
+        if self.censor_aware_loss is not None and config.objective != "listmle":
+            raise ValueError(f"censored answers as lower bounds ({censored}) need the listmle objective, not "
                              f"{config.objective!r}")
-        self.config, self.generator, self.risk_set = config, generator, risk_set
+        self.config, self.generator = config, generator
         log_len = np.log1p(train_lengths)
         self.mu, self.sigma = float(log_len.mean()), float(log_len.std() + 1e-6)
         if config.objective == "buckets" and not config.bucket_edges:
@@ -225,9 +229,9 @@ class _Objective(nn.Module):
             config.bucket_edges = np.quantile(train_lengths, qs).tolist()
 
     def forward(self, raw: Tensor, lengths: Tensor, censored: Tensor, list_size: int) -> Tensor:
-        if self.risk_set:
-            return risk_set_loss(raw.view(-1, list_size), lengths.view(-1, list_size).float(),
-                                 censored.view(-1, list_size))
+        if self.censor_aware_loss is not None:
+            return self.censor_aware_loss(raw.view(-1, list_size), lengths.view(-1, list_size).float(),
+                                          censored.view(-1, list_size))
         if self.config.objective == "listmle":
             return listmle_loss(raw.view(-1, list_size), lengths.view(-1, list_size).float(),
                                 generator=self.generator)
@@ -272,7 +276,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     val_len = np.array([e.output_len for e in data.val], dtype=np.float64)
     train_censored = np.array([e.censored for e in train], dtype=bool)
     val_censored = np.array([e.censored for e in data.val], dtype=bool)
-    objective = _Objective(model.config, train_len, generator, risk_set=tc.censored == "risk-set")
+    objective = _Objective(model.config, train_len, generator, censored=tc.censored)
 
     def val_tau(scores: np.ndarray) -> float:
         """Validation tau; censor-aware where served answers were cut (pairs of unknown order left out)."""
