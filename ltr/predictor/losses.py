@@ -35,8 +35,7 @@ def listmle_loss(scores: Tensor, lengths: Tensor, generator: torch.Generator | N
                          f"{tuple(lengths.shape)}")
     if scores.shape[1] == 0:
         raise ValueError("lists must hold at least one item")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    _check_reduction(reduction)
     # Random tie-breaking: shuffle each row, then a *stable* sort keeps the shuffled order among equals.
     noise = torch.rand(scores.shape, generator=generator, device=generator.device if generator else None)
     shuffle = noise.to(scores.device).argsort(dim=1)
@@ -46,9 +45,7 @@ def listmle_loss(scores: Tensor, lengths: Tensor, generator: torch.Generator | N
     # log sum_{j >= i} exp(s_j): logcumsumexp over the reversed list, reversed back.
     suffix_lse = ranked.flip(1).logcumsumexp(dim=1).flip(1)
     per_list = (suffix_lse - ranked).sum(dim=1)
-    if reduction == "none":
-        return per_list
-    return per_list.sum() if reduction == "sum" else per_list.mean()
+    return _reduce(per_list, reduction)
 
 
 def risk_set_loss(scores: Tensor, lengths: Tensor, censored: Tensor, reduction: str = "mean") -> Tensor:
@@ -62,18 +59,12 @@ def risk_set_loss(scores: Tensor, lengths: Tensor, censored: Tensor, reduction: 
 
     scores, lengths, censored: [B, L]. reduction: "mean" over lists (default), "sum", or "none".
     """
-    if scores.dim() != 2 or scores.shape != lengths.shape or scores.shape != censored.shape:
-        raise ValueError(f"scores, lengths and censored must all be [B, L]; got {tuple(scores.shape)}, "
-                         f"{tuple(lengths.shape)} and {tuple(censored.shape)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    _check_censored_lists(scores, lengths, censored, reduction)
     at_risk = lengths.unsqueeze(1) >= lengths.unsqueeze(2)   # [B, i, j]: j still running when i ended
     hazards = (-scores).unsqueeze(1).expand_as(at_risk).masked_fill(~at_risk, float("-inf"))
     per_item = hazards.logsumexp(dim=2) + scores
     per_list = per_item.masked_fill(censored.bool(), 0.0).sum(dim=1)
-    if reduction == "none":
-        return per_list
-    return per_list.sum() if reduction == "sum" else per_list.mean()
+    return _reduce(per_list, reduction)
 
 
 def known_pairs_loss(scores: Tensor, lengths: Tensor, censored: Tensor, reduction: str = "mean") -> Tensor:
@@ -84,15 +75,27 @@ def known_pairs_loss(scores: Tensor, lengths: Tensor, censored: Tensor, reductio
 
     scores, lengths, censored: [B, L]. reduction: "mean" over lists (default), "sum", or "none".
     """
-    if scores.dim() != 2 or scores.shape != lengths.shape or scores.shape != censored.shape:
-        raise ValueError(f"scores, lengths and censored must all be [B, L]; got {tuple(scores.shape)}, "
-                         f"{tuple(lengths.shape)} and {tuple(censored.shape)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    _check_censored_lists(scores, lengths, censored, reduction)
     known = (lengths.unsqueeze(2) < lengths.unsqueeze(1)) & ~censored.bool().unsqueeze(2)  # [B, i, j]: i shorter
     margins = scores.unsqueeze(2) - scores.unsqueeze(1)                                    # s_i - s_j
     pair_losses = torch.nn.functional.softplus(margins).masked_fill(~known, 0.0)
     per_list = pair_losses.sum(dim=(1, 2)) / known.sum(dim=(1, 2)).clamp(min=1)
+    return _reduce(per_list, reduction)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+
+
+def _check_censored_lists(scores: Tensor, lengths: Tensor, censored: Tensor, reduction: str) -> None:
+    if scores.dim() != 2 or scores.shape != lengths.shape or scores.shape != censored.shape:
+        raise ValueError(f"scores, lengths and censored must all be [B, L]; got {tuple(scores.shape)}, "
+                         f"{tuple(lengths.shape)} and {tuple(censored.shape)}")
+    _check_reduction(reduction)
+
+
+def _reduce(per_list: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return per_list
     return per_list.sum() if reduction == "sum" else per_list.mean()
