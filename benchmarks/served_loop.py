@@ -305,11 +305,8 @@ def rerun(args: argparse.Namespace, command: str) -> int:
                                                "work_dir": str(work)},
               "args": {**vars(merged), "from_run": str(args.from_run)}, "summary": summary, "timings_s": timings,
               "retrain": retrain_report(outputs)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     sampling = {k: run["args"][k] for k in ("max_tokens", "temperature", "top_p")}
-    plot(summary, RESULTS / f"{args.out}.png", run["args"]["censored"][0], sampling)
-    print(json.dumps(summary, indent=1))
+    write_results(args.out, result, run["args"]["censored"][0], sampling)
     return 0
 
 
@@ -528,6 +525,14 @@ def plot(summary: dict, path: Path, swapped_rule: str, sampling: dict) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_results(out: str, result: dict, swapped_rule: str, sampling: dict) -> None:
+    """benchmarks/results/<out>.json and <out>.png, and the summary on stdout."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    plot(result["summary"], RESULTS / f"{out}.png", swapped_rule, sampling)
+    print(json.dumps(result["summary"], indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray import serve
@@ -628,10 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                    "output_tokens_per_s": sum(r["tokens"] for r in ok) / timings["serve_s"]},
         "retrain": retrain_report(retrained_by_rule),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    plot(summary, RESULTS / f"{args.out}.png", args.censored[0], sampling)
-    print(json.dumps(summary, indent=1))
+    write_results(args.out, result, args.censored[0], sampling)
     return 0
 
 
