@@ -34,6 +34,10 @@ tau_gain_vs_shipped, tau_ceiling; `work_dir`, the kept served log and artifacts)
 with this invocation's retraining flags (another `--censored` rule, learning rate, epochs) and repeats step 4
 on the same held-out slice, the run's swapped-in artifact beside the new ones (paired gains), so a retraining
 recipe can be compared without serving the log again (1.5-2 hours on this machine).
+
+`--pool RESULTS_JSON [RESULTS_JSON ...]` neither serves nor retrains: it scores kept runs of one setting (other
+seeds) on their held-out slices again and reports the mean of each statistic over the runs, its 95% interval
+resampling each run's prompts on their own, and each run's value (one run alone: its own summary again).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +115,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no serving: retrain that run's kept phase-1 log again with this invocation's retraining "
                         "flags (--epochs, --train-*, --censored; all other flags are the run's) and compare on "
                         "the same held-out slice, next to the artifact the run swapped in")
-    p.add_argument("--work", type=Path, default=None,
-                   help="with --from-run: the run's kept work dir (default: the one its results JSON names)")
+    p.add_argument("--work", type=Path, nargs="+", default=None,
+                   help="with --from-run or --pool: the run's kept work dir, one per run in --pool's order "
+                        "(default: the one each results JSON names)")
+    p.add_argument("--pool", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="no serving, no retraining: kept runs of one setting (other seeds) compared together, the "
+                        "mean of their held-out taus and gains with a bootstrap interval over each run's prompts")
     args = p.parse_args(argv)
-    if args.work and not args.from_run:
-        p.error("--work goes with --from-run")
+    if args.pool and args.from_run:
+        p.error("--pool and --from-run are two different modes: give one")
+    kept_runs = args.pool or ([args.from_run] if args.from_run else [])
+    if args.work and len(args.work) != len(kept_runs):
+        p.error("--work goes with --from-run (one dir) or --pool (one dir per run)")
     if args.samples < 2:
         p.error("--samples must be >= 2 (the ceiling compares two answers to one prompt)")
     if len(set(args.censored)) < len(args.censored):
@@ -281,33 +293,84 @@ def phase1_request_ids(log_dir: Path, run: dict) -> set[str]:
     return ids
 
 
+@dataclass
+class KeptRun:
+    """A finished run, read back from its results JSON and kept work dir."""
+
+    results: Path
+    run: dict                      # its results JSON
+    work: Path
+    args: argparse.Namespace       # its flags (with `retraining` flags replaced, where given)
+    serve_artifact: Path
+    requests: LoopRequests
+    phase1_ids: set[str]
+
+    @property
+    def log_dir(self) -> Path:
+        return self.work / "served-log"
+
+    def score_held_out(self, **retrained: Path) -> HeldOut:
+        """Its held-out slice scored by its predictors (the swapped-in one as "retrained") and `retrained`."""
+        swapped_in = {"retrained": self.work / "retrained"}
+        predictors = loop_predictors(self.args, self.serve_artifact, {**swapped_in, **retrained})
+        return score_held_out(self.log_dir, self.phase1_ids, predictors, self.requests.conversation_of,
+                              self.args.holdout, self.requests.train_only)
+
+
+def loop_predictors(args: argparse.Namespace, serve_artifact: Path, retrained: dict[str, Path]) -> dict[str, Path]:
+    """The predictors a run compares: the shipped one, the served one (when phase 1 served another), `retrained`."""
+    from ltr.predictor.model import shipped_artifact_dir
+
+    return {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if args.serve_artifact else {}),
+            **retrained}
+
+
+def kept_run(results: Path, work: Path | None = None, retraining: dict | None = None) -> KeptRun:
+    from ltr.predictor.model import shipped_artifact_dir
+
+    run = json.loads(results.read_text())
+    work = work or Path(run.get("work_dir", ""))
+    if not (work / "served-log").is_dir():
+        raise SystemExit(f"{work / 'served-log'}: no served log of {results} (give the run's kept work dir with "
+                         "--work)")
+    merged = argparse.Namespace(**{**run["args"], **(retraining or {})})
+    serve_artifact = Path(merged.serve_artifact) if merged.serve_artifact else shipped_artifact_dir()
+    return KeptRun(results, run, work, merged, serve_artifact, loop_requests(merged, serve_artifact),
+                   phase1_request_ids(work / "served-log", run))
+
+
 def rerun(args: argparse.Namespace, command: str) -> int:
     """`--from-run`: retrain a kept run's phase-1 log again with this invocation's retraining flags and
     compare on the same held-out slice as the run (paired with its swapped artifact); no serving, no swap."""
-    from ltr.predictor.model import shipped_artifact_dir
-
-    run = json.loads(args.from_run.read_text())
-    work = args.work or Path(run.get("work_dir", ""))
-    log_dir = work / "served-log"
-    if not log_dir.is_dir():
-        raise SystemExit(f"{log_dir}: no served log (give the run's kept work dir with --work)")
-    retraining = {name: getattr(args, name) for name in RETRAIN_FLAGS}
-    merged = argparse.Namespace(**{**run["args"], **retraining})
-    serve_artifact = Path(merged.serve_artifact) if merged.serve_artifact else shipped_artifact_dir()
-    requests = loop_requests(merged, serve_artifact)
-    phase1_ids = phase1_request_ids(log_dir, run)
-    outputs = {rule: work / f"rerun-{args.out}" / f"retrained_{rule}" for rule in args.censored}
-    timings = retrain(merged, log_dir, serve_artifact, outputs)
-    predictors = {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if merged.serve_artifact else {}),
-                  "retrained": work / "retrained", **{output.name: output for output in outputs.values()}}
-    summary = compare(log_dir, phase1_ids, predictors, requests.conversation_of, merged.holdout, requests.train_only)
-    result = {"command": command, "from_run": {"results": str(args.from_run), "command": run["command"],
-                                               "work_dir": str(work)},
-              "args": {**vars(merged), "from_run": str(args.from_run)}, "summary": summary, "timings_s": timings,
+    kept = kept_run(args.from_run, args.work and args.work[0], {name: getattr(args, name) for name in RETRAIN_FLAGS})
+    outputs = {rule: kept.work / f"rerun-{args.out}" / f"retrained_{rule}" for rule in args.censored}
+    timings = retrain(kept.args, kept.log_dir, kept.serve_artifact, outputs)
+    summary = compare(kept.score_held_out(**{output.name: output for output in outputs.values()}))
+    result = {"command": command, "from_run": {"results": str(args.from_run), "command": kept.run["command"],
+                                               "work_dir": str(kept.work)},
+              "args": {**vars(kept.args), "from_run": str(args.from_run)}, "summary": summary, "timings_s": timings,
               "retrain": retrain_report(outputs)}
-    sampling = {k: run["args"][k] for k in ("max_tokens", "temperature", "top_p")}
-    write_results(args.out, result, run["args"]["censored"][0], sampling)
+    write_results(args.out, result, kept.run["args"]["censored"][0], run_sampling(kept.run))
     return 0
+
+
+def pool(args: argparse.Namespace, command: str) -> int:
+    """`--pool`: kept runs (other seeds of one setting) compared together: the mean of their held-out
+    statistics, each run's prompts resampled on their own for the interval; no serving, no retraining."""
+    kept = [kept_run(results, work) for results, work in zip(args.pool, args.work or [None] * len(args.pool))]
+    sampling = {str(k.results): run_sampling(k.run) for k in kept}
+    if len({json.dumps(s, sort_keys=True) for s in sampling.values()}) > 1:
+        raise SystemExit(f"--pool: the runs sampled their answers differently, their taus do not average: {sampling}")
+    summary = pooled({k.results.stem: k.score_held_out() for k in kept})
+    result = {"command": command, "runs": [{"results": str(k.results), "command": k.run["command"],
+                                            "work_dir": str(k.work), "summary": k.run["summary"]} for k in kept],
+              "summary": summary}
+    write_results(args.out, result, kept[0].run["args"]["censored"][0], run_sampling(kept[0].run))
+    return 0
+
+
+def run_sampling(run: dict) -> dict:
+    return {k: run["args"][k] for k in ("max_tokens", "temperature", "top_p")}
 
 
 def deploy_predictor(settings: dict, app_args: dict) -> None:
@@ -409,29 +472,48 @@ def tau(scores: np.ndarray, lengths: np.ndarray, censored: np.ndarray) -> float 
     return censored_kendall_tau(scores, lengths, censored)["kendall_tau"]
 
 
-def bootstrap(groups: list[np.ndarray], stat, resamples: int = 300, seed: int = 0) -> list[float] | None:
-    """95% interval of `stat(indices)` over resampled prompts (`groups`: record indices per prompt); None
-    when the statistic is undefined (no pair of known order, e.g. every answer cut at the cap)."""
+def bootstrap(parts: list[tuple[list[np.ndarray], Callable]], resamples: int = 300,
+              seed: int = 0) -> list[float] | None:
+    """95% interval of the mean over `parts` of `stat(indices)`, each part (one run: `groups`, record
+    indices per prompt, and `stat`) resampled over its own prompts; None when the statistic is undefined
+    (no pair of known order, e.g. every answer cut at the cap)."""
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(resamples):
-        picked = rng.integers(0, len(groups), len(groups))
-        value = stat(np.concatenate([groups[i] for i in picked]))
-        if value is not None:
-            values.append(value)
+        per_part = []
+        for groups, stat in parts:
+            picked = rng.integers(0, len(groups), len(groups))
+            per_part.append(stat(np.concatenate([groups[i] for i in picked])))
+        if all(value is not None for value in per_part):
+            values.append(float(np.mean(per_part)))
     if not values:
         return None
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
-def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], conversation_of: dict[str, list[dict]],
-            holdout: float, train_only: frozenset[str] = frozenset()) -> dict:
-    """Taus on the held-out slice of the phase-1 log: each of `predictors` ("shipped", "retrained", any
-    "retrained_<rule>", and "served" when phase 1 served another artifact), the gains over the shipped one
-    and (paired, the served labels' own share) of each retrained one over the served one, the ceiling and
-    prompt length. Each predictor scores the held-out requests as it would serve them (its own `chat_input` of the
-    conversation the logged text came from, `conversation_of`). Texts in `train_only` (train-split prompts)
-    never count, even where the log put one in the held-out slice (logged by its last user message, unscored)."""
+@dataclass
+class HeldOut:
+    """A run's held-out slice of its phase-1 log, each predictor's score of every record, and the
+    statistics the comparison reports on it: name -> (groups of record indices, statistic of indices)."""
+
+    records: int
+    prompts: int
+    censored_share: float
+    mean_output_tokens: float
+    stats: dict[str, tuple[list[np.ndarray], Callable]]
+    by_answer_sample: dict[str, dict[str, float | None]]
+
+
+def score_held_out(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path],
+                   conversation_of: dict[str, list[dict]], holdout: float,
+                   train_only: frozenset[str] = frozenset()) -> HeldOut:
+    """The held-out slice of the phase-1 log, scored by each of `predictors` ("shipped", "retrained", any
+    "retrained_<rule>", and "served" when phase 1 served another artifact); its statistics: each one's tau,
+    the gains over the shipped one and (paired, the served labels' own share) of each retrained one over
+    the served one, the ceiling and prompt length. Each predictor scores the held-out requests as it would
+    serve them (its own `chat_input` of the conversation the logged text came from, `conversation_of`).
+    Texts in `train_only` (train-split prompts) never count, even where the log put one in the held-out
+    slice (logged by its last user message, unscored)."""
     from ltr.data.served_log import read_served_log
     from ltr.predictor.model import RankPredictor
     from ltr.predictor.train import record_slice
@@ -472,27 +554,49 @@ def compare(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Path], co
     def ceiling(idx: np.ndarray) -> float | None:
         return tau(lengths[first[idx]].astype(np.float64), lengths[second[idx]], censored[second[idx]])
 
-    everything = np.arange(len(records))
-    result = {"held_out_records": len(records), "held_out_prompts": len(groups),
-              "censored_share": float(censored.mean()), "mean_output_tokens": float(lengths.mean())}
-    stats = [(f"tau_{name}", tau_of(values), groups) for name, values in scores.items()]
-    stats += [(f"tau_gain_{name}_vs_shipped" if name != "retrained" else "tau_gain_vs_shipped",
-               gain_over(name, "shipped"), groups) for name in scores if name != "shipped"]
+    stats = {f"tau_{name}": (groups, tau_of(values)) for name, values in scores.items()}
+    stats |= {(f"tau_gain_{name}_vs_shipped" if name != "retrained" else "tau_gain_vs_shipped"):
+              (groups, gain_over(name, "shipped")) for name in scores if name != "shipped"}
     if "served" in scores:   # what the served labels add to the predictor they retrained
-        stats += [(f"tau_gain_{name}_vs_served", gain_over(name, "served"), groups)
-                  for name in scores if name.startswith("retrained")]
-    stats += [("tau_prompt_length", tau_of(prompt_tokens), groups),
-              ("tau_ceiling", ceiling, [np.array([i]) for i in range(len(pairs))])]
-    for name, stat, grouping in stats:
-        point = stat(everything if grouping is groups else np.arange(len(pairs)))
-        result[name] = point
-        result[f"{name}_ci95"] = bootstrap(grouping, stat)
+        stats |= {f"tau_gain_{name}_vs_served": (groups, gain_over(name, "served"))
+                  for name in scores if name.startswith("retrained")}
+    stats["tau_prompt_length"] = (groups, tau_of(prompt_tokens))
+    stats["tau_ceiling"] = ([np.array([i]) for i in range(len(pairs))], ceiling)
     # Spread over answer samples: each model's tau against answer k of each prompt (in the order above) alone.
     by_sample: dict[str, dict[str, float | None]] = {}
     for k in range(2):
         idx = np.array([g[k] for g in groups if len(g) > k])
         by_sample[f"answer_{k}"] = {name: tau_of(scores[name])(idx) for name in scores}
-    result["by_answer_sample"] = by_sample
+    return HeldOut(len(records), len(groups), float(censored.mean()), float(lengths.mean()), stats, by_sample)
+
+
+def compare(held: HeldOut) -> dict:
+    """One run's summary: each statistic on the whole held-out slice, with its 95% bootstrap interval over
+    prompts (paired for the gains)."""
+    result = {"held_out_records": held.records, "held_out_prompts": held.prompts,
+              "censored_share": held.censored_share, "mean_output_tokens": held.mean_output_tokens}
+    for name, (groups, stat) in held.stats.items():
+        result[name] = stat(np.concatenate(groups))
+        result[f"{name}_ci95"] = bootstrap([(groups, stat)])
+    result["by_answer_sample"] = held.by_answer_sample
+    return result
+
+
+def pooled(runs: dict[str, HeldOut]) -> dict:
+    """Several runs' summary: each statistic they all have, as the mean of the runs' values, with a 95%
+    bootstrap interval that resamples each run's prompts on its own; each run's value beside it."""
+    names = [name for name in next(iter(runs.values())).stats if all(name in held.stats for held in runs.values())]
+    result: dict[str, Any] = {"runs": len(runs), "held_out_records": sum(h.records for h in runs.values()),
+                              "held_out_prompts": sum(h.prompts for h in runs.values())}
+    per_run: dict[str, dict] = {run: {} for run in runs}
+    for name in names:
+        parts = [held.stats[name] for held in runs.values()]
+        values = [stat(np.concatenate(groups)) for groups, stat in parts]
+        for run, value in zip(runs, values):
+            per_run[run][name] = value
+        result[name] = None if None in values else float(np.mean(values))
+        result[f"{name}_ci95"] = bootstrap(parts)
+    result["per_run"] = per_run
     return result
 
 
@@ -516,10 +620,11 @@ def plot(summary: dict, path: Path, swapped_rule: str, sampling: dict) -> None:
     ax.bar(labels, values, yerr=errors, capsize=6, color=colors)
     ax.set_ylabel("censor-aware Kendall tau vs served lengths")
     gain = summary["tau_gain_vs_shipped"]
-    ax.set_title(f"Held-out served traffic ({summary['held_out_prompts']} prompts, {summary['held_out_records']} "
-                 f"answers; temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, max_tokens "
-                 f"{sampling['max_tokens']}); retrained - shipped {'n/a' if gain is None else f'{gain:+.3f}'}",
-                 fontsize=9)
+    runs = f"mean of {summary['runs']} runs, " if "runs" in summary else ""
+    ax.set_title(f"Held-out served traffic ({runs}{summary['held_out_prompts']} prompts, {summary['held_out_records']} "
+                 f"answers); retrained - shipped {'n/a' if gain is None else f'{gain:+.3f}'}\nanswers sampled at "
+                 f"temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, max_tokens "
+                 f"{sampling['max_tokens']}", fontsize=9)
     ax.axhline(0, color="black", linewidth=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -545,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/served_loop.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.from_run:
         return rerun(args, command)
+    if args.pool:
+        return pool(args, command)
     work = Path(tempfile.mkdtemp(prefix="ltr-served-loop-"))
     log_dir = work / "served-log"
     # One retrained artifact per rule; the first rule's is "retrained" (swapped in), others "retrained_<rule>".
@@ -620,9 +727,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.shutdown()
 
-    predictors = {"shipped": shipped_artifact_dir(), **({"served": serve_artifact} if args.serve_artifact else {}),
-                  **{output.name: output for output in retrained_by_rule.values()}}
-    summary = compare(log_dir, phase1_ids, predictors, requests.conversation_of, args.holdout, requests.train_only)
+    predictors = loop_predictors(args, serve_artifact, {output.name: output for output in retrained_by_rule.values()})
+    summary = compare(score_held_out(log_dir, phase1_ids, predictors, requests.conversation_of, args.holdout,
+                                     requests.train_only))
     result = {
         "command": command, "work_dir": str(work), "args": vars(args), "summary": summary, "timings_s": timings,
         "swap": swap_report,
