@@ -132,3 +132,40 @@ def test_a_request_sent_ahead_of_its_score_never_takes_a_seat_ranked_work_waits_
     assert scheduler.stats()["admitted_before_score"] == 1
     driver.run_until_idle(max_steps=1600)
     assert scheduler._late_score_ids == {}
+
+
+def test_a_score_that_comes_before_its_request_is_applied_when_the_request_arrives(
+        tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica can write a late score while vLLM's serving layer still prepares the request (a burst of
+    long chats): the scheduler reads it before the request is added. It is kept, and the request takes its
+    score, version and place when it comes; one for a request that never comes is forgotten in time."""
+    import ltr.scheduling.vllm_scheduler as vllm_scheduler
+
+    path = tmp_path / "updates.jsonl"
+    scheduler = make_scheduler(tiny_model_path, RankScheduler, policy=ORDER_ONLY, async_scheduling=False,
+                               max_num_seqs=1, num_blocks=200, block_size=16, max_num_batched_tokens=256,
+                               score_updates_path=str(path))
+    driver = Driver(scheduler)
+    suffix = "-5e5e"
+
+    def request(name: str, score: float, pending: bool = False, max_tokens: int = 4):
+        return make_request(name + suffix, 16, max_tokens, score, late_score_id=name, score_pending=pending)
+
+    driver.add(request("blocker", 0.0, max_tokens=40))
+    driver.step()
+    driver.add(request("short", 5.0))
+    append_score_update(path, ScoreUpdate("early", 1.0, {VERSION_KEY: "v3"}))   # before "early" is added
+    append_score_update(path, ScoreUpdate("never", 2.0))
+    driver.step()
+    driver.add(request("early", 3.0, pending=True))   # sent ahead of its score, which is already in
+    driver.step()
+    assert [r.request_id.removesuffix(suffix) for r in scheduler.waiting] == ["early", "short"]
+    early = scheduler.requests["early" + suffix]
+    assert early.sampling_params.extra_args[SCORE_KEY] == 1.0 and early.sampling_params.extra_args[VERSION_KEY] == "v3"
+    assert scheduler.stats()["followed_scores"] == 1
+    assert "early" not in scheduler._late_score_ids and set(scheduler._early_updates) == {"never"}
+    monkeypatch.setattr(vllm_scheduler, "EARLY_SCORE_TTL_S", 0.0)
+    driver.step()
+    assert scheduler._early_updates == {}
+    driver.run_until_idle(max_steps=800)
+    assert [name.removesuffix(suffix) for name in driver.finish_order] == ["blocker", "early", "short"]

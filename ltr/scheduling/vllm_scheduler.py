@@ -51,7 +51,7 @@ from ltr.scheduling.policy import (
     admissible_count,
     usable_score,
 )
-from ltr.scheduling.score_updates import ScoreUpdateReader
+from ltr.scheduling.score_updates import ScoreUpdate, ScoreUpdateReader
 from ltr.scheduling.upstream import check_upstream, missing_request_attributes
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,9 @@ class RankedRequestQueue(RequestQueue):
 
 #: Requests out of place in a queue beyond which one full re-sort is cheaper than moving each of them.
 REPOSITION_LIMIT = 32
+#: How long a late score for a request the engine does not hold is kept, in case the request is on its way:
+#: the replica can write a score before vLLM's serving layer has handed its request to the scheduler.
+EARLY_SCORE_TTL_S = 60.0
 
 
 @dataclass
@@ -267,6 +270,10 @@ class RankScheduler(Scheduler):
         #: The caller's id of each request that may get a late score -> vLLM's internal id for it, until its
         #: final update lands or it finishes.
         self._late_score_ids: dict[str, str] = {}
+        #: Updates that came before their request (caller's id -> [(when read, update)], oldest first), until
+        #: it arrives or `EARLY_SCORE_TTL_S` passes; and those of requests that arrived since the last step.
+        self._early_updates: dict[str, list[tuple[float, ScoreUpdate]]] = {}
+        self._arrived_updates: list[ScoreUpdate] = []
         from ltr.data.served_log import ServedLogConfig, ServedLogWriter
         from ltr.predictor.live_quality import LiveQualityConfig, LiveRankQuality
 
@@ -325,6 +332,7 @@ class RankScheduler(Scheduler):
                 if request.sampling_params is not None else None
             if late_id is not None:
                 self._late_score_ids[str(late_id)] = request.request_id
+                self._arrived_updates += [update for _, update in self._early_updates.pop(str(late_id), ())]
         super().add_request(request)
 
     # -- the step ----------------------------------------------------------------------------
@@ -433,13 +441,22 @@ class RankScheduler(Scheduler):
         A request sent ahead of its score leaves the back of the queue with its first update: its own score,
         or a release without one (its own is late) that leaves it at the neutral score it came with. A
         score's `extra_args` (what the served-traffic log records of the predictor's answer) join the
-        request's."""
+        request's. An update can come before its request (the replica writes it while vLLM's serving layer is
+        still preparing the request): it is kept and applied when the request arrives."""
         if self._score_updates is None:
             return
-        for update in self._score_updates.read():
+        now = time.monotonic()
+        while self._early_updates:   # oldest first (dict order): forget those whose request never came
+            late_id, kept = next(iter(self._early_updates.items()))
+            if now - kept[0][0] < EARLY_SCORE_TTL_S:
+                break
+            del self._early_updates[late_id]
+        updates, self._arrived_updates = [*self._arrived_updates, *self._score_updates.read()], []
+        for update in updates:
             request_id = self._late_score_ids.get(update.request_id)
-            if request_id is None:
-                continue   # not a request this engine holds (finished, or another replica's)
+            if request_id is None:   # finished already, or not here yet: kept a while for the latter
+                self._early_updates.setdefault(update.request_id, []).append((now, update))
+                continue
             if update.final:
                 del self._late_score_ids[update.request_id]
             request, state = self.requests.get(request_id), self.rank_states.get(request_id)
