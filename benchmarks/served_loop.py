@@ -69,6 +69,8 @@ from ltr.predictor.train import CENSORING_RULES, TrainConfig  # noqa: E402
 PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving default
 #: The flags of the retraining: what `--from-run` takes from its own invocation (all else is the run's).
 RETRAIN_FLAGS = ("epochs", "train_lr", "train_head_lr", "train_max_length", "train_list_size", "censored")
+#: The flags runs of one setting may differ in (`--pool`).
+NOT_THE_SETTING = ("seed", "out", "port", "from_run", "work", "pool")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -326,6 +328,7 @@ def loop_predictors(args: argparse.Namespace, serve_artifact: Path, retrained: d
 
 
 def kept_run(results: Path, work: Path | None = None, retraining: dict | None = None) -> KeptRun:
+    """The run behind `results` (its log in `work`, default the dir it names), its flags overridden by `retraining`."""
     from ltr.predictor.model import shipped_artifact_dir
 
     run = json.loads(results.read_text())
@@ -357,10 +360,12 @@ def rerun(args: argparse.Namespace, command: str) -> int:
 def pool(args: argparse.Namespace, command: str) -> int:
     """`--pool`: kept runs (other seeds of one setting) compared together: the mean of their held-out
     statistics, each run's prompts resampled on their own for the interval; no serving, no retraining."""
+    flags = [json.loads(results.read_text())["args"] for results in args.pool]
+    differing = sorted(name for name in set().union(*flags) - set(NOT_THE_SETTING)
+                       if len({json.dumps(f.get(name), sort_keys=True) for f in flags}) > 1)
+    if differing:
+        raise SystemExit(f"--pool: the runs differ in {', '.join(differing)}; pool runs of one setting (other seeds)")
     kept = [kept_run(results, work) for results, work in zip(args.pool, args.work or [None] * len(args.pool))]
-    sampling = {str(k.results): run_sampling(k.run) for k in kept}
-    if len({json.dumps(s, sort_keys=True) for s in sampling.values()}) > 1:
-        raise SystemExit(f"--pool: the runs sampled their answers differently, their taus do not average: {sampling}")
     summary = pooled({k.results.stem: k.score_held_out() for k in kept})
     result = {"command": command, "runs": [{"results": str(k.results), "command": k.run["command"],
                                             "work_dir": str(k.work), "summary": k.run["summary"]} for k in kept],
