@@ -19,6 +19,21 @@ from sched_harness import Driver, make_request, make_scheduler
 ORDER_ONLY = PolicyConfig(name="ltr", starvation=None, max_preemptions_per_step=0)
 
 
+def one_seat(model_path: Path, updates: Path, async_scheduling: bool) -> tuple[RankScheduler, Driver]:
+    """A rank scheduler with one seat, reading late scores from `updates`, and its driver."""
+    scheduler = make_scheduler(model_path, RankScheduler, policy=ORDER_ONLY, async_scheduling=async_scheduling,
+                               max_num_seqs=1, num_blocks=200, block_size=16, max_num_batched_tokens=256,
+                               score_updates_path=str(updates))
+    return scheduler, Driver(scheduler)
+
+
+def requests_named(suffix: str):
+    """Requests as vLLM's engine names them (the caller's id plus `suffix`), the caller's id as late-score id."""
+    def request(name: str, score: float, pending: bool = False, max_tokens: int = 4):
+        return make_request(name + suffix, 16, max_tokens, score, late_score_id=name, score_pending=pending)
+    return request
+
+
 def test_reader_returns_each_complete_line_once(tmp_path: Path) -> None:
     path = tmp_path / "updates.jsonl"
     reader = ScoreUpdateReader(path)
@@ -93,14 +108,9 @@ def test_a_request_sent_ahead_of_its_score_never_takes_a_seat_ranked_work_waits_
     leaves it at its neutral score, and a score landing after that re-ranks it again. On an idle engine it
     is admitted at once, before its score."""
     path = tmp_path / "updates.jsonl"
-    scheduler = make_scheduler(tiny_model_path, RankScheduler, policy=ORDER_ONLY, async_scheduling=async_scheduling,
-                               max_num_seqs=1, num_blocks=200, block_size=16, max_num_batched_tokens=256,
-                               score_updates_path=str(path))
-    driver = Driver(scheduler)
+    scheduler, driver = one_seat(tiny_model_path, path, async_scheduling)
     suffix = "-77aa"
-
-    def request(name: str, score: float, pending: bool = False, max_tokens: int = 4):
-        return make_request(name + suffix, 16, max_tokens, score, late_score_id=name, score_pending=pending)
+    request = requests_named(suffix)
 
     def waiting() -> list[str]:
         return [r.request_id.removesuffix(suffix) for r in scheduler.waiting]
@@ -142,14 +152,9 @@ def test_a_score_that_comes_before_its_request_is_applied_when_the_request_arriv
     import ltr.scheduling.vllm_scheduler as vllm_scheduler
 
     path = tmp_path / "updates.jsonl"
-    scheduler = make_scheduler(tiny_model_path, RankScheduler, policy=ORDER_ONLY, async_scheduling=False,
-                               max_num_seqs=1, num_blocks=200, block_size=16, max_num_batched_tokens=256,
-                               score_updates_path=str(path))
-    driver = Driver(scheduler)
+    scheduler, driver = one_seat(tiny_model_path, path, async_scheduling=False)
     suffix = "-5e5e"
-
-    def request(name: str, score: float, pending: bool = False, max_tokens: int = 4):
-        return make_request(name + suffix, 16, max_tokens, score, late_score_id=name, score_pending=pending)
+    request = requests_named(suffix)
 
     driver.add(request("blocker", 0.0, max_tokens=40))
     driver.step()
