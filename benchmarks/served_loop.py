@@ -48,6 +48,7 @@ import hashlib
 import json
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -68,7 +69,8 @@ from ltr.predictor.train import CENSORING_RULES, TrainConfig  # noqa: E402
 
 PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving default
 #: The flags of the retraining: what `--from-run` takes from its own invocation (all else is the run's).
-RETRAIN_FLAGS = ("epochs", "train_lr", "train_head_lr", "train_max_length", "train_list_size", "censored")
+RETRAIN_FLAGS = ("epochs", "train_lr", "train_head_lr", "train_max_length", "train_list_size",
+                 "train_average_epochs", "censored")
 #: The flags runs of one setting may differ in (`--pool`).
 NOT_THE_SETTING = ("seed", "out", "port", "from_run", "work", "pool")
 
@@ -104,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-max-length", type=int, default=128, help="MiniLM tokens per prompt in retraining")
     p.add_argument("--train-list-size", type=int, default=64,
                    help="answers per ListMLE list in retraining (smaller: more steps on a small log)")
+    p.add_argument("--train-average-epochs", action="store_true",
+                   help="retraining also tries the mean of its epochs' weights (`ltr train-predictor "
+                        "--average-epochs`)")
     p.add_argument("--censored", nargs="+", choices=CENSORING_RULES, default=["lower-bound"],
                    help="how answers cut at max_tokens train (`ltr train-predictor --censored`): one retrained "
                         "artifact per rule, all compared; the first is swapped in")
@@ -263,6 +268,8 @@ def retrain(args: argparse.Namespace, log_dir: Path, serve_artifact: Path, outpu
                       "--head-lr", str(args.train_head_lr), "--max-length",
                       str(args.train_max_length), "--list-size", str(args.train_list_size),
                       "--seed", str(args.seed), "--output", str(output)]
+        if args.train_average_epochs:
+            train_argv.append("--average-epochs")
         if ltr_main(train_argv) != 0:
             raise SystemExit(f"train-predictor --censored {rule} failed")
         seconds[f"retrain_{rule}_s"] = time.monotonic() - started
@@ -346,32 +353,65 @@ def rerun(args: argparse.Namespace, command: str) -> int:
     """`--from-run`: retrain a kept run's phase-1 log again with this invocation's retraining flags and
     compare on the same held-out slice as the run (paired with its swapped artifact); no serving, no swap."""
     kept = kept_run(args.from_run, args.work and args.work[0], {name: getattr(args, name) for name in RETRAIN_FLAGS})
-    outputs = {rule: kept.work / f"rerun-{args.out}" / f"retrained_{rule}" for rule in args.censored}
-    timings = retrain(kept.args, kept.log_dir, kept.serve_artifact, outputs)
+    rerun_dir = kept.work / f"rerun-{args.out}"
+    outputs = {rule: rerun_dir / f"retrained_{rule}" for rule in args.censored}
+    timings = retrain(kept.args, phase1_log(kept, rerun_dir / "phase1-log"), kept.serve_artifact, outputs)
     summary = compare(kept.score_held_out(**{output.name: output for output in outputs.values()}))
     result = {"command": command, "from_run": {"results": str(args.from_run), "command": kept.run["command"],
                                                "work_dir": str(kept.work)},
               "args": {**vars(kept.args), "from_run": str(args.from_run)}, "summary": summary, "timings_s": timings,
-              "retrain": retrain_report(outputs)}
+              "retrain": retrain_report(outputs),
+              "artifacts": {output.name: str(output) for output in outputs.values()}}
     write_results(args.out, result, kept.run["args"]["censored"][0], run_sampling(kept.run))
     return 0
+
+
+def phase1_log(kept: KeptRun, directory: Path) -> Path:
+    """A copy of the kept run's log with its phase-1 records only: what its retraining saw. The whole log also
+    holds phase 3 (held-out prompts served again), whose requests sent unscored are logged by their last user
+    message, which hashes into the train and validation slices."""
+    from ltr.data.served_log import ServedLogConfig, ServedLogWriter, read_served_log
+
+    shutil.rmtree(directory, ignore_errors=True)
+    writer = ServedLogWriter(ServedLogConfig(str(directory), writer_id="phase1"))
+    for record in read_served_log(kept.log_dir):
+        if record.request_id in kept.phase1_ids:
+            writer.write(record)
+    writer.close()
+    return directory
 
 
 def pool(args: argparse.Namespace, command: str) -> int:
     """`--pool`: kept runs (other seeds of one setting) compared together: the mean of their held-out
     statistics, each run's prompts resampled on their own for the interval; no serving, no retraining."""
-    flags = [json.loads(results.read_text())["args"] for results in args.pool]
+    runs = {results: json.loads(results.read_text()) for results in args.pool}
+    flags = [run["args"] for run in runs.values()]
     differing = sorted(name for name in set().union(*flags) - set(NOT_THE_SETTING)
                        if len({json.dumps(f.get(name), sort_keys=True) for f in flags}) > 1)
     if differing:
         raise SystemExit(f"--pool: the runs differ in {', '.join(differing)}; pool runs of one setting (other seeds)")
-    kept = [kept_run(results, work) for results, work in zip(args.pool, args.work or [None] * len(args.pool))]
-    summary = pooled({k.results.stem: k.score_held_out() for k in kept})
-    result = {"command": command, "runs": [{"results": str(k.results), "command": k.run["command"],
-                                            "work_dir": str(k.work), "summary": k.run["summary"]} for k in kept],
+    kept = {results: pooled_run(results, run, work)
+            for (results, run), work in zip(runs.items(), args.work or [None] * len(runs))}
+    summary = pooled({results.stem: run.score_held_out(**reruns) for results, (run, reruns) in kept.items()})
+    result = {"command": command, "runs": [{"results": str(results), "command": runs[results]["command"],
+                                            "work_dir": str(run.work), "summary": runs[results]["summary"]}
+                                           for results, (run, _) in kept.items()],
               "summary": summary}
-    write_results(args.out, result, kept[0].run["args"]["censored"][0], run_sampling(kept[0].run))
+    first = next(iter(kept.values()))[0].run
+    write_results(args.out, result, first["args"]["censored"][0], run_sampling(first))
     return 0
+
+
+def pooled_run(results: Path, run: dict, work: Path | None) -> tuple[KeptRun, dict[str, Path]]:
+    """A run to pool (`run`, read from `results`): an end-to-end run as it is; a `--from-run` rerun as the run it
+    retrained (with the rerun's retraining flags), its artifacts compared next to the one the run swapped in."""
+    if "from_run" not in run:
+        return kept_run(results, work), {}
+    if "artifacts" not in run:
+        raise SystemExit(f"{results}: a --from-run result from before its artifacts were recorded; run it again")
+    retraining = {name: run["args"][name] for name in RETRAIN_FLAGS}
+    kept = kept_run(Path(run["from_run"]["results"]), work or Path(run["from_run"]["work_dir"]), retraining)
+    return kept, {name: Path(path) for name, path in run["artifacts"].items()}
 
 
 def run_sampling(run: dict) -> dict:
@@ -565,6 +605,9 @@ def score_held_out(log_dir: Path, phase1_ids: set[str], predictors: dict[str, Pa
     if "served" in scores:   # what the served labels add to the predictor they retrained
         stats |= {f"tau_gain_{name}_vs_served": (groups, gain_over(name, "served"))
                   for name in scores if name.startswith("retrained")}
+    if "retrained" in scores:   # each other retraining against the one swapped in (paired)
+        stats |= {f"tau_gain_{name}_vs_retrained": (groups, gain_over(name, "retrained"))
+                  for name in scores if name.startswith("retrained_")}
     stats["tau_prompt_length"] = (groups, tau_of(prompt_tokens))
     stats["tau_ceiling"] = ([np.array([i]) for i in range(len(pairs))], ceiling)
     # Spread over answer samples: each model's tau against answer k of each prompt (in the order above) alone.

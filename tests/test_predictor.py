@@ -10,7 +10,7 @@ import torch
 
 from ltr.predictor import PredictorConfig, RankPredictor, fit_calibration, load_shipped_predictor
 from ltr.predictor.evaluate import kendall_tau
-from ltr.predictor.train import ExampleSplits, TrainConfig, load_examples, train_predictor
+from ltr.predictor.train import ExampleSplits, TrainConfig, load_examples, mean_state, train_predictor
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,36 @@ def test_fine_tuning_keeps_the_init_unless_an_epoch_ranks_validation_better(tmp_
     assert history["best_val_tau"] == pytest.approx(history["init_val_tau"])
     prompts = [e.prompt for e in data.val[:16]]
     assert kept.score(prompts) == pytest.approx(RankPredictor.from_pretrained(tmp_path / "trained").score(prompts))
+
+
+def test_mean_state_averages_each_tensor_of_the_checkpoints() -> None:
+    states = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])},
+              {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([3.0])}]
+    mean = mean_state(states)
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and torch.equal(mean["b"], torch.tensor([1.5]))
+
+
+# Seeded, deterministic on CPU: the first setting's best epoch ranks validation better than the mean of the
+# four, the second's (a head learning rate that makes every epoch jump) worse: both outcomes are exercised.
+@pytest.mark.parametrize(("head_lr", "seed", "average_wins"), [(3e-3, 0, False), (1e-1, 1, True)])
+def test_averaged_epochs_are_kept_only_where_they_rank_validation_better(splits: ExampleSplits, head_lr: float,
+                                                                         seed: int, average_wins: bool) -> None:
+    from dataclasses import replace
+
+    data = ExampleSplits(splits.train[:256], splits.val[:160], splits.test[:8])
+    model_cfg = PredictorConfig(objective="listmle", finetune="frozen", max_length=64, dropout=0.0)
+    train_cfg = TrainConfig(epochs=4, list_size=32, head_lr=head_lr, patience=4, seed=seed, progress=False,
+                            average_epochs=True)
+    trained, history = train_predictor(model_cfg, train_cfg, data)
+    averaged = history["averaged_val_tau"] > max(history["val_tau"])
+    assert averaged == average_wins
+    assert history["best_val_tau"] == pytest.approx(max(*history["val_tau"], history["averaged_val_tau"]))
+    assert (history["best_epoch"] == "mean of epochs 1-4") == averaged
+    # Without averaging, the same seed trains the same epochs: the average is the only new candidate.
+    single, plain = train_predictor(model_cfg, replace(train_cfg, average_epochs=False), data)
+    assert plain["val_tau"] == pytest.approx(history["val_tau"]) and "averaged_val_tau" not in plain
+    prompts = [e.prompt for e in data.val[:16]]
+    assert (trained.score(prompts) != pytest.approx(single.score(prompts))) == averaged
 
 
 def test_fit_calibration_is_monotone_even_on_noisy_data() -> None:
@@ -220,12 +250,14 @@ def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: Exampl
               "--lora-r", "8", "--output", str(out)])
     assert main(["train-predictor", "--data", str(tmp_path / "log"), "--init", str(shipped_artifact_dir()),
                  "--epochs", "1", "--list-size", "8", "--holdout", "0.25", "--val-fraction", "0.25",
-                 "--max-length", "128", "--censored", censored, "--output", str(out)]) == 0
+                 "--max-length", "128", "--censored", censored, "--average-epochs", "--output", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["max_length"] == 128   # the input window follows the flag; the shapes stay the artifact's
     meta = config["metadata"]
     assert "--data=" in meta["command"] and "--init=" in meta["command"] and f"--censored={censored}" in meta["command"]
     assert meta["history"]["train_config"]["censored"] == censored
+    assert "--average-epochs" in meta["command"]   # one epoch: its mean is itself
+    assert meta["history"]["averaged_val_tau"] == pytest.approx(meta["history"]["val_tau"][0])
     assert meta["history"]["init"] == str(shipped_artifact_dir()) and meta["test"]["censored"] >= 1
     assert meta["history"]["n_train"] >= 40
     shipped, retrained = (load_file(str(d / "weights.safetensors")) for d in (shipped_artifact_dir(), out))

@@ -42,6 +42,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=t.lr, help="LoRA/backbone learning rate")
     p.add_argument("--head-lr", type=float, default=t.head_lr)
     p.add_argument("--patience", type=int, default=t.patience)
+    p.add_argument("--average-epochs", action="store_true",
+                   help="also try the mean of the weights at every epoch's end; kept where it ranks validation "
+                        "better than the best epoch")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", choices=("cpu", "cuda"), default=t.device)
     p.add_argument("--limit-train", type=int, default=0, help="first N training prompts only (0 = all)")
@@ -87,7 +90,7 @@ def examples_from_args(args: argparse.Namespace) -> ExampleSplits:
 def configs_from_args(args: argparse.Namespace) -> tuple[PredictorConfig, TrainConfig]:
     model = PredictorConfig(**{k: getattr(args, k) for k in _MODEL_FLAGS})
     train = TrainConfig(**{k: getattr(args, k) for k in _TRAIN_FLAGS}, limit_train=args.limit_train,
-                        censored=args.censored if args.data is not None else "lower-bound")
+                        average_epochs=args.average_epochs, censored=args.censored if args.data is not None else "lower-bound")
     return model, train
 
 
@@ -99,6 +102,8 @@ def train_command(model: PredictorConfig, train: TrainConfig, output: Path | str
     parts += [f"--{flag}={getattr(train, k)}" for k, flag in _TRAIN_FLAGS.items()]
     if train.limit_train:
         parts.append(f"--limit-train={train.limit_train}")
+    if train.average_epochs:
+        parts.append("--average-epochs")
     return shlex.join([*parts, *data, f"--output={output}"])
 
 

@@ -61,6 +61,9 @@ class TrainConfig:
     device: str = "cpu"
     limit_train: int = 0       # first N training examples only (0 = all); for smoke tests
     censored: str = "lower-bound"   # served traffic: how an answer cut at max_tokens trains (CENSORING_RULES)
+    #: Also try the mean of the weights at every epoch's end (a small noisy log: epochs tie on validation and
+    #: each overfits its own way); kept where it ranks validation better than the best epoch.
+    average_epochs: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -314,6 +317,7 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
 
     history: dict = {"epochs": [], "val_tau": [], "train_loss": []}
     best_tau, best_state, best_epoch, stale = -math.inf, None, 0, 0
+    epoch_states: list[dict[str, Tensor]] = []
     if init is not None:
         best_tau = history["init_val_tau"] = val_tau(val_scores())
         best_state = copy.deepcopy(model.trainable_state_dict())
@@ -344,6 +348,8 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
         history["val_tau"].append(tau)
         history["train_loss"].append(float(np.mean(losses)))
         logger.info("epoch %d: train loss %.4f, val tau %.4f", epoch, np.mean(losses), tau)
+        if tc.average_epochs:
+            epoch_states.append(copy.deepcopy(model.trainable_state_dict()))
         if tau > best_tau:
             best_tau, best_epoch, stale = tau, epoch, 0
             best_state = copy.deepcopy(model.trainable_state_dict())
@@ -352,6 +358,13 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
             if stale >= tc.patience:
                 break
     bar.close()
+    if epoch_states:
+        model.load_state_dict(mean_state(epoch_states), strict=False)
+        history["averaged_val_tau"] = tau = val_tau(val_scores())
+        logger.info("mean of %d epochs' weights: val tau %.4f (best epoch %d: %.4f)", len(epoch_states), tau,
+                    best_epoch, best_tau)
+        if tau > best_tau:
+            best_tau, best_epoch, best_state = tau, f"mean of epochs 1-{len(epoch_states)}", mean_state(epoch_states)
     model.load_state_dict(best_state, strict=False)
     model.eval()
     val = val_scores()
@@ -360,6 +373,12 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
                    train_seconds=round(time.perf_counter() - started, 1), n_train=len(train),
                    train_config=asdict(tc), init=None if init is None else str(init))
     return model, history
+
+
+def mean_state(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The element-wise mean of several checkpoints of one model (a uniform weight average)."""
+    return {name: torch.stack([s[name].float() for s in states]).mean(0).to(states[0][name].dtype)
+            for name in states[0]}
 
 
 @torch.no_grad()
