@@ -30,14 +30,16 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
 Writes benchmarks/results/<out>.json (command inside, `summary` with tau_shipped, tau_retrained,
 tau_gain_vs_shipped, tau_ceiling; `work_dir`, the kept served log and artifacts) and <out>.png.
 
-`--from-run RESULTS_JSON [--work DIR]` skips serving and swapping: it retrains that run's kept phase-1 log
-with this invocation's retraining flags (another `--censored` rule, learning rate, epochs) and repeats step 4
-on the same held-out slice, the run's swapped-in artifact beside the new ones (paired gains), so a retraining
-recipe can be compared without serving the log again (1.5-2 hours on this machine).
+`--from-run RESULTS_JSON [--work DIR]` skips serving and swapping: it retrains that run's kept phase-1 records
+(copied out of its log, which also holds phase 3) with this invocation's retraining flags (another `--censored`
+rule, learning rate, epochs, `--train-average-epochs`) and repeats step 4 on the same held-out slice, the run's
+swapped-in artifact beside the new ones (paired gains, `tau_gain_retrained_<rule>_vs_retrained`), so a
+retraining recipe can be compared without serving the log again (1.5-2 hours on this machine).
 
 `--pool RESULTS_JSON [RESULTS_JSON ...]` neither serves nor retrains: it scores kept runs of one setting (other
 seeds) on their held-out slices again and reports the mean of each statistic over the runs, its 95% interval
 resampling each run's prompts on their own, and each run's value (one run alone: its own summary again).
+`--from-run` results of one recipe pool the same way, their artifacts beside the ones their runs swapped in.
 """
 
 from __future__ import annotations

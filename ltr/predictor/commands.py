@@ -90,7 +90,8 @@ def examples_from_args(args: argparse.Namespace) -> ExampleSplits:
 def configs_from_args(args: argparse.Namespace) -> tuple[PredictorConfig, TrainConfig]:
     model = PredictorConfig(**{k: getattr(args, k) for k in _MODEL_FLAGS})
     train = TrainConfig(**{k: getattr(args, k) for k in _TRAIN_FLAGS}, limit_train=args.limit_train,
-                        average_epochs=args.average_epochs, censored=args.censored if args.data is not None else "lower-bound")
+                        average_epochs=args.average_epochs,
+                        censored=args.censored if args.data is not None else "lower-bound")
     return model, train
 
 
