@@ -361,11 +361,11 @@ def train_predictor(model_config: PredictorConfig, train_config: TrainConfig, da
     if epoch_states:
         averaged = mean_state(epoch_states)
         model.load_state_dict(averaged, strict=False)
-        history["averaged_val_tau"] = tau = val_tau(val_scores())
-        logger.info("mean of %d epochs' weights: val tau %.4f (best epoch %d: %.4f)", len(epoch_states), tau,
-                    best_epoch, best_tau)
-        if tau > best_tau:
-            best_tau, best_epoch, best_state = tau, f"mean of epochs 1-{len(epoch_states)}", averaged
+        history["averaged_val_tau"] = averaged_tau = val_tau(val_scores())
+        logger.info("mean of %d epochs' weights: val tau %.4f (best epoch %d: %.4f)", len(epoch_states),
+                    averaged_tau, best_epoch, best_tau)
+        if averaged_tau > best_tau:
+            best_tau, best_epoch, best_state = averaged_tau, f"mean of epochs 1-{len(epoch_states)}", averaged
     model.load_state_dict(best_state, strict=False)
     model.eval()
     val = val_scores()

@@ -451,7 +451,9 @@ class RankScheduler(Scheduler):
             if now - kept[0][0] < EARLY_SCORE_TTL_S:
                 break
             del self._early_updates[late_id]
-        updates, self._arrived_updates = [*self._arrived_updates, *self._score_updates.read()], []
+        updates = self._score_updates.read()
+        if self._arrived_updates:   # read before their request arrived; it has now
+            updates, self._arrived_updates = [*self._arrived_updates, *updates], []
         for update in updates:
             request_id = self._late_score_ids.get(update.request_id)
             if request_id is None:   # finished already, or not here yet: kept a while for the latter
