@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from ray import serve
 
-from deployments.router import STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_TIMESTAMP
+from deployments.router import (STAT_NUM_REQUESTS, STAT_OUTSTANDING_WORK, STAT_REMAINING_BY_REQUEST,
+                                STAT_TIMESTAMP)
 from deployments.streaming import batched_events
 from ltr.scheduling.engine import Platform, engine_kwargs, require_tested_vllm, scheduler_class_for
 from ltr.scheduling.policy import PolicyConfig
@@ -438,17 +439,22 @@ class LLMEngine:
         tracked.predicted_work = request_work(prediction.expected_tokens, tracked.prompt_tokens)
         self.counters["followed_scores" if pending else "late_scores"] += 1
 
+    def remaining_work(self) -> dict[str, float]:
+        """Predicted decode tokens still to come, per request this replica holds (by `EngineRequest.request_id`)."""
+        return {rid: max(t.predicted_work - t.generated, 1.0) for rid, t in self._tracked.items()}
+
     def outstanding_work(self) -> float:
         """Predicted decode tokens still to come for the requests this replica holds."""
-        return float(sum(max(t.predicted_work - t.generated, 1.0) for t in self._tracked.values()))
+        return float(sum(self.remaining_work().values()))
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Load report for `LeastWorkRouter` (Serve calls this every request_routing_stats_period_s).
 
         This and the debug calls are coroutines, on the replica's event loop: as sync methods (which Serve
         runs in a thread pool) they were seen not answering within 10 s once vLLM's serving layer ran here."""
-        return {STAT_OUTSTANDING_WORK: self.outstanding_work(), STAT_NUM_REQUESTS: len(self._tracked),
-                STAT_TIMESTAMP: time.time()}
+        remaining = self.remaining_work()
+        return {STAT_OUTSTANDING_WORK: float(sum(remaining.values())), STAT_NUM_REQUESTS: len(remaining),
+                STAT_REMAINING_BY_REQUEST: remaining, STAT_TIMESTAMP: time.time()}
 
     def scheduler_stats(self) -> dict[str, Any]:
         """Counters the rank scheduler in the engine-core process dumps to its stats file."""

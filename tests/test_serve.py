@@ -216,6 +216,32 @@ def test_least_work_router_avoids_the_replica_holding_long_work(serve_app: dict)
     assert len(set(short_replicas)) == 1
 
 
+def test_a_burst_is_spread_by_predicted_work_not_sent_to_the_idle_replica(serve_app: dict) -> None:
+    """A burst is routed before any replica has accepted its requests: each choice must count the ones before
+    it, else every request of the burst sees the same loads and all go to the replica that looked idlest."""
+    long_body = {"model": MODEL_NAME, "prompt": "A long essay", "max_tokens": 300, "ignore_eos": True,
+                 "stream": True}
+    long_headers = {"x-ltr-score-override": "9.0", "x-ltr-expected-tokens-override": "300"}
+
+    async def scenario() -> tuple[str, list[str]]:
+        async with httpx.AsyncClient(base_url=serve_app["url"], timeout=120) as http:
+            async with http.stream("POST", "/v1/completions", json=long_body, headers=long_headers) as long_run:
+                assert long_run.status_code == 200
+                busy = long_run.headers["x-ltr-replica"]
+                burst = await asyncio.gather(*[
+                    http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"Burst {i}", "max_tokens": 2},
+                              headers={"x-ltr-score-override": "0.1", "x-ltr-expected-tokens-override": "60"})
+                    for i in range(10)])
+                assert all(r.status_code == 200 for r in burst)
+                async for _ in long_run.aiter_lines():
+                    pass
+            return busy, [r.headers["x-ltr-replica"] for r in burst]
+
+    busy, burst_replicas = asyncio.run(scenario())
+    # 10 x 60 predicted tokens against 300 held: the idle replica takes about six, the busy one the rest.
+    assert 1 <= burst_replicas.count(busy) <= len(burst_replicas) / 2, (busy, burst_replicas)
+
+
 def _scheduler_totals(client: httpx.Client) -> dict[str, dict]:
     """Latest debug stats per engine replica, from the ingress's debug route (one broadcast)."""
     response = client.get("/v1/ltr/engine_stats")
