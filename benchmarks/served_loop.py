@@ -16,7 +16,8 @@ retrain the predictor on the log, hot-swap it in, and compare on held-out served
    split's conversations, served last and only where they fall in the log's train slice: more served labels to
    retrain on, while the held-out slice stays val + test prompts that no predictor trained on.
 2. **Retrain.** `ltr train-predictor --data LOG --init SERVED --censored RULE` on the log's train slice
-   (split by prompt hash: the held-out slice is never trained on), once per `--censored` rule (how answers
+   (split by conversation hash, `record_slice`; runs from before the log recorded it, by the hash of the served
+   predictor's input: the held-out slice is never trained on), once per `--censored` rule (how answers
    cut at max_tokens train); the first rule's artifact is the one swapped in.
 3. **Swap.** Held-out prompts are served once more; after a quarter of them, a `serve deploy`-style update
    gives the Predictor the retrained artifact. Every request must succeed; the log says which version
@@ -73,6 +74,9 @@ PREDICTOR_SETTINGS = {"max_length": 256}   # the Predictor deployment's serving 
 #: The flags of the retraining: what `--from-run` takes from its own invocation (all else is the run's).
 RETRAIN_FLAGS = ("epochs", "train_lr", "train_head_lr", "train_max_length", "train_list_size",
                  "train_average_epochs", "censored")
+#: Flags a kept run's results may lack, as the runs from before them ran: the log split by the served
+#: predictor's input, before it recorded each request's conversation (`record_slice`).
+FLAGS_BEFORE_RECORDED = {"split_by": "input"}
 #: The flags runs of one setting may differ in (`--pool`).
 NOT_THE_SETTING = ("seed", "out", "port", "from_run", "work", "pool")
 
@@ -146,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--top-p must be in (0, 1]")
     if args.train_samples is None:
         args.train_samples = args.samples
+    args.split_by = "conversation"   # how the log is split (`record_slice`); see FLAGS_BEFORE_RECORDED
     for name in ("prompts", "max_tokens", "concurrency", "epochs", "train_list_size", "train_samples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -217,7 +222,7 @@ def loop_requests(args: argparse.Namespace, serve_artifact: Path) -> LoopRequest
     run's log can be read again (`--from-run`)."""
     from ltr.data.served_log import text_sha256
     from ltr.predictor.model import RankPredictor
-    from ltr.predictor.render import last_user_text
+    from ltr.predictor.render import conversation_text, last_user_text
     from ltr.predictor.train import served_slice
 
     prompts = pick_conversations(args.prompts, args.max_prompt_tokens, args.seed, args.turns)
@@ -227,16 +232,17 @@ def loop_requests(args: argparse.Namespace, serve_artifact: Path) -> LoopRequest
     # (what the ingress logs for a request the predictor did not score; unique per conversation here).
     conversation_of: dict[str, list[dict]] = {}
 
-    def held_out(scored_text: str) -> bool:
-        """In the held-out slice: split by the hash of the text the served predictor scores, as the log is."""
-        return served_slice(text_sha256(scored_text)) < args.holdout
+    def held_out(prompt: list[dict]) -> bool:
+        """In the held-out slice, split as the log is (`ltr.predictor.train.record_slice`): by the hash of the
+        conversation's text, or in runs from before the log recorded it, of the text the served predictor scores."""
+        key = conversation_text(prompt) if args.split_by == "conversation" else served_input(prompt)
+        return served_slice(text_sha256(key)) < args.holdout
 
     held_out_ids = set()
     for i, prompt in enumerate(prompts):
-        scored_text = served_input(prompt)
-        conversation_of.setdefault(scored_text, prompt)
+        conversation_of.setdefault(served_input(prompt), prompt)
         conversation_of.setdefault(last_user_text(prompt), prompt)
-        if held_out(scored_text):
+        if held_out(prompt):
             held_out_ids.add(i)
     train_only: set[str] = set()
     if args.train_split_prompts:
@@ -247,7 +253,7 @@ def loop_requests(args: argparse.Namespace, serve_artifact: Path) -> LoopRequest
             if len(extra) == args.train_split_prompts:
                 break
             scored_text, last_message = served_input(prompt), last_user_text(prompt)
-            if not held_out(scored_text) and scored_text not in conversation_of and last_message not in conversation_of:
+            if not held_out(prompt) and scored_text not in conversation_of and last_message not in conversation_of:
                 conversation_of[scored_text] = conversation_of[last_message] = prompt
                 train_only |= {scored_text, last_message}
                 extra.append(prompt)
@@ -345,7 +351,7 @@ def kept_run(results: Path, work: Path | None = None, retraining: dict | None = 
     if not (work / "served-log").is_dir():
         raise SystemExit(f"{work / 'served-log'}: no served log of {results} (give the run's kept work dir with "
                          "--work)")
-    merged = argparse.Namespace(**{**run["args"], **(retraining or {})})
+    merged = argparse.Namespace(**{**FLAGS_BEFORE_RECORDED, **run["args"], **(retraining or {})})
     serve_artifact = Path(merged.serve_artifact) if merged.serve_artifact else shipped_artifact_dir()
     return KeptRun(results, run, work, merged, serve_artifact, loop_requests(merged, serve_artifact),
                    phase1_request_ids(work / "served-log", run))
@@ -387,7 +393,7 @@ def pool(args: argparse.Namespace, command: str) -> int:
     """`--pool`: kept runs (other seeds of one setting) compared together: the mean of their held-out
     statistics, each run's prompts resampled on their own for the interval; no serving, no retraining."""
     runs = {results: json.loads(results.read_text()) for results in args.pool}
-    flags = [run["args"] for run in runs.values()]
+    flags = [{**FLAGS_BEFORE_RECORDED, **run["args"]} for run in runs.values()]
     differing = sorted(name for name in set().union(*flags) - set(NOT_THE_SETTING)
                        if len({json.dumps(f.get(name), sort_keys=True) for f in flags}) > 1)
     if differing:

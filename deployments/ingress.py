@@ -47,7 +47,7 @@ from deployments.metrics import WaitHistogram, prometheus_text
 from deployments.neutral import NeutralPlacement, calibration_median
 from deployments.predictor import Prediction, PredictorInput, PredictorUnavailable
 from ltr.data.served_log import record_extra_args
-from ltr.predictor.render import last_user_text
+from ltr.predictor.render import conversation_text, last_user_text
 from ltr.routing import request_work
 
 logger = logging.getLogger("ray.serve")
@@ -617,7 +617,8 @@ class OpenAIIngress:
         scored_text = prediction.input_text if placement.how == "predicted" and prediction else None
         log_text = self.settings.log_text if self.settings.served_log else None
         log_fields = record_extra_args(scored_text or _fallback_text(item),
-                                       prediction.version if scored_text is not None else None, log_text)
+                                       prediction.version if scored_text is not None else None, log_text,
+                                       conversation_text(item))
         engine_request = EngineRequest(
             kind=kind, body=body, request_id=request_id, score=prediction.score if prediction else None,
             expected_tokens=expected, predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN),

@@ -230,6 +230,37 @@ def test_served_log_splits_by_prompt_hash_and_handles_censored_labels(tmp_path: 
         load_served_examples(tmp_path / "hashes")
 
 
+def test_served_log_keeps_each_conversation_in_one_slice_however_its_turns_were_scored(tmp_path: Path) -> None:
+    """A scored turn is logged by what the predictor read (the rendered conversation), a turn sent unscored by
+    its last user message: two hashes for one conversation. The split goes by the conversation's own."""
+    from ltr.data.served_log import ServedLogConfig, ServedLogWriter, ServedRecord, text_sha256
+    from ltr.predictor.train import load_served_examples
+
+    def write(directory: Path, with_conversation: bool) -> None:
+        writer = ServedLogWriter(ServedLogConfig(directory=str(directory), writer_id="test"))
+        for i in range(120):
+            first, later = f"conversation {i} opens", f"and asks again ({i})"
+            scored = f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>user\n{later}<|im_end|>"
+            for j, text in enumerate((scored, later)):
+                writer.write(ServedRecord(
+                    time=float(i), model="m", request_id=f"r{i}-{j}", finish_reason="stop", output_tokens=5 + i,
+                    max_tokens=256, prompt_tokens=10, score=0.0 if j == 0 else None,
+                    predictor_version="v0" if j == 0 else None, input_sha256=text_sha256(text),
+                    input_chars=len(text), text=text,
+                    conversation_sha256=text_sha256(first) if with_conversation else None))
+        writer.close()
+
+    def sides_of_each_conversation(directory: Path) -> list[set[str]]:
+        splits = load_served_examples(directory, holdout=0.2, val_fraction=0.1)
+        side_of = {e.prompt: side for side in ("train", "val", "test") for e in getattr(splits, side)}
+        return [{side_of[t] for t in side_of if f"({i})" in t} for i in range(120)]
+
+    write(tmp_path / "log", with_conversation=True)
+    assert all(len(sides) == 1 for sides in sides_of_each_conversation(tmp_path / "log"))
+    write(tmp_path / "old-log", with_conversation=False)   # a log from before the key: by input hash
+    assert sum(len(sides) == 2 for sides in sides_of_each_conversation(tmp_path / "old-log")) > 20
+
+
 @pytest.mark.parametrize("censored", ["lower-bound", "risk-set", "known-pairs"])
 def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: ExampleSplits, censored: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

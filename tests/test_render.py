@@ -9,7 +9,7 @@ import pytest
 
 from ltr.data.conversations import (Turn, asks_to_continue, conversation_key, is_error_answer, load_turns,
                                     split_turns)
-from ltr.predictor.render import chat_input, last_user_text
+from ltr.predictor.render import chat_input, conversation_text, last_user_text
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,13 @@ def test_train_predictor_on_every_turn_gives_an_artifact_that_scores_chats_as_tr
     assert cut and all(turns[i].prompt.strip()[:30] in data.test[i].prompt for i in cut)
     assert any(data.test[i].prompt.rstrip().endswith("assistant") and not data.test[i].prompt.startswith("<|im_start|>")
                for i in cut)
+
+
+def test_every_turn_of_a_conversation_is_known_by_one_text() -> None:
+    """The served-traffic log splits by it: a later turn, scored or not, stays with the conversation's first."""
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  "},
+             {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}]
+    later = [*first, {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
+    assert conversation_text(first) == conversation_text(later) == "Name a color."
+    assert conversation_text("Once upon a time") == "Once upon a time"      # a completion: its prompt
+    assert conversation_text([{"role": "system", "content": "Only a system message."}]) == ""

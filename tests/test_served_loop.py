@@ -86,6 +86,7 @@ def test_log_retrain_swap_loop(loop_app: dict, tmp_path: Path) -> None:
 
     from deployments.predictor import artifact_version
     from ltr.cli import main
+    from ltr.data.served_log import text_sha256
     from ltr.predictor.model import shipped_artifact_dir
 
     handle = serve.get_deployment_handle("Predictor", app_name="ltr-predictor")
@@ -97,6 +98,7 @@ def test_log_retrain_swap_loop(loop_app: dict, tmp_path: Path) -> None:
     assert sorted(r.output_tokens for r in records) == sorted(answered.values())
     assert {r.predictor_version for r in records} == {shipped_version}
     assert {r.text for r in records} == set(PROMPTS) and all(r.score is not None for r in records)
+    assert all(r.conversation_sha256 == text_sha256(r.text) for r in records)   # a completion: by its prompt
     assert {r.model for r in records} == {loop_app["model"]}
 
     retrained = tmp_path / "retrained"

@@ -40,6 +40,7 @@ VERSION_KEY = "ltr_predictor_version"
 INPUT_HASH_KEY = "ltr_input_sha256"
 INPUT_CHARS_KEY = "ltr_input_chars"
 INPUT_TEXT_KEY = "ltr_input_text"
+CONVERSATION_HASH_KEY = "ltr_conversation_sha256"
 SCORE_KEY = "ltr_score"   # = ltr.scheduling.engine.SCORE_KEY (kept import-free: no vLLM needed to read logs)
 
 SEGMENT_PREFIX = "served-"
@@ -55,25 +56,31 @@ def _version_extra_args(predictor_version: str | None) -> dict[str, Any]:
     return {} if predictor_version is None else {VERSION_KEY: predictor_version}
 
 
-def record_extra_args(text: str, predictor_version: str | None, log_text: bool | None) -> dict[str, Any]:
+def record_extra_args(text: str, predictor_version: str | None, log_text: bool | None,
+                      conversation: str | None = None) -> dict[str, Any]:
     """The extra_args a request carries for its record: the predictor's version always (`Prediction.version`;
     None: not the predictor's score), by which live ranking quality groups; with the served-traffic log on
     (`log_text` not None) what the log records as well (`log_extra_args`, the text itself if `log_text`)."""
     if log_text is None:
         return _version_extra_args(predictor_version)
-    return log_extra_args(text, predictor_version, log_text)
+    return log_extra_args(text, predictor_version, log_text, conversation)
 
 
-def log_extra_args(text: str, predictor_version: str | None, include_text: bool) -> dict[str, Any]:
+def log_extra_args(text: str, predictor_version: str | None, include_text: bool,
+                   conversation: str | None = None) -> dict[str, Any]:
     """The extra_args the ingress adds to a request so its log record is complete.
 
     `text` is what the predictor scored (the rendered conversation or the prompt). `predictor_version` is
     `Prediction.version` when the predictor's own answer placed the request, else None (neutral or
     overridden placement: that score says nothing about the predictor). The text itself is included only
-    when the operator opted in (`include_text`), since it is the user's data.
+    when the operator opted in (`include_text`), since it is the user's data. `conversation` is what the
+    request's conversation is known by (`ltr.predictor.render.conversation_text`); its hash splits the log.
+    A late score's fields leave out `conversation`: they join the ingress's, which keep it.
     """
     extra: dict[str, Any] = {INPUT_HASH_KEY: text_sha256(text), INPUT_CHARS_KEY: len(text),
                              **_version_extra_args(predictor_version)}
+    if conversation is not None:
+        extra[CONVERSATION_HASH_KEY] = text_sha256(conversation)
     if include_text:
         extra[INPUT_TEXT_KEY] = text
     return extra
@@ -95,6 +102,9 @@ class ServedRecord:
     input_sha256: str | None         # hash of the predictor's input text
     input_chars: int | None
     text: str | None = None          # the predictor's input text, only when opted in
+    #: hash of what the request's conversation is known by (its first user message, or the prompt): the
+    #: same for every turn, scored or not; None in logs written before it was recorded
+    conversation_sha256: str | None = None
 
     @property
     def censored(self) -> bool:
@@ -127,7 +137,8 @@ def record_from_request(request: Any, model: str, now: float | None = None) -> S
         max_tokens=None if params is None or params.max_tokens is None else int(params.max_tokens),
         prompt_tokens=int(request.num_prompt_tokens), score=score,
         predictor_version=extra.get(VERSION_KEY), input_sha256=extra.get(INPUT_HASH_KEY),
-        input_chars=None if chars is None else int(chars), text=extra.get(INPUT_TEXT_KEY))
+        input_chars=None if chars is None else int(chars), text=extra.get(INPUT_TEXT_KEY),
+        conversation_sha256=extra.get(CONVERSATION_HASH_KEY))
 
 
 @dataclass(frozen=True)

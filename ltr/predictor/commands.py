@@ -72,9 +72,9 @@ def add_served_log_arguments(source: argparse._MutuallyExclusiveGroup, p: argpar
     source.add_argument("--data", type=Path, default=None, metavar="LOG",
                         help="a served-traffic log folder (ltr.data.served_log; needs the logged input text)")
     p.add_argument("--holdout", type=float, default=0.2,
-                   help="with --data: share of prompts (by hash) held out as the test slice")
+                   help="with --data: share of conversations (by hash) held out as the test slice")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="with --data: share of prompts (by hash) for validation")
+                   help="with --data: share of conversations (by hash) for validation")
 
 
 def examples_from_args(args: argparse.Namespace) -> ExampleSplits:
@@ -221,7 +221,7 @@ def _eval(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     ours = ranking_report(scores, lengths, model.expected_tokens(scores), censored)
     base = ranking_report([e.prompt_len for e in data], lengths, censored=censored)
-    where = f"served log {args.data} (held-out {args.holdout:.0%} by prompt hash, " \
+    where = f"served log {args.data} (held-out {args.holdout:.0%} by conversation hash, " \
             f"{ours['censored']} censored, tau over {ours['known_pairs']} known pairs)" if args.data else ""
     print(f"{args.split} split: {len(data)} prompts, predictor {args.predictor} {where}".rstrip())
     print(f"{'method':<28} {'kendall_tau':>11} {'spearman':>9} {'mae_tokens':>10}")

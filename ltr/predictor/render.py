@@ -35,6 +35,15 @@ def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
     raise ValueError("messages must contain a non-empty user message")
 
 
+def conversation_text(item: str | Sequence[Mapping[str, Any]]) -> str:
+    """What a request's conversation is known by, whatever the predictor made of it: a completion's prompt, a
+    chat's first user message ("" without one), the same for every turn. The served-traffic log splits by its
+    hash, so every turn of a conversation, scored or not, lands in one slice."""
+    if isinstance(item, str):
+        return item
+    return next((message_text(m) for m in item if m.get("role") == "user" and message_text(m).strip()), "")
+
+
 def render_chat(messages: Sequence[Mapping[str, Any]], chat_template: str, tokenizer: Any) -> str:
     """The served model's chat template over `messages`, with the assistant's generation prompt.
 

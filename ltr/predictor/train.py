@@ -129,22 +129,25 @@ def _check_censoring_rule(rule: str) -> None:
 _NOT_LABELS = ("abort", "error")
 
 
-def served_slice(input_sha256: str) -> float:
+def served_slice(sha256: str) -> float:
     """Where a prompt falls in [0, 1), from its hash: the same prompt always lands in the same split."""
-    return int(input_sha256[:13], 16) / 16**13
+    return int(sha256[:13], 16) / 16**13
 
 
 def record_slice(record: Any) -> float:
-    """Where a served-log record falls: by its logged input hash, or its text's where the log has none."""
+    """Where a served-log record falls: by its conversation's hash, so that every turn of a conversation,
+    scored or not, lands in one slice; in logs from before that was recorded, by its input hash (a request
+    the predictor did not score was logged by its last user message, not by what the predictor reads, and
+    could fall elsewhere than the conversation's scored turns), or its text's where the log has none."""
     from ltr.data.served_log import text_sha256
 
-    return served_slice(record.input_sha256 or text_sha256(record.text))
+    return served_slice(record.conversation_sha256 or record.input_sha256 or text_sha256(record.text))
 
 
 def load_served_examples(log: Path, censored: str = "lower-bound", holdout: float = 0.2,
                          val_fraction: float = 0.1) -> ExampleSplits:
-    """Splits of a served-traffic log (`ltr.data.served_log`) by prompt hash: test = the first `holdout`,
-    val = the next `val_fraction` (model selection, calibration), train = the rest.
+    """Splits of a served-traffic log (`ltr.data.served_log`) by conversation (`record_slice`): test = the first
+    `holdout`, val = the next `val_fraction` (model selection, calibration), train = the rest.
 
     The test slice keeps every record (its tau is censor-aware). In train and val an answer the model
     ended is an exact label; one cut at max_tokens (or by vLLM's repetition check) is a lower bound,
