@@ -189,27 +189,34 @@ def test_both_replicas_receive_traffic(serve_app: dict) -> None:
     assert len(replicas) == 2, replicas
 
 
-def test_least_work_router_avoids_the_replica_holding_long_work(serve_app: dict) -> None:
-    """While one replica holds a request predicted to be huge, short requests all go to the other."""
-    long_body = {"model": MODEL_NAME, "prompt": "A long essay", "max_tokens": 500, "ignore_eos": True,
-                 "stream": True}
-    long_headers = {"x-ltr-score-override": "9.0", "x-ltr-expected-tokens-override": "100000"}
+def _burst_while_one_replica_holds(url: str, held_tokens: int, count: int, burst_tokens: int) -> tuple[str, list[str]]:
+    """`count` concurrent short requests, each predicted at `burst_tokens`, sent while one replica streams a
+    request predicted at `held_tokens`: that replica, and the replica each short one went to."""
+    long_body = {"model": MODEL_NAME, "prompt": "A long essay", "max_tokens": min(held_tokens, 500),
+                 "ignore_eos": True, "stream": True}
+    long_headers = {"x-ltr-score-override": "9.0", "x-ltr-expected-tokens-override": str(held_tokens)}
+    short_headers = {"x-ltr-score-override": "0.1", "x-ltr-expected-tokens-override": str(burst_tokens)}
 
     async def scenario() -> tuple[str, list[str]]:
-        async with httpx.AsyncClient(base_url=serve_app["url"], timeout=120) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             async with http.stream("POST", "/v1/completions", json=long_body, headers=long_headers) as long_run:
                 assert long_run.status_code == 200
                 busy = long_run.headers["x-ltr-replica"]
                 short = await asyncio.gather(*[
                     http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"Short {i}", "max_tokens": 2},
-                              headers={"x-ltr-score-override": "0.1", "x-ltr-expected-tokens-override": "2"})
-                    for i in range(6)])
+                              headers=short_headers)
+                    for i in range(count)])
                 assert all(r.status_code == 200 for r in short)
                 async for _ in long_run.aiter_lines():
                     pass
             return busy, [r.headers["x-ltr-replica"] for r in short]
 
-    busy, short_replicas = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_least_work_router_avoids_the_replica_holding_long_work(serve_app: dict) -> None:
+    """While one replica holds a request predicted to be huge, short requests all go to the other."""
+    busy, short_replicas = _burst_while_one_replica_holds(serve_app["url"], 100000, 6, 2)
     assert busy not in short_replicas, (busy, short_replicas)
     assert len(set(short_replicas)) == 1
 
@@ -217,25 +224,7 @@ def test_least_work_router_avoids_the_replica_holding_long_work(serve_app: dict)
 def test_a_burst_is_spread_by_predicted_work_not_sent_to_the_idle_replica(serve_app: dict) -> None:
     """A burst is routed before any replica has accepted its requests: each choice must count the ones before
     it, else every request of the burst sees the same loads and all go to the replica that looked idlest."""
-    long_body = {"model": MODEL_NAME, "prompt": "A long essay", "max_tokens": 300, "ignore_eos": True,
-                 "stream": True}
-    long_headers = {"x-ltr-score-override": "9.0", "x-ltr-expected-tokens-override": "300"}
-
-    async def scenario() -> tuple[str, list[str]]:
-        async with httpx.AsyncClient(base_url=serve_app["url"], timeout=120) as http:
-            async with http.stream("POST", "/v1/completions", json=long_body, headers=long_headers) as long_run:
-                assert long_run.status_code == 200
-                busy = long_run.headers["x-ltr-replica"]
-                burst = await asyncio.gather(*[
-                    http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"Burst {i}", "max_tokens": 2},
-                              headers={"x-ltr-score-override": "0.1", "x-ltr-expected-tokens-override": "60"})
-                    for i in range(10)])
-                assert all(r.status_code == 200 for r in burst)
-                async for _ in long_run.aiter_lines():
-                    pass
-            return busy, [r.headers["x-ltr-replica"] for r in burst]
-
-    busy, burst_replicas = asyncio.run(scenario())
+    busy, burst_replicas = _burst_while_one_replica_holds(serve_app["url"], 300, 10, 60)
     # 10 x 60 predicted tokens against 300 held: the idle replica takes about six, the busy one the rest.
     assert 1 <= burst_replicas.count(busy) <= len(burst_replicas) / 2, (busy, burst_replicas)
 
