@@ -85,6 +85,7 @@ class LeastWorkRouter(RequestRouter):
     """Routes to the replica with the least predicted outstanding work (see module docstring)."""
 
     def initialize_state(self, stats_staleness_s: float = 5.0, seed: int | None = None) -> None:
+        """Serve (2.60) calls this right after building the router, with the deployment's router kwargs or none."""
         if stats_staleness_s <= 0:
             raise ValueError(f"stats_staleness_s must be > 0, got {stats_staleness_s}")
         self._stats_staleness_s = float(stats_staleness_s)
@@ -97,16 +98,9 @@ class LeastWorkRouter(RequestRouter):
         #: request id -> when it finished.
         self._finished: dict[str, dict[str, float]] = {}
 
-    def _local(self) -> dict[str, _InFlight]:
-        # `initialize_state` is only called when the deployment passes router kwargs; be safe.
-        if not hasattr(self, "_in_flight"):
-            self.initialize_state()
-        return self._in_flight
-
     def replica_loads(self, candidates: list[RunningReplica]) -> list[ReplicaLoad]:
         """Current outstanding-work estimate for every candidate replica."""
         now = time.time()
-        in_flight = self._local()
         for key in [k for k, f in self._chosen.items() if now - f.at > self._stats_staleness_s]:
             del self._chosen[key]
         for finished in self._finished.values():
@@ -114,7 +108,7 @@ class LeastWorkRouter(RequestRouter):
                 del finished[rid]
         loads = []
         for replica in candidates:
-            mine = [f for f in in_flight.values() if f.replica_id == replica.replica_id]
+            mine = [f for f in self._in_flight.values() if f.replica_id == replica.replica_id]
             chosen = [f for f in self._chosen.values() if f.replica_id == replica.replica_id]
             stats: dict[str, Any] = replica.routing_stats or {}
             stamp = stats.get(STAT_TIMESTAMP)
@@ -152,7 +146,6 @@ class LeastWorkRouter(RequestRouter):
             # queue-length probes that starved a 2-core box in CI; ray-project/ray PRs 63238, 66051).
             pending_request.routing_context.should_backoff = True
             # A later round re-chooses for this request: its earlier choice must not weigh on it.
-            self._local()
             self._chosen.pop(pending_request.metadata.internal_request_id, None)
         loads = self.replica_loads(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -166,22 +159,20 @@ class LeastWorkRouter(RequestRouter):
         return [[by_id[best.replica_id]]] + [[by_id[load.replica_id]] for load in rest]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self._local()
         self._chosen.pop(pending_request.metadata.internal_request_id, None)
         self._in_flight[pending_request.metadata.internal_request_id] = _InFlight(
             replica_id=replica_id, work=predicted_work_of(pending_request),
             request_id=request_id_of(pending_request), at=time.time())
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        done = self._local().pop(internal_request_id, None)
+        done = self._in_flight.pop(internal_request_id, None)
         if done is not None and done.request_id is not None:
             self._finished.setdefault(replica_id.unique_id, {})[done.request_id] = time.time()
         self._chosen.pop(internal_request_id, None)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        in_flight = self._local()
-        for tracked in (in_flight, self._chosen):
+        for tracked in (self._in_flight, self._chosen):
             for key in [k for k, f in tracked.items() if f.replica_id == replica_id]:
                 del tracked[key]
         self._finished.pop(replica_id.unique_id, None)
