@@ -618,7 +618,7 @@ class OpenAIIngress:
         log_text = self.settings.log_text if self.settings.served_log else None
         log_fields = record_extra_args(scored_text or _fallback_text(item),
                                        prediction.version if scored_text is not None else None, log_text,
-                                       conversation_text(item))
+                                       conversation_text(item), None if isinstance(item, str) else item)
         engine_request = EngineRequest(
             kind=kind, body=body, request_id=request_id, score=prediction.score if prediction else None,
             expected_tokens=expected, predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN),

@@ -261,6 +261,53 @@ def test_served_log_keeps_each_conversation_in_one_slice_however_its_turns_were_
     assert sum(len(sides) == 2 for sides in sides_of_each_conversation(tmp_path / "old-log")) > 20
 
 
+def test_a_logged_chat_trains_on_what_the_trained_artifact_reads_scored_or_not(tmp_path: Path,
+                                                                             smollm2_path: Path) -> None:
+    """A chat turn the predictor scored is logged with what the *served* artifact read, one it never scored
+    with its last user message; with its messages logged, the retraining reads both as the artifact being
+    trained will read them when it serves them (`RankPredictor.chat_input`)."""
+    from functools import partial
+
+    from transformers import AutoTokenizer
+
+    from ltr.data.served_log import ServedLogConfig, ServedLogWriter, ServedRecord, text_sha256
+    from ltr.predictor.model import default_backbone_path
+    from ltr.predictor.render import chat_input
+    from ltr.predictor.train import load_served_examples
+
+    template = AutoTokenizer.from_pretrained(smollm2_path).chat_template
+    encoder = AutoTokenizer.from_pretrained(default_backbone_path())
+    served = partial(chat_input, chat_template=template, tokenizer=encoder, max_length=24)
+    trained = partial(chat_input, chat_template=template, tokenizer=encoder, max_length=96)
+    writer = ServedLogWriter(ServedLogConfig(directory=str(tmp_path), writer_id="test"))
+    conversations = {}
+    for i in range(60):
+        messages = [{"role": "user", "content": f"Tell me about topic {i}, at some length please."},
+                    {"role": "assistant", "content": "Here it is. " * 6},
+                    {"role": "user", "content": f"And what follows from topic {i}?"}]
+        text, version = (served(messages), "v0") if i % 2 else (messages[-1]["content"], None)
+        conversations[text] = messages
+        writer.write(ServedRecord(time=float(i), model="m", request_id=f"r{i}", finish_reason="stop",
+                                  output_tokens=5 + i, max_tokens=256, prompt_tokens=40, score=None,
+                                  predictor_version=version, input_sha256=text_sha256(text),
+                                  input_chars=len(text), text=text,
+                                  conversation_sha256=text_sha256(messages[0]["content"]), messages=messages))
+    writer.write(ServedRecord(time=60.0, model="m", request_id="c", finish_reason="stop", output_tokens=3,
+                              max_tokens=256, prompt_tokens=4, score=None, predictor_version=None,
+                              input_sha256=text_sha256("a completion"), input_chars=12, text="a completion"))
+    writer.close()
+
+    def every(splits) -> list:
+        return splits.train + splits.val + splits.test
+
+    as_logged = every(load_served_examples(tmp_path, holdout=0.2, val_fraction=0.2))
+    assert {e.prompt for e in as_logged} == {*conversations, "a completion"}
+    as_trained = every(load_served_examples(tmp_path, holdout=0.2, val_fraction=0.2, chat_input=trained))
+    assert sorted(e.prompt for e in as_trained) == sorted([*(trained(m) for m in conversations.values()),
+                                                           "a completion"])
+    assert all(trained(m) != t for t, m in conversations.items())   # neither logged input is what it reads
+
+
 @pytest.mark.parametrize("censored", ["lower-bound", "risk-set", "known-pairs"])
 def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: ExampleSplits, censored: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,6 +346,48 @@ def test_train_and_eval_predictor_on_a_served_log(tmp_path: Path, splits: Exampl
     printed = capsys.readouterr().out
     assert "served log" in printed and "censored" in printed and "listmle/lora@128" in printed
     assert f"{meta['test']['kendall_tau']:.4f}" in printed   # the same held-out slice as training's test
+
+
+def test_train_and_eval_predictor_read_a_logged_chat_with_the_artifacts_own_renderer(
+        tmp_path: Path, smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train-predictor --data` reads chats as the model it trains will (the --init artifact's template, the
+    run's window); `eval-predictor --data` as the artifact it scores does."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import ltr.predictor.train as train
+    from ltr.cli import main
+    from ltr.predictor.model import CONFIG_NAME, RankPredictor, default_backbone_path, shipped_artifact_dir
+    from ltr.predictor.render import chat_input
+
+    template = AutoTokenizer.from_pretrained(smollm2_path).chat_template
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(shipped_artifact_dir(), chat_dir)
+    config = json.loads((chat_dir / CONFIG_NAME).read_text())
+    (chat_dir / CONFIG_NAME).write_text(json.dumps({**config, "chat_template": template}))
+    messages = [{"role": "user", "content": "An old question " * 40}, {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": "A new one?"}]
+    renderers = []
+
+    class Read(Exception):
+        pass
+
+    def load(*args, chat_input=None, **kwargs):
+        renderers.append(chat_input)
+        raise Read
+
+    monkeypatch.setattr(train, "load_served_examples", load)
+    with pytest.raises(Read):
+        main(["train-predictor", "--data", str(tmp_path), "--init", str(chat_dir), "--max-length", "64",
+              "--output", str(tmp_path / "out")])
+    with pytest.raises(Read):
+        main(["eval-predictor", "--data", str(tmp_path), "--predictor", str(chat_dir)])
+    encoder = AutoTokenizer.from_pretrained(default_backbone_path())
+    assert renderers[0](messages) == chat_input(messages, template, encoder, 64) != messages[-1]["content"]
+    assert renderers[1](messages) == RankPredictor.from_pretrained(chat_dir).chat_input(messages)
+    assert renderers[1](messages) != renderers[0](messages)   # its own window (512), not the run's
 
 
 @pytest.mark.parametrize("rule", ["risk-set", "known-pairs"])

@@ -45,20 +45,22 @@ def test_record_from_a_finished_vllm_request(tmp_path: Path) -> None:
     hashed = log_extra_args(prompt, "abc123@256", include_text=False)
     assert "ltr_input_text" not in hashed and hashed["ltr_input_sha256"] == text_sha256(prompt)
     assert "ltr_conversation_sha256" not in hashed                   # not given: e.g. a late score's fields
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    assert "ltr_input_messages" not in log_extra_args(prompt, None, include_text=False, messages=messages)
     request = _finished_request(log_extra_args(prompt, "abc123@256", include_text=True,
-                                               conversation="What is 2+2?"), [7] * 8,
+                                               conversation="What is 2+2?", messages=messages), [7] * 8,
                                 RequestStatus.FINISHED_LENGTH_CAPPED)
     record = record_from_request(request, "SmolLM2", now=5.0)
     assert record == ServedRecord(time=5.0, model="SmolLM2", request_id="req-1", finish_reason="length",
                                   output_tokens=8, max_tokens=8, prompt_tokens=4, score=1.25,
                                   predictor_version="abc123@256", input_sha256=text_sha256(prompt),
                                   input_chars=len(prompt), text=prompt,
-                                  conversation_sha256=text_sha256("What is 2+2?"))
+                                  conversation_sha256=text_sha256("What is 2+2?"), messages=messages)
     assert record.censored
     stopped = record_from_request(_finished_request({}, [7, 7, 2], RequestStatus.FINISHED_STOPPED), "m")
     assert (stopped.finish_reason, stopped.output_tokens, stopped.censored) == ("stop", 3, False)
     assert stopped.predictor_version is None and stopped.text is None   # no predictor: unattributed
-    assert stopped.conversation_sha256 is None
+    assert stopped.conversation_sha256 is None and stopped.messages is None
     with pytest.raises(ValueError, match="not finished"):
         record_from_request(_finished_request({}, [7], RequestStatus.RUNNING), "m")
 

@@ -114,3 +114,33 @@ def test_log_retrain_swap_loop(loop_app: dict, tmp_path: Path) -> None:
     records = _records(loop_app["log"], len(answered) + len(again))
     assert len(records) == len(answered) + len(again)
     assert [r.predictor_version for r in records].count(new_version) == len(again)
+
+
+def test_a_chat_is_logged_with_its_messages_for_the_retraining_to_render(loop_app: dict, smollm2_path: Path) -> None:
+    """The loaded artifact has no chat template, so the predictor read the chat's last user message; the log
+    keeps the conversation too, and a retraining for an artifact with a template reads it rendered."""
+    from functools import partial
+
+    from transformers import AutoTokenizer
+
+    from ltr.data.served_log import read_served_log
+    from ltr.predictor.model import default_backbone_path
+    from ltr.predictor.render import chat_input
+    from ltr.predictor.train import load_served_examples
+
+    before = sum(1 for _ in read_served_log(loop_app["log"]))
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Name another one."}]
+    with httpx.Client(base_url=loop_app["url"], timeout=120) as http:
+        r = http.post("/v1/chat/completions", json={"model": loop_app["model"], "messages": messages,
+                                                    "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ltr-placement"] == "predicted"
+    [record] = [r for r in _records(loop_app["log"], before + 1) if r.messages is not None]
+    assert record.text == "Name another one." and record.messages == messages
+
+    render = partial(chat_input, chat_template=AutoTokenizer.from_pretrained(smollm2_path).chat_template,
+                     tokenizer=AutoTokenizer.from_pretrained(default_backbone_path()), max_length=128)
+    splits = load_served_examples(loop_app["log"], holdout=0.2, val_fraction=0.4, chat_input=render)
+    read = [e.prompt for e in splits.train + splits.val + splits.test if "Name another one." in e.prompt]
+    assert read == [render(messages)] and "Name a colour." in read[0]

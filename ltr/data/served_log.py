@@ -41,6 +41,7 @@ INPUT_HASH_KEY = "ltr_input_sha256"
 INPUT_CHARS_KEY = "ltr_input_chars"
 INPUT_TEXT_KEY = "ltr_input_text"
 CONVERSATION_HASH_KEY = "ltr_conversation_sha256"
+INPUT_MESSAGES_KEY = "ltr_input_messages"
 SCORE_KEY = "ltr_score"   # = ltr.scheduling.engine.SCORE_KEY (kept import-free: no vLLM needed to read logs)
 
 SEGMENT_PREFIX = "served-"
@@ -57,17 +58,19 @@ def _version_extra_args(predictor_version: str | None) -> dict[str, Any]:
 
 
 def record_extra_args(text: str, predictor_version: str | None, log_text: bool | None,
-                      conversation: str | None = None) -> dict[str, Any]:
+                      conversation: str | None = None,
+                      messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The extra_args a request carries for its record: the predictor's version always (`Prediction.version`;
     None: not the predictor's score), by which live ranking quality groups; with the served-traffic log on
     (`log_text` not None) what the log records as well (`log_extra_args`, the text itself if `log_text`)."""
     if log_text is None:
         return _version_extra_args(predictor_version)
-    return log_extra_args(text, predictor_version, log_text, conversation)
+    return log_extra_args(text, predictor_version, log_text, conversation, messages)
 
 
 def log_extra_args(text: str, predictor_version: str | None, include_text: bool,
-                   conversation: str | None = None) -> dict[str, Any]:
+                   conversation: str | None = None,
+                   messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The extra_args the ingress adds to a request so its log record is complete.
 
     `text` is what the predictor scored (the rendered conversation or the prompt). `predictor_version` is
@@ -75,7 +78,10 @@ def log_extra_args(text: str, predictor_version: str | None, include_text: bool,
     overridden placement: that score says nothing about the predictor). The text itself is included only
     when the operator opted in (`include_text`), since it is the user's data. `conversation` is what the
     request's conversation is known by (`ltr.predictor.render.conversation_text`); its hash splits the log.
-    A late score's fields leave out `conversation`: they join the ingress's, which keep it.
+    `messages` is a chat's conversation (role and text of each message), logged with the text: whoever
+    retrains renders it with the artifact being trained, so a turn the predictor never scored (logged by
+    its last user message) and one scored by another artifact train on what that artifact will read.
+    A late score's fields leave out `conversation` and `messages`: they join the ingress's, which keep them.
     """
     extra: dict[str, Any] = {INPUT_HASH_KEY: text_sha256(text), INPUT_CHARS_KEY: len(text),
                              **_version_extra_args(predictor_version)}
@@ -83,6 +89,8 @@ def log_extra_args(text: str, predictor_version: str | None, include_text: bool,
         extra[CONVERSATION_HASH_KEY] = text_sha256(conversation)
     if include_text:
         extra[INPUT_TEXT_KEY] = text
+        if messages is not None:   # as JSON: vLLM's extra_args hold strings and numbers, not objects
+            extra[INPUT_MESSAGES_KEY] = json.dumps(messages, ensure_ascii=False)
     return extra
 
 
@@ -105,6 +113,8 @@ class ServedRecord:
     #: hash of what the request's conversation is known by (its first user message, or the prompt): the
     #: same for every turn, scored or not; None in logs written before it was recorded
     conversation_sha256: str | None = None
+    #: a chat's messages (role, text), only when opted in; None for a completion and in older logs
+    messages: list[dict[str, str]] | None = None
 
     @property
     def censored(self) -> bool:
@@ -138,7 +148,8 @@ def record_from_request(request: Any, model: str, now: float | None = None) -> S
         prompt_tokens=int(request.num_prompt_tokens), score=score,
         predictor_version=extra.get(VERSION_KEY), input_sha256=extra.get(INPUT_HASH_KEY),
         input_chars=None if chars is None else int(chars), text=extra.get(INPUT_TEXT_KEY),
-        conversation_sha256=extra.get(CONVERSATION_HASH_KEY))
+        conversation_sha256=extra.get(CONVERSATION_HASH_KEY),
+        messages=json.loads(extra[INPUT_MESSAGES_KEY]) if INPUT_MESSAGES_KEY in extra else None)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,15 @@ import json
 import platform
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from typing import TYPE_CHECKING, Any
 
 from ltr.predictor.model import CONFIG_NAME, PredictorConfig, default_backbone_path, shipped_artifact_dir
+from ltr.predictor.render import chat_input
 from ltr.predictor.train import CENSORING_RULES, TrainConfig
 
 if TYPE_CHECKING:
@@ -77,13 +79,14 @@ def add_served_log_arguments(source: argparse._MutuallyExclusiveGroup, p: argpar
                    help="with --data: share of conversations (by hash) for validation")
 
 
-def examples_from_args(args: argparse.Namespace) -> ExampleSplits:
-    """The training/evaluation splits the arguments name: a served-traffic log, traces, or ShareGPT."""
+def examples_from_args(args: argparse.Namespace, chat_input: Callable[[list], str] | None = None) -> ExampleSplits:
+    """The training/evaluation splits the arguments name: a served-traffic log (its chats read through
+    `chat_input`, the renderer of the model trained or evaluated), traces, or ShareGPT."""
     from ltr.predictor.train import load_examples, load_served_examples
 
     if args.data is not None:
         return load_served_examples(args.data, censored=getattr(args, "censored", "lower-bound"),
-                                    holdout=args.holdout, val_fraction=args.val_fraction)
+                                    holdout=args.holdout, val_fraction=args.val_fraction, chat_input=chat_input)
     return load_examples(args.data_dir)
 
 
@@ -175,7 +178,9 @@ def _train(args: argparse.Namespace) -> int:
                                             train_cfg.limit_train)
         model_cfg = replace(model_cfg, chat_template=template)
     else:
-        data = examples_from_args(args)
+        data = examples_from_args(args, partial(chat_input, chat_template=model_cfg.chat_template,
+                                                tokenizer=_encoder_tokenizer(args.backbone),
+                                                max_length=model_cfg.max_length))
     model, history = train_predictor(model_cfg, train_cfg, data, backbone_path=args.backbone, init=args.init)
     test = _test_report(model, data.test)
     model.config.metadata = {
@@ -210,10 +215,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.data is not None and args.split != "test":
         raise SystemExit("eval-predictor --data scores the held-out slice of the log (--split test)")
-    data = getattr(examples_from_args(args), args.split)
+    model = RankPredictor.from_pretrained(args.predictor, device=args.device, backbone_path=args.backbone)
+    data = getattr(examples_from_args(args, model.chat_input), args.split)
     if args.limit:
         data = data[: args.limit]
-    model = RankPredictor.from_pretrained(args.predictor, device=args.device, backbone_path=args.backbone)
     lengths = [e.output_len for e in data]
     censored = [e.censored for e in data] if args.data is not None else None
     started = time.perf_counter()

@@ -11,7 +11,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,9 +145,14 @@ def record_slice(record: Any) -> float:
 
 
 def load_served_examples(log: Path, censored: str = "lower-bound", holdout: float = 0.2,
-                         val_fraction: float = 0.1) -> ExampleSplits:
+                         val_fraction: float = 0.1,
+                         chat_input: Callable[[list[dict[str, str]]], str] | None = None) -> ExampleSplits:
     """Splits of a served-traffic log (`ltr.data.served_log`) by conversation (`record_slice`): test = the first
     `holdout`, val = the next `val_fraction` (model selection, calibration), train = the rest.
+
+    A chat logged with its messages is read through `chat_input` (the renderer of the artifact being trained
+    or evaluated, `RankPredictor.chat_input`), so that it trains and is scored on what that artifact reads
+    when serving it, whatever the served artifact read or if none scored it; other records by their text.
 
     The test slice keeps every record (its tau is censor-aware). In train and val an answer the model
     ended is an exact label; one cut at max_tokens (or by vLLM's repetition check) is a lower bound,
@@ -169,7 +174,8 @@ def load_served_examples(log: Path, censored: str = "lower-bound", holdout: floa
             without_text += 1
             continue
         where = record_slice(record)
-        example = Example(record.text, record.prompt_tokens, record.output_tokens, record.censored)
+        text = chat_input(record.messages) if chat_input is not None and record.messages else record.text
+        example = Example(text, record.prompt_tokens, record.output_tokens, record.censored)
         if where < holdout:
             parts["test"].append(example)
         elif record.finish_reason in _NOT_LABELS or (record.censored and censored == "drop"):
