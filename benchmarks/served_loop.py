@@ -790,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "work_dir": str(work), "args": vars(args), "summary": summary, "timings_s": timings,
         "swap": swap_report,
         "phase1": {"sent": len(phase1), "answered": len(ok), "logged": len(records),
+                   # "none": no predictor score reached the record (placed without one, its late score lost)
+                   "logged_by_version": dict(Counter(r.predictor_version or "none" for r in records)),
                    "placements": dict(Counter(str(r.get("placement")) for r in ok)),
                    "fallbacks": dict(Counter(r["fallback"] for r in ok if r.get("fallback"))),
                    "finish_reasons": dict(Counter(str(r.get("finish")) for r in ok)),

@@ -302,7 +302,7 @@ def test_a_logged_chat_trains_on_what_the_trained_artifact_reads_scored_or_not(t
 
     as_logged = every(load_served_examples(tmp_path, holdout=0.2, val_fraction=0.2))
     assert {e.prompt for e in as_logged} == {*conversations, "a completion"}
-    as_trained = every(load_served_examples(tmp_path, holdout=0.2, val_fraction=0.2, chat_input=trained))
+    as_trained = every(load_served_examples(tmp_path, holdout=0.2, val_fraction=0.2, read_chat=trained))
     assert sorted(e.prompt for e in as_trained) == sorted([*(trained(m) for m in conversations.values()),
                                                            "a completion"])
     assert all(trained(m) != t for t, m in conversations.items())   # neither logged input is what it reads
@@ -374,8 +374,8 @@ def test_train_and_eval_predictor_read_a_logged_chat_with_the_artifacts_own_rend
     class Read(Exception):
         pass
 
-    def load(*args, chat_input=None, **kwargs):
-        renderers.append(chat_input)
+    def load(*args, read_chat=None, **kwargs):
+        renderers.append(read_chat)
         raise Read
 
     monkeypatch.setattr(train, "load_served_examples", load)

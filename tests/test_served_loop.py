@@ -141,6 +141,6 @@ def test_a_chat_is_logged_with_its_messages_for_the_retraining_to_render(loop_ap
 
     render = partial(chat_input, chat_template=AutoTokenizer.from_pretrained(smollm2_path).chat_template,
                      tokenizer=AutoTokenizer.from_pretrained(default_backbone_path()), max_length=128)
-    splits = load_served_examples(loop_app["log"], holdout=0.2, val_fraction=0.4, chat_input=render)
+    splits = load_served_examples(loop_app["log"], holdout=0.2, val_fraction=0.4, read_chat=render)
     read = [e.prompt for e in splits.train + splits.val + splits.test if "Name another one." in e.prompt]
     assert read == [render(messages)] and "Name a colour." in read[0]

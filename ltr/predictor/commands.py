@@ -79,14 +79,14 @@ def add_served_log_arguments(source: argparse._MutuallyExclusiveGroup, p: argpar
                    help="with --data: share of conversations (by hash) for validation")
 
 
-def examples_from_args(args: argparse.Namespace, chat_input: Callable[[list], str] | None = None) -> ExampleSplits:
+def examples_from_args(args: argparse.Namespace, read_chat: Callable[[list], str] | None = None) -> ExampleSplits:
     """The training/evaluation splits the arguments name: a served-traffic log (its chats read through
-    `chat_input`, the renderer of the model trained or evaluated), traces, or ShareGPT."""
+    `read_chat`, the renderer of the model trained or evaluated), traces, or ShareGPT."""
     from ltr.predictor.train import load_examples, load_served_examples
 
     if args.data is not None:
         return load_served_examples(args.data, censored=getattr(args, "censored", "lower-bound"),
-                                    holdout=args.holdout, val_fraction=args.val_fraction, chat_input=chat_input)
+                                    holdout=args.holdout, val_fraction=args.val_fraction, read_chat=read_chat)
     return load_examples(args.data_dir)
 
 

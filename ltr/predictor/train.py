@@ -146,11 +146,11 @@ def record_slice(record: Any) -> float:
 
 def load_served_examples(log: Path, censored: str = "lower-bound", holdout: float = 0.2,
                          val_fraction: float = 0.1,
-                         chat_input: Callable[[list[dict[str, str]]], str] | None = None) -> ExampleSplits:
+                         read_chat: Callable[[list[dict[str, str]]], str] | None = None) -> ExampleSplits:
     """Splits of a served-traffic log (`ltr.data.served_log`) by conversation (`record_slice`): test = the first
     `holdout`, val = the next `val_fraction` (model selection, calibration), train = the rest.
 
-    A chat logged with its messages is read through `chat_input` (the renderer of the artifact being trained
+    A chat logged with its messages is read through `read_chat` (the renderer of the artifact being trained
     or evaluated, `RankPredictor.chat_input`), so that it trains and is scored on what that artifact reads
     when serving it, whatever the served artifact read or if none scored it; other records by their text.
 
@@ -174,7 +174,7 @@ def load_served_examples(log: Path, censored: str = "lower-bound", holdout: floa
             without_text += 1
             continue
         where = record_slice(record)
-        text = chat_input(record.messages) if chat_input is not None and record.messages else record.text
+        text = read_chat(record.messages) if read_chat is not None and record.messages else record.text
         example = Example(text, record.prompt_tokens, record.output_tokens, record.censored)
         if where < holdout:
             parts["test"].append(example)
