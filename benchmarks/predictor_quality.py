@@ -532,6 +532,88 @@ def stage_turns(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_hygiene(args: argparse.Namespace) -> int:
+    """What each label-hygiene rule (`ltr.data.conversations.hygiene_rule`) does to test tau: the predictor
+    scored on the test side's turns with and without the ones a rule removes, the change with a paired
+    bootstrap interval (resampling turns). First turns: today's comparable set (`split_pairs`'s 1,149
+    prompts, kept as they are) with each rule's prompts taken out; later turns (last user message, what a
+    prompt-trained artifact reads): the clean ones with each rule's put back. The duplicate rule only drops
+    train/val turns, so it does not act on test."""
+    from scipy.stats import kendalltau
+
+    from ltr.data import load_pairs, split_pairs
+    from ltr.data.conversations import hygiene_rule, load_turns
+    from ltr.data.sharegpt import split_side
+
+    test_turns = [t for t in load_turns() if split_side(t.base_id) == "test"]
+    first_rule = {t.conv_id: hygiene_rule(t) for t in test_turns if t.index == 0}
+    first = split_pairs(load_pairs()).test
+    unmatched = sum(p.conv_id not in first_rule for p in first)
+    later = [t for t in test_turns if t.history]
+    model = RankPredictor.from_pretrained(args.predictor, device="cpu")
+    rng = np.random.default_rng(args.seed)
+
+    def tau(scores: np.ndarray, lengths: np.ndarray) -> float:
+        return float(kendalltau(scores, lengths).statistic)
+
+    def change(scores: np.ndarray, lengths: np.ndarray, without: np.ndarray) -> dict:
+        """tau over all items, over those not in `without`, and (all - kept) with its bootstrap interval."""
+        def delta(idx: np.ndarray) -> float:
+            kept = idx[~without[idx]]
+            return tau(scores[idx], lengths[idx]) - tau(scores[kept], lengths[kept])
+        draws = [delta(rng.integers(0, len(scores), len(scores))) for _ in range(args.resamples)]
+        return {"n_all": len(scores), "n_removed": int(without.sum()), "tau_all": round(tau(scores, lengths), 4),
+                "tau_without": round(tau(scores[~without], lengths[~without]), 4),
+                "tau_all_minus_without": round(delta(np.arange(len(scores))), 4),
+                "ci95": [round(float(q), 4) for q in np.percentile(draws, [2.5, 97.5])]}
+
+    first_scores = np.array(model.score([p.prompt for p in first], batch_size=32))
+    first_len = np.array([p.output_len for p in first], dtype=float)
+    first_rules = np.array([str(first_rule.get(p.conv_id)) for p in first])
+    later_scores = np.array(model.score([t.prompt for t in later], batch_size=32))
+    later_len = np.array([t.output_len for t in later], dtype=float)
+    later_rules = np.array([str(hygiene_rule(t)) for t in later])
+    rules = ("error_or_empty", "continued")
+    sets = {
+        "first_turn_test": {rule: change(first_scores, first_len, first_rules == rule) for rule in rules},
+        "later_turn_test": {rule: change(later_scores[mask], later_len[mask], later_rules[mask] == rule)
+                            for rule in rules for mask in [(later_rules == "None") | (later_rules == rule)]},
+    }
+    sets["first_turn_test"]["both"] = change(first_scores, first_len, first_rules != "None")
+    both = np.ones(len(later), dtype=bool)
+    sets["later_turn_test"]["both"] = change(later_scores[both], later_len[both], later_rules != "None")
+    result = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+              "predictor": str(args.predictor), "max_length": model.config.max_length,
+              "first_turn_prompts_without_a_turn": unmatched, "resamples": args.resamples, "seed": args.seed,
+              "sets": sets}
+    _write(RESULTS / "predictor_hygiene.json", result)
+    _plot_hygiene(sets, RESULTS / "predictor_hygiene.png")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _plot_hygiene(sets: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, (name, rows) in zip(axes, sets.items()):
+        labels = list(rows)
+        deltas = [rows[r]["tau_all_minus_without"] for r in labels]
+        errors = np.array([[d - rows[r]["ci95"][0], rows[r]["ci95"][1] - d] for r, d in zip(labels, deltas)]).T
+        ax.bar(range(len(labels)), deltas, yerr=errors, color="tab:blue", capsize=4)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(labels)), [f"{r}\n(n={rows[r]['n_removed']})" for r in labels], fontsize=8)
+        ax.set_title(f"{name.replace('_', ' ')}: tau without {rows['both']['tau_without']:.3f}", fontsize=9)
+    axes[0].set_ylabel("tau with the rule's turns − without (95% CI)")
+    fig.suptitle("Label hygiene: what the removed labels do to the shipped predictor's test tau", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _tau(model: RankPredictor, examples: list) -> float:
     scores = model.score([e.prompt for e in examples], batch_size=32)
     return round(ranking_report(scores, [e.output_len for e in examples])["kendall_tau"], 4)
@@ -638,6 +720,11 @@ def main() -> int:
     p.add_argument("--sample", type=int, default=1500, help="later-turn test turns scored")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=stage_turns)
+    p = sub.add_parser("hygiene", help="what each label-hygiene rule does to test tau")
+    p.add_argument("--predictor", type=Path, default=shipped_artifact_dir())
+    p.add_argument("--resamples", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=stage_hygiene)
     args = parser.parse_args()
     import logging
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ltr.data.sharegpt import (DataError, Splits, _bucket, default_sharegpt_path, iter_sharegpt_records,
+from ltr.data.sharegpt import (DataError, Splits, default_sharegpt_path, iter_sharegpt_records, split_side,
                                write_cache)
 from ltr.models import cache_dir
 
@@ -83,6 +83,14 @@ def asks_to_continue(user_text: str) -> bool:
     """A short user turn that only asks for more of the previous answer."""
     text = _INVISIBLE.sub("", user_text).strip()
     return len(text) <= 60 and _CONTINUE_REQUEST.fullmatch(text) is not None
+
+
+def hygiene_rule(turn: Turn) -> str | None:
+    """The first rule that removes a turn's label ("error_or_empty", "continued"; `HygieneReport` counts them
+    under these names), or None for a clean label. Duplicates depend on the split: `split_turns`."""
+    if is_error_answer(turn.answer):
+        return "error_or_empty"
+    return "continued" if turn.continued else None
 
 
 def _record_turns(record: dict) -> Iterable[tuple[int, tuple[tuple[str, str], ...], str, str, bool]]:
@@ -152,18 +160,14 @@ def split_turns(turns: Sequence[Turn], val_fraction: float = 0.1,
     Test keeps every clean turn of its conversations; a val turn whose input also occurs in test, or a
     train turn whose input occurs in test or val, is dropped.
     """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
     report = HygieneReport(turns=len(turns))
     sides: dict[str, list[Turn]] = {"train": [], "val": [], "test": []}
     for turn in turns:
-        if is_error_answer(turn.answer):
-            report.error_or_empty += 1
-        elif turn.continued:
-            report.continued += 1
+        rule = hygiene_rule(turn)
+        if rule is not None:
+            setattr(report, rule, getattr(report, rule) + 1)
         else:
-            u = _bucket(turn.base_id)
-            sides["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"].append(turn)
+            sides[split_side(turn.base_id, val_fraction, test_fraction)].append(turn)
     seen: set[str] = set()
     for side in ("test", "val", "train"):
         keys = [conversation_key(t) for t in sides[side]]

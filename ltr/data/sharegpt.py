@@ -147,15 +147,21 @@ def _bucket(base_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_pairs(pairs: Sequence[Pair], val_fraction: float = 0.1, test_fraction: float = 0.1) -> Splits:
-    """Deterministic split by hashing the base conversation id: no conversation spans two splits."""
+def split_side(base_id: str, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
+    """"train", "val" or "test": where a conversation falls, by the hash of its base id, so that no
+    conversation spans two sides and every split of ShareGPT (pairs, turns) agrees."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
-    train, val, test = [], [], []
+    u = _bucket(base_id)
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def split_pairs(pairs: Sequence[Pair], val_fraction: float = 0.1, test_fraction: float = 0.1) -> Splits:
+    """Deterministic split by hashing the base conversation id: no conversation spans two splits."""
+    sides: dict[str, list[Pair]] = {"train": [], "val": [], "test": []}
     for pair in pairs:
-        u = _bucket(pair.base_id)
-        (test if u < test_fraction else val if u < test_fraction + val_fraction else train).append(pair)
-    return Splits(train, val, test)
+        sides[split_side(pair.base_id, val_fraction, test_fraction)].append(pair)
+    return Splits(sides["train"], sides["val"], sides["test"])
 
 
 def write_trace(pairs: Sequence[Pair], path: Path, scores: Sequence[float] | None = None) -> Path:
