@@ -242,6 +242,11 @@ def _fallback_text(item: PredictorInput) -> str:
         return ""
 
 
+def _has_text(item: PredictorInput) -> bool:
+    """Whether the predictor has something to read: a prompt, or a chat with a user message."""
+    return bool(_fallback_text(item).strip())
+
+
 # ---- the deployment --------------------------------------------------------------------------------
 
 @serve.ingress(api)
@@ -391,7 +396,7 @@ class OpenAIIngress:
         replica has taken the call (`_follow_ahead`)."""
         if self._predictor is None:
             return (*self._fallback("disabled"), None, None)
-        if not _fallback_text(item).strip():
+        if not _has_text(item):
             return (*self._fallback("no_text"), None, None)
         if time.monotonic() < self._breaker_open_until:
             return (*self._fallback("circuit_open"), None, None)
@@ -616,9 +621,11 @@ class OpenAIIngress:
         expected = prediction.expected_tokens if prediction else None
         scored_text = prediction.input_text if placement.how == "predicted" and prediction else None
         log_text = self.settings.log_text if self.settings.served_log else None
-        log_fields = record_extra_args(scored_text or _fallback_text(item),
-                                       prediction.version if scored_text is not None else None, log_text,
-                                       conversation_text(item), None if isinstance(item, str) else item)
+        known_by = scored_text or _fallback_text(item)
+        # A chat's messages go with it for a retraining to render, if the predictor's renderer can read them.
+        messages = item if isinstance(item, list) and _has_text(item) else None
+        log_fields = record_extra_args(known_by, prediction.version if scored_text is not None else None,
+                                       log_text, conversation_text(item), messages)
         engine_request = EngineRequest(
             kind=kind, body=body, request_id=request_id, score=prediction.score if prediction else None,
             expected_tokens=expected, predicted_work=request_work(expected, prompt_chars // CHARS_PER_TOKEN),

@@ -134,9 +134,16 @@ def test_a_chat_is_logged_with_its_messages_for_the_retraining_to_render(loop_ap
     with httpx.Client(base_url=loop_app["url"], timeout=120) as http:
         r = http.post("/v1/chat/completions", json={"model": loop_app["model"], "messages": messages,
                                                     "max_tokens": 5, "temperature": 0})
+        # No user message: nothing for the predictor to read, so no messages for a retraining to render either.
+        unreadable = http.post("/v1/chat/completions", json={
+            "model": loop_app["model"], "max_tokens": 5, "temperature": 0,
+            "messages": [{"role": "system", "content": "Say something."}]})
     assert r.status_code == 200, r.text
     assert r.headers["x-ltr-placement"] == "predicted"
-    [record] = [r for r in _records(loop_app["log"], before + 1) if r.messages is not None]
+    assert unreadable.status_code == 200 and unreadable.headers["x-ltr-fallback"] == "no_text"
+    records = [r for r in _records(loop_app["log"], before + 2) if r.text in ("Name another one.", "")]
+    assert sorted(r.text for r in records) == ["", "Name another one."]
+    [record] = [r for r in records if r.messages is not None]
     assert record.text == "Name another one." and record.messages == messages
 
     render = partial(chat_input, chat_template=AutoTokenizer.from_pretrained(smollm2_path).chat_template,
