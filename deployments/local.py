@@ -190,6 +190,33 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def stop_haproxy(state_dir: str, grace_s: float = 5.0) -> list[int]:
+    """Stop the HAProxy processes configured in this service's `state_dir` (the pids stopped).
+
+    Serve's HAProxyManager actor starts HAProxy in a process group of its own and stops it on a clean
+    shutdown; when the actor dies first (a SIGTERM to the whole process group of `deployments.local`, which
+    takes Ray's raylet down with it), HAProxy outlives the service and keeps the port. Only a process whose
+    command line names a file in `state_dir`, this service's private dir, is ours to stop."""
+    import psutil
+
+    ours = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(arg.startswith(f"{state_dir}/") for arg in process.info["cmdline"] or ()):
+            ours.append(process)
+    for process in ours:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return [process.pid for process in ours]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import ray
@@ -256,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             ray.shutdown()
             if haproxy_dir:
+                stop_haproxy(haproxy_dir)
                 shutil.rmtree(haproxy_dir, ignore_errors=True)
         time.sleep(0.5)
 

@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from deployments.app import AppArgs, PredictorArgs
-from deployments.local import QUIET_SERVE_ENV, app_args, engine_layout, parse_args, predictor_args, serve_env
+from deployments.local import (QUIET_SERVE_ENV, app_args, engine_layout, parse_args, predictor_args, serve_env,
+                               stop_haproxy)
 from deployments.machine import ENGINE_NICE, PREDICTOR_REPLICAS, PREDICTOR_THREADS, SEATS_PER_THREAD, EngineLayout, \
     fit_to_machine
 from ltr.scheduling.engine_session import autogroup_enabled
@@ -192,6 +193,26 @@ def _tree(leader: psutil.Process) -> list[str]:
 def _nice_of(task: Path) -> int:
     """A thread's nice value (Linux keeps one per thread): field 19 of /proc/PID/task/TID/stat."""
     return int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_only_the_services_own_haproxy_is_stopped_even_one_that_ignores_sigterm(tmp_path: Path) -> None:
+    """What the service's shutdown does after Ray's: HAProxy left running by a dead HAProxyManager actor (its
+    config in the service's private dir) is stopped; a process naming another dir is not."""
+    ours_dir, other_dir = tmp_path / "ltrhap-ours", tmp_path / "ltrhap-other"
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)"
+    started = [subprocess.Popen([sys.executable, "-c", code, "-f", f"{directory}/haproxy.cfg"], stdout=subprocess.PIPE)
+               for code, directory in ((stubborn, ours_dir), ("import time; time.sleep(120)", ours_dir),
+                                       ("import time; time.sleep(120)", other_dir))]
+    try:
+        started[0].stdout.readline()   # its SIGTERM handler is in place
+        assert sorted(stop_haproxy(str(ours_dir), grace_s=1.0)) == sorted(p.pid for p in started[:2])
+        assert started[0].wait(timeout=10) == -signal.SIGKILL   # it ignores SIGTERM: killed after the grace
+        started[1].wait(timeout=10)   # ended (psutil reaped it, so its status is not ours to read)
+        assert started[2].poll() is None
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
 
 
 def test_defaults_start_and_serve_on_this_machine(smollm2_path: Path) -> None:
