@@ -580,8 +580,7 @@ def stage_hygiene(args: argparse.Namespace) -> int:
                             for rule in rules for mask in [(later_rules == "None") | (later_rules == rule)]},
     }
     sets["first_turn_test"]["both"] = change(first_scores, first_len, first_rules != "None")
-    both = np.ones(len(later), dtype=bool)
-    sets["later_turn_test"]["both"] = change(later_scores[both], later_len[both], later_rules != "None")
+    sets["later_turn_test"]["both"] = change(later_scores, later_len, later_rules != "None")
     result = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
               "predictor": str(args.predictor), "max_length": model.config.max_length,
               "first_turn_prompts_without_a_turn": unmatched, "resamples": args.resamples, "seed": args.seed,
