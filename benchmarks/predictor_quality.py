@@ -539,8 +539,6 @@ def stage_hygiene(args: argparse.Namespace) -> int:
     prompts, kept as they are) with each rule's prompts taken out; later turns (last user message, what a
     prompt-trained artifact reads): the clean ones with each rule's put back. The duplicate rule only drops
     train/val turns, so it does not act on test."""
-    from scipy.stats import kendalltau
-
     from ltr.data import load_pairs, split_pairs
     from ltr.data.conversations import hygiene_rule, load_turns
     from ltr.data.sharegpt import split_side
@@ -553,17 +551,14 @@ def stage_hygiene(args: argparse.Namespace) -> int:
     model = RankPredictor.from_pretrained(args.predictor, device="cpu")
     rng = np.random.default_rng(args.seed)
 
-    def tau(scores: np.ndarray, lengths: np.ndarray) -> float:
-        return float(kendalltau(scores, lengths).statistic)
-
     def change(scores: np.ndarray, lengths: np.ndarray, without: np.ndarray) -> dict:
         """tau over all items, over those not in `without`, and (all - kept) with its bootstrap interval."""
         def delta(idx: np.ndarray) -> float:
             kept = idx[~without[idx]]
-            return tau(scores[idx], lengths[idx]) - tau(scores[kept], lengths[kept])
+            return kendall_tau(scores[idx], lengths[idx]) - kendall_tau(scores[kept], lengths[kept])
         draws = [delta(rng.integers(0, len(scores), len(scores))) for _ in range(args.resamples)]
-        return {"n_all": len(scores), "n_removed": int(without.sum()), "tau_all": round(tau(scores, lengths), 4),
-                "tau_without": round(tau(scores[~without], lengths[~without]), 4),
+        return {"n_all": len(scores), "n_removed": int(without.sum()), "tau_all": round(kendall_tau(scores, lengths), 4),
+                "tau_without": round(kendall_tau(scores[~without], lengths[~without]), 4),
                 "tau_all_minus_without": round(delta(np.arange(len(scores))), 4),
                 "ci95": [round(float(q), 4) for q in np.percentile(draws, [2.5, 97.5])]}
 
