@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ltr.predictor.commands import device_description, train_command  # noqa: E402
 from ltr.predictor.evaluate import kendall_tau, ranking_report  # noqa: E402
 from ltr.predictor.model import PredictorConfig, RankPredictor, shipped_artifact_dir  # noqa: E402
-from ltr.predictor.train import TrainConfig, load_examples, train_predictor  # noqa: E402
+from ltr.predictor.render import chat_input as render_chat_input  # noqa: E402
+from ltr.predictor.train import Example, ExampleSplits, TrainConfig, load_examples, train_predictor  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -586,6 +588,169 @@ def stage_hygiene(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Every-turn variants the device run trains, in order (later ones are skipped past --budget-s); `init`: fine-tune
+#: the shipped first-turn artifact instead of a fresh head and adapters.
+TURN_VARIANTS: list[tuple[str, dict, dict]] = [
+    ("turns-listmle-lora", dict(objective="listmle", finetune="lora"), dict(epochs=3, patience=2)),
+    ("turns-pairwise-lora", dict(objective="listmle", finetune="lora"),
+     dict(epochs=3, patience=2, censored="known-pairs")),   # RankNet's logistic loss over every pair of a list
+    ("turns-listmle-lora-seed1", dict(objective="listmle", finetune="lora"), dict(epochs=3, patience=2, seed=1)),
+    ("turns-listmle-lora-from-shipped", dict(objective="listmle", finetune="lora", init=True),
+     dict(epochs=3, patience=2)),
+    ("turns-listmle-full", dict(objective="listmle", finetune="full"), dict(epochs=2, lr=5e-5)),
+]
+BUNDLE_MEMBER = "predictor-turns"
+
+
+def stage_pack_turns(args: argparse.Namespace) -> int:
+    """Here: what the every-turn device run reads, small enough to travel. The inputs are rendered here, once, by
+    the code training and the ingress use (`turn_examples`); the backbone goes as fp16 (the predictor rounds it so
+    everywhere). One xz tar cut into parts of --part-mb: each part travels in its own call to a warm machine."""
+    import subprocess
+    import tarfile
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from ltr.data.conversations import load_turns, split_turns
+    from ltr.models import prepare_model
+    from ltr.predictor.model import default_backbone_path
+    from ltr.predictor.train import as_one_message_chats, turn_examples
+
+    staging = Path(tempfile.mkdtemp(prefix="ltr-pack-")) / BUNDLE_MEMBER
+    encoder = AutoTokenizer.from_pretrained(default_backbone_path())
+    encoder.save_pretrained(staging / "minilm")
+    AutoModel.from_pretrained(default_backbone_path(), dtype=torch.float16).save_pretrained(staging / "minilm")
+    served = AutoTokenizer.from_pretrained(prepare_model())
+    splits, hygiene = split_turns(load_turns())
+    limit = lambda turns: turns[: args.limit] if args.limit else turns  # noqa: E731
+    sides = {side: limit(getattr(splits, side)) for side in ("train", "val", "test")}
+    first = limit(load_examples().test)
+    sets = {side: turn_examples(turns, served, encoder, args.max_length) for side, turns in sides.items()}
+    sets["first_turn_chat"] = as_one_message_chats(first, partial(
+        render_chat_input, chat_template=served.chat_template, tokenizer=encoder, max_length=args.max_length))
+    sets["first_turn_prompt"] = first
+    later = [bool(t.history) for t in sides["test"]]
+    sets["later_test_last_message"] = [Example(t.prompt, e.prompt_len, e.output_len)
+                                       for t, e, m in zip(sides["test"], sets["test"], later) if m]
+    rows = [{"set": name, "prompt": e.prompt, "prompt_len": e.prompt_len, "output_len": e.output_len}
+            for name, examples in sets.items() for e in examples]
+    for row, m in zip([r for r in rows if r["set"] == "test"], later):
+        row["later"] = m
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (staging / "examples.jsonl").write_text(lines, encoding="utf-8")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]), "commit": commit,
+            "max_length": args.max_length, "chat_template": served.chat_template, "hygiene": hygiene.to_json(),
+            "counts": {name: len(examples) for name, examples in sets.items()}}
+    (staging / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("bundle.tar.xz.*"):
+        old.unlink()
+    archive = staging.parent / "bundle.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(staging, arcname=BUNDLE_MEMBER)
+    data, part = archive.read_bytes(), int(args.part_mb * 2**20)
+    for i in range(0, len(data), part):
+        (out / f"bundle.tar.xz.{i // part:02d}").write_bytes(data[i: i + part])
+    shutil.rmtree(staging.parent)
+    tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, text=True).stdout.split("\0")
+    tree = sum(Path(f).stat().st_size for f in tracked if f and Path(f).is_file())
+    print(json.dumps({**meta["counts"], "bundle_mb": round(len(data) / 2**20, 1),
+                      "parts": sorted(p.name for p in out.glob("bundle.tar.xz.*")),
+                      "tracked_tree_mb": round(tree / 2**20, 1),
+                      "per_call_mb": round((tree + min(part, len(data))) / 2**20, 1), "limit_mb": 64}))
+    return 0
+
+
+def read_bundle(root: Path) -> tuple[ExampleSplits, np.ndarray, dict[str, list[Example]], dict]:
+    """The unpacked bundle: the splits, which test turns have history, the other test sets (first turns as
+    chats and as prompts, later turns by their last user message), the metadata."""
+    root = Path(root) / BUNDLE_MEMBER
+    sets: dict[str, list[Example]] = {}
+    later: list[bool] = []
+    for line in (root / "examples.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        sets.setdefault(row["set"], []).append(Example(row["prompt"], row["prompt_len"], row["output_len"]))
+        if row["set"] == "test":
+            later.append(row["later"])
+    meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+    splits = ExampleSplits(sets["train"], sets["val"], sets["test"])
+    return splits, np.array(later), {k: v for k, v in sets.items() if k not in ("train", "val", "test")}, meta
+
+
+def stage_train_turns(args: argparse.Namespace) -> int:
+    """On the device: every TURN_VARIANTS model on the unpacked bundle, and the shipped first-turn predictor on
+    the same sets; keeps the shippable model (≤ 10 MB) that ranks validation best as OUT/predictor."""
+    root = Path(args.bundle)
+    data, later, first, meta = read_bundle(root)
+    backbone = root / BUNDLE_MEMBER / "minilm"
+    if args.quick:   # CPU check of the whole path before device time is spent
+        data, later = ExampleSplits(data.train[:128], data.val[:64], data.test[:64]), later[:64]
+        first = {name: examples[:64] for name, examples in first.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = {"val": data.val, "test": data.test, "later_test": [e for e, m in zip(data.test, later) if m],
+            **first}
+
+    def reports(model: RankPredictor) -> dict:
+        return {name: round(_tau(model, examples), 4) for name, examples in sets.items()}
+
+    started = time.perf_counter()
+    shipped = RankPredictor.from_pretrained(shipped_artifact_dir(), device=args.device, backbone_path=backbone)
+    shipped.for_serving(meta["max_length"])
+    report: dict = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
+                    "bundle": {k: meta[k] for k in ("command", "commit", "max_length", "counts")},
+                    "device": device_description(args.device), "host": platform.node(),
+                    "sets_tau": {"shipped (first-turn prompts)": reports(shipped)}, "methods": {}, "skipped": []}
+    del shipped
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    best: float | None = None
+    for name, model_kw, train_kw in TURN_VARIANTS:
+        if args.only and name not in args.only:
+            continue
+        if time.perf_counter() - started > args.budget_s:
+            report["skipped"].append(name)
+            continue
+        model_kw, train_kw = dict(model_kw), dict(train_kw)
+        init = shipped_artifact_dir() if model_kw.pop("init", False) else None
+        if args.quick:
+            train_kw.update(epochs=1, list_size=32)
+        model_cfg = PredictorConfig(**model_kw, max_length=meta["max_length"], chat_template=meta["chat_template"])
+        train_cfg = TrainConfig(**train_kw, device=args.device, progress=not args.no_progress)
+        try:
+            model, history = train_predictor(model_cfg, train_cfg, data, backbone_path=backbone, init=init)
+        except Exception as exc:  # one broken variant must not cost the others (device time is scarce)
+            report.setdefault("errors", {})[name] = repr(exc)
+            print(f"== {name}: FAILED {exc!r}", flush=True)
+            continue
+        trainable = sum(p.numel() for p in model.trainable_state_dict().values())
+        row = {"sets_tau": reports(model), "val_tau_per_epoch": history["val_tau"],
+               "best_epoch": history["best_epoch"], "train_seconds": history["train_seconds"],
+               "artifact_mb": round(trainable * 4 / 2**20, 2),
+               "command": train_command(model.config, train_cfg, "ltr/artifacts/predictor", ["--turns"])}
+        report["methods"][name] = row
+        scores[name] = {k: np.array(model.score([e.prompt for e in v], batch_size=128)) for k, v in sets.items()}
+        print(f"== {name}: {row['sets_tau']} ({row['train_seconds']} s)", flush=True)
+        if row["artifact_mb"] <= 10 and (best is None or row["sets_tau"]["val"] > best):
+            best, report["kept"] = row["sets_tau"]["val"], name
+            model.config.metadata = {"command": row["command"], "device": report["device"], "history": history,
+                                     "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                     "sets_tau": row["sets_tau"]}
+            model.save_pretrained(out / "predictor")
+        del model
+        if len(scores) > 1:   # the standardized scores' mean over the models so far: reported, not shipped
+            z = lambda a: (a - a.mean()) / (a.std() + 1e-9)  # noqa: E731
+            report["sets_tau"][f"mean of {len(scores)} ({', '.join(scores)})"] = {
+                k: round(kendall_tau(sum(z(s[k]) for s in scores.values()), [e.output_len for e in v]), 4)
+                for k, v in sets.items()}
+        report["total_seconds"] = round(time.perf_counter() - started, 1)
+        _write(out / "predictor_turns_train.json", report)
+    _write(out / "predictor_turns_train.json", report)
+    return 0
+
+
 def _plot_hygiene(sets: dict, path: Path) -> None:
     import matplotlib
 
@@ -719,6 +884,22 @@ def main() -> int:
     p.add_argument("--resamples", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=stage_hygiene)
+    p = sub.add_parser("pack-turns", help="here: the every-turn device run's inputs, in parts that travel")
+    p.add_argument("--out", type=Path, default=Path(".device/predictor-turns"))
+    p.add_argument("--max-length", type=int, default=512, help="encoder tokens each input is rendered to")
+    p.add_argument("--part-mb", type=float, default=30.0)
+    p.add_argument("--limit", type=int, default=0, help="first N turns of each side only (a pipeline check)")
+    p.set_defaults(func=stage_pack_turns)
+    p = sub.add_parser("train-turns", help="on the device: every-turn variants on the unpacked bundle")
+    p.add_argument("--bundle", type=Path, required=True, help="the folder the parts were unpacked into")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budget-s", type=float, default=360, help="start no new variant after this many seconds")
+    p.add_argument("--only", nargs="*", default=None, help="run only these variants")
+    p.add_argument("--quick", action="store_true", help="128 training turns, 1 epoch, 64 of each test set "
+                   "(pipeline check)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=stage_train_turns)
     args = parser.parse_args()
     import logging
 

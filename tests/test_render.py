@@ -185,3 +185,50 @@ def test_every_turn_of_a_conversation_is_known_by_one_text() -> None:
     assert conversation_text(first) == conversation_text(later) == "Name a color."
     assert conversation_text("Once upon a time") == "Once upon a time"      # a completion: its prompt
     assert conversation_text([{"role": "system", "content": "Only a system message."}]) == ""
+
+
+def test_the_device_bundle_holds_each_turn_as_the_artifact_reads_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`predictor_quality.py pack-turns` renders the every-turn data here for a GPU run that has neither the
+    dataset nor the backbone: what travels must be what a chat-template artifact reads for each request."""
+    import sys
+    import tarfile
+
+    import torch
+
+    from ltr.predictor import PredictorConfig, RankPredictor
+    from ltr.predictor.train import load_examples
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import predictor_quality
+
+    parts = tmp_path / "parts"
+    monkeypatch.setattr(sys, "argv", ["predictor_quality.py", "pack-turns", "--out", str(parts), "--limit", "24",
+                                      "--max-length", "64", "--part-mb", "16"])
+    assert predictor_quality.main() == 0
+    names = sorted(p.name for p in parts.iterdir())
+    assert len(names) > 1 and all(n.startswith("bundle.tar.xz.") for n in names)   # cut to travel in parts
+    archive = tmp_path / "bundle.tar.xz"
+    archive.write_bytes(b"".join((parts / n).read_bytes() for n in names))
+    with tarfile.open(archive, "r:xz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    data, later, sets, meta = predictor_quality.read_bundle(tmp_path / "unpacked")
+    backbone = tmp_path / "unpacked" / predictor_quality.BUNDLE_MEMBER / "minilm"
+    model = RankPredictor(PredictorConfig(finetune="frozen", max_length=64, chat_template=meta["chat_template"]),
+                          backbone_path=backbone)
+    here = RankPredictor(PredictorConfig(finetune="frozen"))
+    # The fp16 backbone that travels is the model the predictor builds here (it rounds to fp16 itself).
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(),
+                                                 here.backbone.state_dict().values()))
+    turns = split_turns(load_turns())[0]
+    for side in ("train", "val", "test"):
+        expected = getattr(turns, side)[:24]
+        got = getattr(data, side)
+        assert [e.prompt for e in got] == [model.chat_input(t.messages()) for t in expected]
+        assert [e.output_len for e in got] == [t.output_len for t in expected]
+    assert later.tolist() == [bool(t.history) for t in turns.test[:24]] and later.any() and not later.all()
+    assert [e.prompt for e in sets["later_test_last_message"]] == [t.prompt for t in turns.test[:24] if t.history]
+    first = load_examples().test[:24]
+    assert [e.prompt for e in sets["first_turn_prompt"]] == [e.prompt for e in first]
+    assert [e.prompt for e in sets["first_turn_chat"]] == [
+        model.chat_input([{"role": "user", "content": e.prompt}]) for e in first]

@@ -164,7 +164,7 @@ def _init_config(args: argparse.Namespace) -> PredictorConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ltr.predictor.train import load_examples, load_turn_examples, train_predictor
+    from ltr.predictor.train import as_one_message_chats, load_examples, load_turn_examples, train_predictor
 
     if args.data is not None and args.output is None:
         raise SystemExit("train-predictor --data needs --output (the shipped artifact is not overwritten "
@@ -189,8 +189,7 @@ def _train(args: argparse.Namespace) -> int:
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "history": history, "test": test,
     }
     if args.turns:   # the comparable number: the first-turn test prompts, sent as one-message chats
-        first = [replace(e, prompt=model.chat_input([{"role": "user", "content": e.prompt}]))
-                 for e in load_examples().test]
+        first = as_one_message_chats(load_examples().test, model.chat_input)
         model.config.metadata["first_turn_test"] = _test_report(model, first)
     model.save_pretrained(output)
     best = history["best_epoch"] or "0 (the --init artifact: no epoch ranked validation better)"

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,27 +91,36 @@ def load_examples(data_dir: Path | None = None) -> ExampleSplits:
 
 def load_turn_examples(tokenizer: Any, max_length: int, limit_train: int = 0) -> tuple[ExampleSplits, str]:
     """Every clean ShareGPT turn (`ltr.data.conversations`: hygiene and the conversation-disjoint split),
-    its input rendered as the server renders that chat (`render.chat_input`: the served model's chat
-    template over the history, cut from the left to `max_length` tokens of the predictor's `tokenizer`),
-    and that template, which the artifact must carry to render requests the same way. `prompt_len` is
-    the user turn's length in served-model tokens. `limit_train`: render only the first N training turns."""
+    as `turn_examples` renders it, and the served model's chat template, which the artifact must carry
+    to render requests the same way. `limit_train`: render only the first N training turns."""
     from transformers import AutoTokenizer
 
     from ltr.data.conversations import load_turns, split_turns
     from ltr.models import prepare_model
-    from ltr.predictor.render import chat_input
 
     splits, _ = split_turns(load_turns())
     served = AutoTokenizer.from_pretrained(prepare_model())
-    chat_template = served.chat_template
-
-    def examples(turns: Sequence[Any]) -> list[Example]:
-        prompt_ids = served([t.prompt for t in turns], add_special_tokens=False)["input_ids"] if turns else []
-        return [Example(chat_input(t.messages(), chat_template, tokenizer, max_length), len(ids), t.output_len)
-                for t, ids in zip(turns, prompt_ids)]
-
+    render = partial(turn_examples, served_tokenizer=served, tokenizer=tokenizer, max_length=max_length)
     train = splits.train[:limit_train] if limit_train else splits.train
-    return ExampleSplits(examples(train), examples(splits.val), examples(splits.test)), chat_template
+    return ExampleSplits(render(train), render(splits.val), render(splits.test)), served.chat_template
+
+
+def turn_examples(turns: Sequence[Any], served_tokenizer: Any, tokenizer: Any, max_length: int) -> list[Example]:
+    """Each turn's input rendered as the server renders that chat (`render.chat_input`: the served model's
+    chat template over the history, cut from the left to `max_length` tokens of the predictor's
+    `tokenizer`); `prompt_len` is the user turn's length in served-model tokens."""
+    from ltr.predictor.render import chat_input
+
+    template = served_tokenizer.chat_template
+    prompt_ids = served_tokenizer([t.prompt for t in turns], add_special_tokens=False)["input_ids"] if turns else []
+    return [Example(chat_input(t.messages(), template, tokenizer, max_length), len(ids), t.output_len)
+            for t, ids in zip(turns, prompt_ids)]
+
+
+def as_one_message_chats(examples: Sequence[Example], render: Callable[[list], str]) -> list[Example]:
+    """First-turn prompts as the chat endpoint receives them (one user message), rendered by `render`: how a
+    chat-template artifact is compared on today's first-turn test set."""
+    return [replace(e, prompt=render([{"role": "user", "content": e.prompt}])) for e in examples]
 
 
 #: How an answer cut at max_tokens trains: as its observed length (a tie at the cap with the other cut
