@@ -664,6 +664,20 @@ def stage_pack_turns(args: argparse.Namespace) -> int:
     return 0
 
 
+def unpack_bundle(parts: Path, dest: Path) -> Path:
+    """Join the parts `pack-turns` cut and unpack them into `dest` (the standard library only: the device
+    image need not have xz)."""
+    import io
+    import tarfile
+
+    names = sorted(Path(parts).glob("bundle.tar.xz.*"))
+    if not names:
+        raise SystemExit(f"{parts}: no bundle.tar.xz.* parts (run `predictor_quality.py pack-turns` here first)")
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in names)), mode="r:xz") as tar:
+        tar.extractall(dest, filter="data")
+    return Path(dest)
+
+
 def read_bundle(root: Path) -> tuple[ExampleSplits, np.ndarray, dict[str, list[Example]], dict]:
     """The unpacked bundle: the splits, which test turns have history, the other test sets (first turns as
     chats and as prompts, later turns by their last user message), the metadata."""
@@ -683,7 +697,7 @@ def read_bundle(root: Path) -> tuple[ExampleSplits, np.ndarray, dict[str, list[E
 def stage_train_turns(args: argparse.Namespace) -> int:
     """On the device: every TURN_VARIANTS model on the unpacked bundle, and the shipped first-turn predictor on
     the same sets; keeps the shippable model (≤ 10 MB) that ranks validation best as OUT/predictor."""
-    root = Path(args.bundle)
+    root = unpack_bundle(args.parts, Path(tempfile.mkdtemp(prefix="ltr-bundle-")))
     data, later, first, meta = read_bundle(root)
     backbone = root / BUNDLE_MEMBER / "minilm"
     if args.quick:   # CPU check of the whole path before device time is spent
@@ -891,7 +905,7 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=0, help="first N turns of each side only (a pipeline check)")
     p.set_defaults(func=stage_pack_turns)
     p = sub.add_parser("train-turns", help="on the device: every-turn variants on the unpacked bundle")
-    p.add_argument("--bundle", type=Path, required=True, help="the folder the parts were unpacked into")
+    p.add_argument("--parts", type=Path, default=Path(".device/predictor-turns"), help="pack-turns' --out")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget-s", type=float, default=360, help="start no new variant after this many seconds")

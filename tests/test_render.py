@@ -192,7 +192,6 @@ def test_the_device_bundle_holds_each_turn_as_the_artifact_reads_it(
     """`predictor_quality.py pack-turns` renders the every-turn data here for a GPU run that has neither the
     dataset nor the backbone: what travels must be what a chat-template artifact reads for each request."""
     import sys
-    import tarfile
 
     import torch
 
@@ -208,12 +207,9 @@ def test_the_device_bundle_holds_each_turn_as_the_artifact_reads_it(
     assert predictor_quality.main() == 0
     names = sorted(p.name for p in parts.iterdir())
     assert len(names) > 1 and all(n.startswith("bundle.tar.xz.") for n in names)   # cut to travel in parts
-    archive = tmp_path / "bundle.tar.xz"
-    archive.write_bytes(b"".join((parts / n).read_bytes() for n in names))
-    with tarfile.open(archive, "r:xz") as tar:
-        tar.extractall(tmp_path / "unpacked", filter="data")
-    data, later, sets, meta = predictor_quality.read_bundle(tmp_path / "unpacked")
-    backbone = tmp_path / "unpacked" / predictor_quality.BUNDLE_MEMBER / "minilm"
+    root = predictor_quality.unpack_bundle(parts, tmp_path / "unpacked")
+    data, later, sets, meta = predictor_quality.read_bundle(root)
+    backbone = root / predictor_quality.BUNDLE_MEMBER / "minilm"
     model = RankPredictor(PredictorConfig(finetune="frozen", max_length=64, chat_template=meta["chat_template"]),
                           backbone_path=backbone)
     here = RankPredictor(PredictorConfig(finetune="frozen"))
