@@ -637,7 +637,7 @@ def stage_pack_turns(args: argparse.Namespace) -> int:
             for name, examples in sets.items() for e in examples]
     for row, m in zip([r for r in rows if r["set"] == "test"], later):
         row["later"] = m
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)   # ASCII: no line breaks but the JSON Lines ones
     (staging / "examples.jsonl").write_text(lines, encoding="utf-8")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]), "commit": commit,
@@ -652,8 +652,9 @@ def stage_pack_turns(args: argparse.Namespace) -> int:
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(staging, arcname=BUNDLE_MEMBER)
     data, part = archive.read_bytes(), int(args.part_mb * 2**20)
-    for i in range(0, len(data), part):
-        (out / f"bundle.tar.xz.{i // part:02d}").write_bytes(data[i: i + part])
+    count = -(-len(data) // part)
+    for i in range(count):
+        (out / f"bundle.tar.xz.{i:02d}-of-{count:02d}").write_bytes(data[i * part: (i + 1) * part])
     shutil.rmtree(staging.parent)
     tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, text=True).stdout.split("\0")
     tree = sum(Path(f).stat().st_size for f in tracked if f and Path(f).is_file())
@@ -673,6 +674,10 @@ def unpack_bundle(parts: Path, dest: Path) -> Path:
     names = sorted(Path(parts).glob("bundle.tar.xz.*"))
     if not names:
         raise SystemExit(f"{parts}: no bundle.tar.xz.* parts (run `predictor_quality.py pack-turns` here first)")
+    count = int(names[0].name.rsplit("-of-", 1)[1])
+    missing = sorted({f"bundle.tar.xz.{i:02d}-of-{count:02d}" for i in range(count)} - {p.name for p in names})
+    if missing:   # on the device: a later call reached a fresh machine, not the warm one the earlier parts went to
+        raise SystemExit(f"{parts}: missing {', '.join(missing)}; carry every part to this machine")
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in names)), mode="r:xz") as tar:
         tar.extractall(dest, filter="data")
     return Path(dest)

@@ -201,12 +201,18 @@ def test_the_device_bundle_holds_each_turn_as_the_artifact_reads_it(
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import predictor_quality
 
+    limit = 470   # validation turn 461's input holds a U+2028, at which str.splitlines() would cut a JSON line
     parts = tmp_path / "parts"
-    monkeypatch.setattr(sys, "argv", ["predictor_quality.py", "pack-turns", "--out", str(parts), "--limit", "24",
+    monkeypatch.setattr(sys, "argv", ["predictor_quality.py", "pack-turns", "--out", str(parts), "--limit", str(limit),
                                       "--max-length", "64", "--part-mb", "16"])
     assert predictor_quality.main() == 0
     names = sorted(p.name for p in parts.iterdir())
     assert len(names) > 1 and all(n.startswith("bundle.tar.xz.") for n in names)   # cut to travel in parts
+    lost = (parts / names[0]).read_bytes()
+    (parts / names[0]).unlink()   # as on a machine that got only the later call's part
+    with pytest.raises(SystemExit, match=f"missing {names[0]}"):
+        predictor_quality.unpack_bundle(parts, tmp_path / "incomplete")
+    (parts / names[0]).write_bytes(lost)
     root = predictor_quality.unpack_bundle(parts, tmp_path / "unpacked")
     data, later, sets, meta = predictor_quality.read_bundle(root)
     backbone = root / predictor_quality.BUNDLE_MEMBER / "minilm"
@@ -218,13 +224,13 @@ def test_the_device_bundle_holds_each_turn_as_the_artifact_reads_it(
                                                  here.backbone.state_dict().values()))
     turns = split_turns(load_turns())[0]
     for side in ("train", "val", "test"):
-        expected = getattr(turns, side)[:24]
+        expected = getattr(turns, side)[:limit]
         got = getattr(data, side)
         assert [e.prompt for e in got] == [model.chat_input(t.messages()) for t in expected]
         assert [e.output_len for e in got] == [t.output_len for t in expected]
-    assert later.tolist() == [bool(t.history) for t in turns.test[:24]] and later.any() and not later.all()
-    assert [e.prompt for e in sets["later_test_last_message"]] == [t.prompt for t in turns.test[:24] if t.history]
-    first = load_examples().test[:24]
+    assert later.tolist() == [bool(t.history) for t in turns.test[:limit]] and later.any() and not later.all()
+    assert [e.prompt for e in sets["later_test_last_message"]] == [t.prompt for t in turns.test[:limit] if t.history]
+    first = load_examples().test[:limit]
     assert [e.prompt for e in sets["first_turn_prompt"]] == [e.prompt for e in first]
     assert [e.prompt for e in sets["first_turn_chat"]] == [
         model.chat_input([{"role": "user", "content": e.prompt}]) for e in first]
