@@ -639,7 +639,7 @@ def stage_pack_turns(args: argparse.Namespace) -> int:
         row["later"] = m
     lines = "".join(json.dumps(r) + "\n" for r in rows)   # ASCII: no line breaks but the JSON Lines ones
     (staging / "examples.jsonl").write_text(lines, encoding="utf-8")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     meta = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]), "commit": commit,
             "max_length": args.max_length, "chat_template": served.chat_template, "hygiene": hygiene.to_json(),
             "counts": {name: len(examples) for name, examples in sets.items()}}
