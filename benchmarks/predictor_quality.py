@@ -906,7 +906,7 @@ def main() -> int:
     p = sub.add_parser("pack-turns", help="here: the every-turn device run's inputs, in parts that travel")
     p.add_argument("--out", type=Path, default=Path(".device/predictor-turns"))
     p.add_argument("--max-length", type=int, default=512, help="encoder tokens each input is rendered to")
-    p.add_argument("--part-mb", type=float, default=30.0)
+    p.add_argument("--part-mb", type=float, default=32.0, help="MiB a part (the 27 MiB tracked tree travels too)")
     p.add_argument("--limit", type=int, default=0, help="first N turns of each side only (a pipeline check)")
     p.set_defaults(func=stage_pack_turns)
     p = sub.add_parser("train-turns", help="on the device: every-turn variants on the unpacked bundle")
