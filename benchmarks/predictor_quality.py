@@ -713,8 +713,13 @@ def stage_train_turns(args: argparse.Namespace) -> int:
     sets = {"val": data.val, "test": data.test, "later_test": [e for e, m in zip(data.test, later) if m],
             **first}
 
-    def reports(model: RankPredictor) -> dict:
-        return {name: round(_tau(model, examples), 4) for name, examples in sets.items()}
+    def scored(model: RankPredictor) -> dict[str, np.ndarray]:
+        return {name: np.array(model.score([e.prompt for e in examples], batch_size=32))
+                for name, examples in sets.items()}
+
+    def taus(scores: dict[str, np.ndarray]) -> dict[str, float]:
+        return {name: round(kendall_tau(scores[name], [e.output_len for e in examples]), 4)
+                for name, examples in sets.items()}
 
     started = time.perf_counter()
     shipped = RankPredictor.from_pretrained(shipped_artifact_dir(), device=args.device, backbone_path=backbone)
@@ -722,7 +727,7 @@ def stage_train_turns(args: argparse.Namespace) -> int:
     report: dict = {"command": " ".join(["python", "benchmarks/predictor_quality.py", *sys.argv[1:]]),
                     "bundle": {k: meta[k] for k in ("command", "commit", "max_length", "counts")},
                     "device": device_description(args.device), "host": platform.node(),
-                    "sets_tau": {"shipped (first-turn prompts)": reports(shipped)}, "methods": {}, "skipped": []}
+                    "sets_tau": {"shipped (first-turn prompts)": taus(scored(shipped))}, "methods": {}, "skipped": []}
     del shipped
     scores: dict[str, dict[str, np.ndarray]] = {}
     best: float | None = None
@@ -745,12 +750,12 @@ def stage_train_turns(args: argparse.Namespace) -> int:
             print(f"== {name}: FAILED {exc!r}", flush=True)
             continue
         trainable = sum(p.numel() for p in model.trainable_state_dict().values())
-        row = {"sets_tau": reports(model), "val_tau_per_epoch": history["val_tau"],
+        scores[name] = scored(model)
+        row = {"sets_tau": taus(scores[name]), "val_tau_per_epoch": history["val_tau"],
                "best_epoch": history["best_epoch"], "train_seconds": history["train_seconds"],
                "artifact_mb": round(trainable * 4 / 2**20, 2),
                "command": train_command(model.config, train_cfg, "ltr/artifacts/predictor", ["--turns"])}
         report["methods"][name] = row
-        scores[name] = {k: np.array(model.score([e.prompt for e in v], batch_size=128)) for k, v in sets.items()}
         print(f"== {name}: {row['sets_tau']} ({row['train_seconds']} s)", flush=True)
         if row["artifact_mb"] <= 10 and (best is None or row["sets_tau"]["val"] > best):
             best, report["kept"] = row["sets_tau"]["val"], name
@@ -761,9 +766,8 @@ def stage_train_turns(args: argparse.Namespace) -> int:
         del model
         if len(scores) > 1:   # the standardized scores' mean over the models so far: reported, not shipped
             z = lambda a: (a - a.mean()) / (a.std() + 1e-9)  # noqa: E731
-            report["sets_tau"][f"mean of {len(scores)} ({', '.join(scores)})"] = {
-                k: round(kendall_tau(sum(z(s[k]) for s in scores.values()), [e.output_len for e in v]), 4)
-                for k, v in sets.items()}
+            report["sets_tau"][f"mean of {len(scores)} ({', '.join(scores)})"] = taus(
+                {k: sum(z(s[k]) for s in scores.values()) for k in sets})
         report["total_seconds"] = round(time.perf_counter() - started, 1)
         _write(out / "predictor_turns_train.json", report)
     _write(out / "predictor_turns_train.json", report)
